@@ -1,0 +1,3 @@
+module Pmg.Cli.Program
+[<EntryPoint>]
+let main argv = 0

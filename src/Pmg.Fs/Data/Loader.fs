@@ -1,0 +1,175 @@
+/// Batches of transformed images for training and evaluation, decoded in parallel ahead of use.
+module Pmg.Fs.Data.Loader
+
+open System
+open System.Collections.Concurrent
+open System.Diagnostics
+open System.Threading
+open System.Threading.Tasks
+open SixLabors.ImageSharp
+open SixLabors.ImageSharp.PixelFormats
+open Pmg.Fs.Data.Transforms
+
+/// Indexed images with labels. Load may throw (missing or corrupt file); the loader skips those.
+type Source =
+    { Count: int
+      Label: int -> int
+      Name: int -> string
+      Load: int -> Image<Rgb24> }
+
+/// Size samples as CHW float32 (Size x 3 x Height x Width in Images) and their labels.
+/// Skipped lists (name, error) for samples of this batch, or of empty batches before it, that failed.
+type Batch =
+    { Images: float32[]
+      Labels: int64[]
+      Size: int
+      Height: int
+      Width: int
+      Skipped: (string * string) list }
+
+/// SplitMix64's finaliser: turns structured inputs (seed, epoch, index) into unrelated seeds.
+let private mix (x: uint64) =
+    let mutable z = x + 0x9E3779B97F4A7C15UL
+    z <- (z ^^^ (z >>> 30)) * 0xBF58476D1CE4E5B9UL
+    z <- (z ^^^ (z >>> 27)) * 0x94D049BB133111EBUL
+    z ^^^ (z >>> 31)
+
+let private seedOf (parts: int list) : int =
+    parts |> List.fold (fun acc p -> mix (acc ^^^ uint64 (uint32 p))) 0UL |> fun h -> int (h >>> 33)
+
+/// Tags keep the permutation's stream apart from every per-sample stream.
+let private orderTag = -1
+
+/// The visiting order of one epoch: a seeded Fisher-Yates shuffle, or 0..count-1.
+let private order (count: int) (shuffle: bool) (seed: int) (epoch: int) : int[] =
+    let idx = Array.init count id
+    if shuffle then
+        let rng = Random(seedOf [ seed; epoch; orderTag ])
+        for i in count - 1 .. -1 .. 1 do
+            let j = rng.Next(i + 1)
+            let t = idx[i]
+            idx[i] <- idx[j]
+            idx[j] <- t
+    idx
+
+/// The random stream of one sample in one epoch; independent of which thread runs it, and when.
+let private sampleRng (seed: int) (epoch: int) (index: int) = Random(seedOf [ seed; epoch; index ])
+
+/// One batch being filled by the workers.
+type private Slot(indices: int[], sampleLength: int) =
+    let mutable remaining = indices.Length
+    member val Indices = indices
+    member val Images: float32[] = Array.zeroCreate (indices.Length * sampleLength)
+    member val Errors: string option[] = Array.create indices.Length None
+    member val Done = TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)
+    /// Called once per sample by whichever worker finished it.
+    member this.Finish() =
+        if Interlocked.Decrement(&remaining) = 0 then this.Done.TrySetResult() |> ignore
+
+/// Decodes and transforms one sample into its place in the slot; any failure becomes a skip.
+let private fill (source: Source) (spec: Spec) (seed: int) (epoch: int) (slot: Slot) (position: int) =
+    let index = slot.Indices[position]
+    try
+        try
+            use img = source.Load index
+            applyInto spec (sampleRng seed epoch index) img slot.Images (position * Spec.sampleLength spec)
+        with e ->
+            slot.Errors[position] <- Some e.Message
+    finally
+        slot.Finish()
+
+/// The finished slot as a batch, with failed samples removed (order kept).
+let private toBatch (source: Source) (spec: Spec) (slot: Slot) (carried: (string * string) list) : Batch =
+    let len = Spec.sampleLength spec
+    let kept = [| for p in 0 .. slot.Indices.Length - 1 do if slot.Errors[p].IsNone then p |]
+    let images =
+        if kept.Length = slot.Indices.Length then slot.Images
+        else
+            let dst = Array.zeroCreate (kept.Length * len)
+            kept |> Array.iteri (fun k p -> Array.blit slot.Images (p * len) dst (k * len) len)
+            dst
+    let skipped =
+        [ for p in 0 .. slot.Indices.Length - 1 do
+              match slot.Errors[p] with
+              | Some msg -> source.Name slot.Indices[p], msg
+              | None -> () ]
+    { Images = images
+      Labels = kept |> Array.map (fun p -> int64 (source.Label slot.Indices[p]))
+      Size = kept.Length
+      Height = spec.Crop
+      Width = spec.Crop
+      Skipped = carried @ skipped }
+
+/// One epoch of batches (the last may be partial). Order is a permutation seeded by (seed, epoch)
+/// when `shuffle`; each sample's augmentation draws from a Random seeded by (seed, epoch, index),
+/// so batches are identical whatever `workers` is. `workers` threads decode and transform while up
+/// to `prefetch` batches wait ahead of the consumer. A sample whose Load or transform throws is
+/// left out and reported in Skipped; a batch left empty is not yielded, its skips move to the next
+/// one (an epoch whose final batches all fail ends with a Size 0 batch carrying them). Disposing
+/// the enumerator stops the workers.
+let batches (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed: int) (epoch: int)
+            (workers: int) (prefetch: int) : seq<Batch> =
+    if batchSize < 1 then invalidArg (nameof batchSize) "must be at least 1"
+    seq {
+        let visit = order source.Count shuffle seed epoch
+        let slots = visit |> Array.chunkBySize batchSize
+        let len = Spec.sampleLength spec
+        let ahead = max 1 prefetch
+        use cancel = new CancellationTokenSource()
+        use work = new BlockingCollection<Slot * int>()
+        let worker () =
+            try
+                for slot, position in work.GetConsumingEnumerable cancel.Token do
+                    fill source spec seed epoch slot position
+            with :? OperationCanceledException -> ()
+        let threads =
+            Array.init (max 1 workers) (fun _ -> Task.Factory.StartNew(worker, TaskCreationOptions.LongRunning))
+        let created = Array.zeroCreate<Slot> slots.Length
+        // Queues batch b's samples; done ahead of time so workers never wait on the consumer.
+        let submit b =
+            if b < slots.Length then
+                let slot = Slot(slots[b], len)
+                created[b] <- slot
+                for p in 0 .. slots[b].Length - 1 do work.Add((slot, p))
+        try
+            for b in 0 .. ahead - 1 do submit b
+            let mutable carried = []
+            for b in 0 .. slots.Length - 1 do
+                let slot = created[b]
+                slot.Done.Task.Wait()
+                created[b] <- Unchecked.defaultof<_>
+                submit (b + ahead)
+                let batch = toBatch source spec slot carried
+                let last = b = slots.Length - 1
+                if batch.Size > 0 || (last && not batch.Skipped.IsEmpty) then
+                    carried <- []
+                    yield batch
+                else
+                    carried <- batch.Skipped
+        finally
+            cancel.Cancel()
+            work.CompleteAdding()
+            try Task.WaitAll threads with _ -> ()
+    }
+
+/// A source over dataset samples: TrimBottom always applied, boxes only when `cropToBox`.
+let fromSamples (samples: Sample[]) (cropToBox: bool) : Source =
+    { Count = samples.Length
+      Label = fun i -> samples[i].Label
+      Name = fun i -> samples[i].Path
+      Load = fun i -> Images.load samples[i] cropToBox }
+
+/// Images per second for decoding and transforming `count` samples (cycling through `source`)
+/// with `workers` threads, through the same pipeline as training.
+let throughput (source: Source) (spec: Spec) (count: int) (workers: int) : float =
+    if source.Count < 1 then invalidArg (nameof source) "empty source"
+    let wrap i = i % source.Count
+    let cycled =
+        { Count = count
+          Label = wrap >> source.Label
+          Name = wrap >> source.Name
+          Load = wrap >> source.Load }
+    let benchBatch = 32
+    let watch = Stopwatch.StartNew()
+    let seen = batches cycled spec benchBatch false 0 0 workers (2 * max 1 workers) |> Seq.sumBy _.Size
+    float seen / watch.Elapsed.TotalSeconds

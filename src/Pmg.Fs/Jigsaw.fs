@@ -1,0 +1,60 @@
+/// The jigsaw generator: split an image batch into n x n equal patches, shuffle them, reassemble.
+/// One gather on the tensor's own device, no loop of patch copies.
+///
+/// Sizes not divisible by n: patches are floor(H/n) x floor(W/n); the leftover rows at the bottom and columns
+/// at the right stay where they are. An image smaller than n pixels on a side is returned unchanged.
+module Pmg.Fs.Jigsaw
+
+open TorchSharp
+open type TorchSharp.torch
+// torch.int64 and friends would shadow the conversion functions.
+open Microsoft.FSharp.Core.Operators
+
+/// One permutation shared by the whole batch (as the reference code does) or one per sample.
+type Permutation =
+    | PerBatch
+    | PerSample
+
+/// Patch orders for a batch: rows of indices into the n*n patches (one row when PerBatch).
+let permutations (gen: Generator) (mode: Permutation) (batch: int) (n: int) : Tensor =
+    let cells = int64 (n * n)
+    match mode with
+    | PerBatch -> torch.randperm(cells, generator = gen).unsqueeze 0L
+    | PerSample -> torch.rand([| int64 batch; cells |], generator = gen).argsort(1L)
+
+/// Reassembles `x` (B, C, H, W) with its patches in the order `perm` gives (see `permutations`).
+let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
+    let shape = x.shape
+    let b, c, h, w = shape.[0], shape.[1], shape.[2], shape.[3]
+    let nn = int64 n
+    let ph, pw = h / nn, w / nn
+    if n <= 1 || ph = 0L || pw = 0L then
+        x.clone ()
+    else
+        use _ = torch.NewDisposeScope()
+        let cells = nn * nn
+        let core = x.narrow(2L, 0L, nn * ph).narrow(3L, 0L, nn * pw)
+        // (B, C, n, ph, n, pw) -> (B*n*n, C, ph, pw): one row per patch, row-major over the grid.
+        let patches = core.reshape(b, c, nn, ph, nn, pw).permute(0L, 2L, 4L, 1L, 3L, 5L).reshape(b * cells, c, ph, pw)
+        let perm = perm.``to``(x.device).to_type(ScalarType.Int64)
+        let rows =
+            if perm.shape.[0] = 1L then perm.expand(b, cells) else perm
+        let flat = (rows + torch.arange(b, device = x.device).unsqueeze(1L) * cells).flatten()
+        let shuffled =
+            patches.index_select(0L, flat).reshape(b, nn, nn, c, ph, pw).permute(0L, 3L, 1L, 4L, 2L, 5L).reshape(b, c, nn * ph, nn * pw)
+        let result =
+            if nn * ph = h && nn * pw = w then
+                shuffled
+            else
+                let out = x.clone ()
+                out.narrow(2L, 0L, nn * ph).narrow(3L, 0L, nn * pw).copy_(shuffled) |> ignore
+                out
+        result.MoveToOuterDisposeScope()
+
+/// Jigsaw of `x` with n x n patches, permutations drawn from `gen`.
+let shuffle (gen: Generator) (mode: Permutation) (n: int) (x: Tensor) : Tensor =
+    if n <= 1 then
+        x.clone ()
+    else
+        use perm = permutations gen mode (int x.shape.[0]) n
+        apply perm n x

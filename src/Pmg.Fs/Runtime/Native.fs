@@ -1,0 +1,273 @@
+/// Loads libtorch and TorchSharp's native glue before the first TorchSharp call, working around what this
+/// machine's system libraries and CPU need, and picks up a CUDA libtorch from an existing folder.
+module Pmg.Fs.Runtime.Native
+
+open System
+open System.IO
+open System.Runtime.InteropServices
+open System.Runtime.Intrinsics.X86
+open System.Security.Cryptography
+
+/// Which native backend to bring up.
+type Backend =
+    | Cpu
+    | Cuda
+
+/// What `init` found and did, for logs and the run manifest.
+type Loaded =
+    { Backend: Backend
+      LibTorchDir: string
+      LibTorchSharp: string
+      /// The GLIBCXX_3.4.32 requirement was marked weak because the system libstdc++ lacks it.
+      PatchedGlibcxx: bool
+      /// oneDNN convolutions were turned off because this CPU's cache sizes are unreadable (SIGFPE in backward).
+      MkldnnDisabled: bool }
+
+exception NativeLoadError of string
+
+let private fail msg = raise (NativeLoadError msg)
+
+let private libTorchSharpName = "libLibTorchSharp.so"
+let private cpuPackage = "libtorch-cpu-linux-x64"
+let private nativeSubdir = Path.Combine("runtimes", "linux-x64", "native")
+
+// ---------------------------------------------------------------------------------------------------
+// Finding the files: the app folder (CLI, tests), its runtimes/ folder, or the NuGet cache (dotnet fsi).
+
+let private nugetRoot () =
+    match Environment.GetEnvironmentVariable "NUGET_PACKAGES" with
+    | null
+    | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
+    | p -> p
+
+let private torchSharpVersion () =
+    let v = typeof<TorchSharp.torch>.Assembly.GetName().Version
+    sprintf "%d.%d.%d" v.Major v.Minor v.Build
+
+let private candidateDirs (package: string) (version: string) =
+    let baseDir = AppContext.BaseDirectory
+    let asmDir = Path.GetDirectoryName(typeof<TorchSharp.torch>.Assembly.Location)
+    [ baseDir
+      Path.Combine(baseDir, nativeSubdir)
+      // the NuGet layout: <root>/<package>/<version>/lib/net8.0/TorchSharp.dll
+      Path.GetFullPath(Path.Combine(asmDir, "..", "..", "..", "..", package, version, nativeSubdir))
+      Path.Combine(nugetRoot (), package, version, nativeSubdir) ]
+
+let private findIn (dirs: string list) (file: string) =
+    dirs |> List.tryFind (fun d -> File.Exists(Path.Combine(d, file)))
+
+// ---------------------------------------------------------------------------------------------------
+// ELF: mark one symbol-version requirement weak (vna_flags |= VER_FLG_WEAK) so a missing version is not fatal.
+
+let private shtGnuVerneed = 0x6ffffffeu
+let private verFlgWeak = 0x2us
+
+/// Returns the bytes with the requirement `version` marked weak, or None when the file does not need it.
+let markVersionWeak (version: string) (elf: byte[]) : byte[] option =
+    let u16 (o: int) = BitConverter.ToUInt16(elf, o)
+    let u32 (o: int) = BitConverter.ToUInt32(elf, o)
+    let u64 (o: int) = BitConverter.ToUInt64(elf, o)
+
+    if elf.Length < 64 || elf.[0] <> 0x7fuy || elf.[1] <> byte 'E' || elf.[4] <> 2uy || elf.[5] <> 1uy then
+        fail "not a little-endian 64-bit ELF file"
+
+    let shoff = int (u64 0x28)
+    let shentsize = int (u16 0x3A)
+    let shnum = int (u16 0x3C)
+    let section i = shoff + i * shentsize
+    let cstring (o: int) =
+        let e = Array.IndexOf(elf, 0uy, o)
+        Text.Encoding.ASCII.GetString(elf, o, e - o)
+
+    let copy = Array.copy elf
+    let mutable patched = false
+
+    for i in 0 .. shnum - 1 do
+        let sh = section i
+        if u32 (sh + 4) = shtGnuVerneed then
+            let offset = int (u64 (sh + 0x18))
+            let strtab = int (u64 (section (int (u32 (sh + 0x28))) + 0x18))
+            let mutable vn = offset
+            let mutable more = true
+            while more do
+                let count = int (u16 (vn + 2))
+                let mutable aux = vn + int (u32 (vn + 8))
+                for _ in 1..count do
+                    if cstring (strtab + int (u32 (aux + 8))) = version then
+                        let flags = u16 (aux + 4) ||| verFlgWeak
+                        BitConverter.GetBytes(flags).CopyTo(copy, aux + 4)
+                        patched <- true
+                    aux <- aux + int (u32 (aux + 12))
+                let next = int (u32 (vn + 12))
+                if next = 0 then more <- false else vn <- vn + next
+
+    if patched then Some copy else None
+
+let private glibcxxVersion = "GLIBCXX_3.4.32"
+
+let private cacheDir () =
+    let xdg = Environment.GetEnvironmentVariable "XDG_CACHE_HOME"
+    let home = Environment.GetFolderPath Environment.SpecialFolder.UserProfile
+    let root =
+        if not (String.IsNullOrEmpty xdg) then xdg
+        elif not (String.IsNullOrEmpty home) then Path.Combine(home, ".cache")
+        else Path.GetTempPath()
+    Path.Combine(root, "pmg-fs", "native")
+
+/// A patched copy beside nothing of the original, keyed by its hash; written to a temp file and moved so that
+/// two processes starting together never load a half-written library.
+let private patchedCopy (original: string) =
+    let bytes = File.ReadAllBytes original
+    let hash = Convert.ToHexString(SHA256.HashData bytes).[..15].ToLowerInvariant()
+    let dir = Path.Combine(cacheDir (), hash)
+    let target = Path.Combine(dir, libTorchSharpName)
+    if not (File.Exists target) then
+        match markVersionWeak glibcxxVersion bytes with
+        | None -> fail (sprintf "%s failed to load but does not require %s" original glibcxxVersion)
+        | Some patched ->
+            Directory.CreateDirectory dir |> ignore
+            let tmp = target + "." + string Environment.ProcessId + ".tmp"
+            File.WriteAllBytes(tmp, patched)
+            File.Move(tmp, target, true)
+    target
+
+// ---------------------------------------------------------------------------------------------------
+// oneDNN: its AVX2/AVX-512 convolution backward divides by the cache sizes it reads with CPUID; on VMs whose
+// CPU reports none, that is a SIGFPE. Turning mkldnn off there costs nothing in correctness.
+
+/// True when CPUID leaf 4 (deterministic cache parameters) describes no cache at all.
+let cpuReportsNoCacheSizes () =
+    X86Base.IsSupported
+    && (let struct (eax, _, _, _) = X86Base.CpuId(4, 0)
+        eax &&& 0x1f = 0)
+
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type private GlobalContextFn = delegate of unit -> nativeint
+
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type private SetFlagFn = delegate of nativeint * [<MarshalAs(UnmanagedType.U1)>] flag: bool -> unit
+
+let private disableMkldnn (torchCpu: nativeint) =
+    let ctx = NativeLibrary.GetExport(torchCpu, "_ZN2at13globalContextEv")
+    let setter = NativeLibrary.GetExport(torchCpu, "_ZN2at7Context20setUserEnabledMkldnnEb")
+    let context = Marshal.GetDelegateForFunctionPointer<GlobalContextFn>(ctx).Invoke()
+    Marshal.GetDelegateForFunctionPointer<SetFlagFn>(setter).Invoke(context, false)
+
+let private mkldnnWanted () =
+    match Environment.GetEnvironmentVariable "PMG_MKLDNN" with
+    | "0" | "off" -> Some false
+    | "1" | "on" -> Some true
+    | _ -> None
+
+// ---------------------------------------------------------------------------------------------------
+// CUDA libtorch: PMG_LIBTORCH, else the torch/lib folder of a Python PyTorch install.
+
+let private pythonTorchLib () =
+    try
+        let psi =
+            Diagnostics.ProcessStartInfo(
+                "python3",
+                "-c \"import torch,os;print(os.path.join(os.path.dirname(torch.__file__),'lib'))\"",
+                RedirectStandardOutput = true,
+                RedirectStandardError = true
+            )
+        use p = Diagnostics.Process.Start psi
+        let out = p.StandardOutput.ReadToEnd().Trim()
+        if p.WaitForExit 60000 && p.ExitCode = 0 && Directory.Exists out then Some out else None
+    with _ ->
+        None
+
+let private cudaLibTorchDir () =
+    match Environment.GetEnvironmentVariable "PMG_LIBTORCH" with
+    | null
+    | "" ->
+        match pythonTorchLib () with
+        | Some d -> d
+        | None ->
+            fail
+                "--device cuda needs a CUDA build of libtorch 2.10 (the CUDA TorchSharp packages are not used here). \
+                 Set PMG_LIBTORCH to its lib folder (the one holding libtorch_cuda.so), or install PyTorch with CUDA \
+                 for python3 so that its torch/lib folder can be found."
+    | d when not (File.Exists(Path.Combine(d, "libtorch_cuda.so"))) ->
+        fail (sprintf "PMG_LIBTORCH=%s holds no libtorch_cuda.so: point it at the lib folder of a CUDA libtorch." d)
+    | d -> d
+
+// ---------------------------------------------------------------------------------------------------
+
+let private loadFrom (dir: string) (file: string) =
+    let path = Path.Combine(dir, file)
+    try
+        NativeLibrary.Load path
+    with e ->
+        fail (sprintf "cannot load %s: %s" path e.Message)
+
+let mutable private loaded: Loaded option = None
+let private gate = obj ()
+
+let private bringUp (backend: Backend) =
+    let torchVersion = "2.10.0"
+    let libDir =
+        match backend, Environment.GetEnvironmentVariable "PMG_LIBTORCH" with
+        | Cuda, _ -> cudaLibTorchDir ()
+        | Cpu, d when not (String.IsNullOrEmpty d) -> d
+        | Cpu, _ ->
+            match findIn (candidateDirs cpuPackage torchVersion) "libtorch_cpu.so" with
+            | Some d -> d
+            | None ->
+                fail (
+                    sprintf
+                        "libtorch_cpu.so not found beside the app nor in the NuGet cache (%s). Run `dotnet tool restore && dotnet paket restore`."
+                        (nugetRoot ())
+                )
+
+    let glue =
+        match findIn (candidateDirs "torchsharp" (torchSharpVersion ())) libTorchSharpName with
+        | Some d -> Path.Combine(d, libTorchSharpName)
+        | None -> fail (sprintf "%s not found beside the app nor in the NuGet cache." libTorchSharpName)
+
+    // Dependencies first, by full path, so that the glue's DT_NEEDED entries resolve to these.
+    loadFrom libDir "libc10.so" |> ignore
+    if backend = Cuda then loadFrom libDir "libc10_cuda.so" |> ignore
+    let torchCpu = loadFrom libDir "libtorch_cpu.so"
+    if backend = Cuda then loadFrom libDir "libtorch_cuda.so" |> ignore
+    loadFrom libDir "libtorch.so" |> ignore
+
+    let glueUsed, patched =
+        match NativeLibrary.TryLoad glue with
+        | true, _ -> glue, false
+        | false, _ ->
+            let copy = patchedCopy glue
+            loadFrom (Path.GetDirectoryName copy) libTorchSharpName |> ignore
+            copy, true
+
+    let noMkldnn =
+        match mkldnnWanted () with
+        | Some wanted -> not wanted
+        | None -> cpuReportsNoCacheSizes ()
+    if noMkldnn then disableMkldnn torchCpu
+
+    if backend = Cuda then
+        TorchSharp.torch.InitializeDeviceType TorchSharp.DeviceType.CUDA
+        if not (TorchSharp.torch.cuda.is_available ()) then
+            fail (sprintf "libtorch from %s loaded, but it sees no CUDA device." libDir)
+
+    { Backend = backend
+      LibTorchDir = libDir
+      LibTorchSharp = glueUsed
+      PatchedGlibcxx = patched
+      MkldnnDisabled = noMkldnn }
+
+/// Brings the native backend up once per process; later calls return what the first did (a CPU process may
+/// still be upgraded to CUDA when nothing else was loaded). Call before any TorchSharp function.
+let init (backend: Backend) : Loaded =
+    lock gate (fun () ->
+        match loaded with
+        | Some l when l.Backend = backend || backend = Cpu -> l
+        | Some l -> fail (sprintf "the %A backend is already loaded from %s; use one backend per process" l.Backend l.LibTorchDir)
+        | None ->
+            let l = bringUp backend
+            loaded <- Some l
+            l)
+
+/// What `init` did, if it ran.
+let current () = loaded

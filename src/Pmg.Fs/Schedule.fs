@@ -1,0 +1,35 @@
+/// The progressive training schedule as data, and the learning-rate schedule.
+module Pmg.Fs.Schedule
+
+open System
+open Pmg.Fs.Model.Pmg
+
+/// One step of an iteration: which output is trained, on a jigsaw of Grid x Grid patches, with what loss weight.
+/// Each step has its own forward, loss, backward and optimizer step.
+type Step =
+    { Head: HeadId
+      Grid: int
+      LossWeight: float }
+
+/// The paper's schedule for a backbone of `stages` stages (L) with heads on the last `heads` (S): step l (of the
+/// heads, l = L-S+1..L) sees n = 2^(L-l+1) patches a side; then concat sees the whole image with weight 2.
+let progressive (stages: int) (heads: int) : Step list =
+    [ for i in 0 .. heads - 1 ->
+          let l = stages - heads + 1 + i
+          { Head = Granularity i
+            Grid = 1 <<< (stages - l + 1)
+            LossWeight = 1.0 } ]
+    @ [ { Head = Concat; Grid = 1; LossWeight = 2.0 } ]
+
+/// PMG as published: ResNet's five stages, three heads (8, 4, 2, then concat x2).
+let paper = progressive 5 3
+
+/// A schedule with chosen grids for the heads (finest head first), then concat with `concatWeight`.
+let withGrids (grids: int list) (concatWeight: float) : Step list =
+    (grids |> List.mapi (fun i n -> { Head = Granularity i; Grid = n; LossWeight = 1.0 }))
+    @ [ { Head = Concat; Grid = 1; LossWeight = concatWeight } ]
+
+/// Cosine annealing per epoch, as the reference: lr/2 * (cos(pi * (t mod T) / T) + 1).
+let cosine (epochs: int) (baseLr: float) (epoch: int) : float =
+    let t = float (epoch % epochs) / float epochs
+    baseLr / 2.0 * (Math.Cos(Math.PI * t) + 1.0)

@@ -1,0 +1,77 @@
+module Pmg.Fs.Tests.ModelTests
+
+open System.IO
+open Expecto
+open TorchSharp
+open Pmg.Fs.Model
+
+let private referenceKeys () =
+    File.ReadAllLines(Path.Combine(Fixtures.shared (), "fixtures", "pmg-resnet50-200-state-dict-keys.txt"))
+    |> Array.filter (fun l -> l <> "" && not (l.StartsWith "#"))
+    |> Array.map (fun l ->
+        match l.Split ' ' with
+        | [| k; shape; dtype |] -> k, (if shape = "scalar" then "" else shape), dtype
+        | _ -> failwithf "bad fixture line %s" l)
+
+let private shapeText (t: torch.Tensor) = t.shape |> Array.map string |> String.concat "x"
+
+let private headShapes backbone size =
+    use _ = torch.NewDisposeScope()
+    use net = Pmg.create { Pmg.Config.Paper 7 with Backbone = backbone }
+    net.eval ()
+    use _ = torch.no_grad ()
+    let out = net.forward (torch.zeros (2L, 3L, int64 size, int64 size))
+    (out.Heads @ [ out.Concat ]) |> List.map (fun t -> t.shape)
+
+[<Tests>]
+let tests =
+    testList
+        "model"
+        [ test "state_dict keys, shapes and dtypes equal the reference PMG-ResNet50 (200 classes)" {
+              use net = Pmg.create (Pmg.Config.Paper 200)
+              let ours =
+                  net.state_dict ()
+                  |> Seq.map (fun kv ->
+                      let dtype = if kv.Value.dtype = torch.int64 then "int64" else "float32"
+                      kv.Key, shapeText kv.Value, dtype)
+                  |> Array.ofSeq
+              let expected = referenceKeys ()
+              Expect.equal ours.Length 412 "entry count"
+              Expect.sequenceEqual (Array.sort ours) (Array.sort expected) "keys, shapes, dtypes"
+          }
+          test "conv-block BNs use momentum 0.01, classifiers use ELU" {
+              use net = Pmg.create (Pmg.Config.Paper 5)
+              let bns =
+                  net.named_modules ()
+                  |> Seq.filter (fun struct (n, _) -> n.StartsWith "conv_block" && n.EndsWith ".bn")
+                  |> Seq.map (fun struct (_, m) -> (m :?> Modules.BatchNorm2d).momentum)
+                  |> List.ofSeq
+              Expect.equal bns.Length 6 "two BNs per conv block"
+              for m in bns do
+                  Expect.equal m (System.Nullable 0.01) "momentum"
+              let elus =
+                  net.named_modules () |> Seq.filter (fun struct (_, m) -> m :? Modules.ELU) |> Seq.length
+              Expect.equal elus 4 "one ELU per classifier"
+          }
+          testList
+              "head output shapes for every backbone"
+              [ for b in Backbone.registry.Keys do
+                    for size in [ 97; 224; 448 ] do
+                        test (sprintf "%s at %d px" b size) {
+                            let shapes = headShapes b size
+                            Expect.equal shapes.Length 4 "three heads + concat"
+                            for s in shapes do
+                                Expect.sequenceEqual s [| 2L; 7L |] "logits (batch, classes)"
+                        } ]
+          test "ForwardHead equals the full forward's head output in eval mode" {
+              use _ = torch.NewDisposeScope()
+              torch.manual_seed 3L |> ignore
+              use net = Pmg.create { Pmg.Config.Paper 4 with Backbone = "resnet18" }
+              net.eval ()
+              use _ = torch.no_grad ()
+              let x = torch.randn (2L, 3L, 64L, 64L)
+              let full = net.forward x
+              for i in 0..2 do
+                  let h = net.ForwardHead(x, i)
+                  Expect.isTrue (h.allclose (full.Heads.[i], rtol = 1e-4, atol = 1e-5)) (sprintf "head %d" i)
+          } ]
