@@ -1,3 +1,331 @@
 module Pmg.Cli.Program
+
+open System
+open System.IO
+open System.Diagnostics
+open Argu
+open SixLabors.ImageSharp
+open SixLabors.ImageSharp.Processing
+open TorchSharp
+open Pmg.Fs
+open Pmg.Fs.Model
+open Pmg.Fs.Data
+open Pmg.Fs.Training
+open Pmg.Cli.Args
+
+let private pct (x: float) = sprintf "%5.1f%%" (100.0 * x)
+
+/// The results table: every head, concat, combined (with top-5).
+let accuracyTable (config: Pmg.Config) (a: Evaluate.Accuracy) =
+    let rows =
+        [ yield! List.zip (Pmg.headNames config) a.Heads |> List.map (fun (name, acc) -> name, pct acc, "")
+          "concat", pct a.Concat, ""
+          "combined", pct a.Combined, pct a.CombinedTop5 ]
+    [ "| output   | top-1  | top-5  |"
+      "|----------|--------|--------|"
+      yield! rows |> List.map (fun (name, t1, t5) -> sprintf "| %-8s | %s | %-6s |" name t1 t5) ]
+    |> String.concat "\n"
+
+let private deviceBackend (device: string) =
+    if device.StartsWith "cuda" then Runtime.Native.Cuda else Runtime.Native.Cpu
+
+let private resizeFor (crop: int) = int (Math.Round(float crop * float Transforms.Spec.paperResize / float Transforms.Spec.paperCrop))
+
+let private onDisk (name: string) (root: string option) (level: string option) : Experiment.Data =
+    match root with
+    | None -> failwithf "--dataset %s needs --root DIR (the dataset's folder in its official layout)" name
+    | Some r -> Experiment.OnDisk { Kind = name; Root = r; Level = level }
+
+// ---------------------------------------------------------------------------------------------------
+
+let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
+    let name = a.GetResult(TrainArgs.Dataset, "embedded").ToLowerInvariant()
+    let baseline =
+        if name = "embedded" then
+            Experiment.embedded
+        else
+            let data = onDisk name (a.TryGetResult TrainArgs.Root) (a.TryGetResult TrainArgs.Level)
+            let classes =
+                match data with
+                | Experiment.OnDisk d -> (Run.data { Experiment.paper 2 data with Data = data } |> fst).Classes.Length
+                | _ -> 0
+            Experiment.paper classes data
+    let crop = a.GetResult(TrainArgs.Image_Size, baseline.Input.Crop)
+    let resize =
+        match a.TryGetResult TrainArgs.Resize, a.TryGetResult TrainArgs.Image_Size with
+        | Some r, _ -> r
+        | None, Some c -> if name = "embedded" then c + (baseline.Input.Resize - baseline.Input.Crop) else resizeFor c
+        | None, None -> baseline.Input.Resize
+    let heads = a.GetResult(TrainArgs.Heads, baseline.Model.Heads)
+    let model = { baseline.Model with Backbone = a.GetResult(TrainArgs.Backbone, baseline.Model.Backbone); Heads = heads }
+    let stages = Backbone.stages (Backbone.find model.Backbone) |> List.length
+    let schedule =
+        match a.TryGetResult TrainArgs.Grids with
+        | Some g ->
+            let grids = g.Split(',', StringSplitOptions.RemoveEmptyEntries) |> Array.map (fun s -> int (s.Trim())) |> List.ofArray
+            if grids.Length <> heads then failwithf "--grids lists %d grids but there are %d heads" grids.Length heads
+            Schedule.withGrids grids 2.0
+        | None -> Schedule.progressive stages heads
+    let lr = a.GetResult(TrainArgs.Lr, baseline.Optimizer.Lr)
+    let backboneLr =
+        a.GetResult(TrainArgs.Backbone_Lr, (if a.Contains TrainArgs.Lr then lr / 10.0 else baseline.Optimizer.BackboneLr))
+    { baseline with
+        Model = model
+        Schedule = schedule
+        Permutation = (if a.Contains Per_Sample_Jigsaw then Jigsaw.PerSample else Jigsaw.PerBatch)
+        Forward = (if a.Contains Truncated then Experiment.Truncated else Experiment.Full)
+        Optimizer = { baseline.Optimizer with Lr = lr; BackboneLr = backboneLr }
+        Epochs = a.GetResult(TrainArgs.Epochs, baseline.Epochs)
+        BatchSize = a.GetResult(TrainArgs.Batch_Size, baseline.BatchSize)
+        Input = { baseline.Input with Crop = crop; Resize = resize }
+        Seed = a.GetResult(TrainArgs.Seed, baseline.Seed)
+        Device = a.GetResult(TrainArgs.Device, baseline.Device)
+        CropToBox = a.Contains Crop_To_Box
+        Pretrained = a.TryGetResult TrainArgs.Pretrained
+        Workers = a.GetResult(TrainArgs.Workers, baseline.Workers) }
+
+let private train (a: ParseResults<TrainArgs>) =
+    let e = experimentOf a |> Experiment.validate
+    let dataName = match e.Data with Experiment.Embedded _ -> "embedded" | Experiment.OnDisk d -> d.Kind
+    let out =
+        a.GetResult(
+            TrainArgs.Out,
+            Path.Combine("runs", sprintf "%s-%s-%s" dataName e.Model.Backbone (DateTime.Now.ToString "yyyyMMdd-HHmmss"))
+        )
+    printfn "PMG %s on %s: %d classes, %d epochs, batch %d, %dpx crops of %dpx, steps %s, device %s"
+        e.Model.Backbone dataName e.Model.Classes e.Epochs e.BatchSize e.Input.Crop e.Input.Resize
+        (e.Schedule |> List.map (fun s -> sprintf "%A n=%d w=%g" s.Head s.Grid s.LossWeight) |> String.concat "; ")
+        e.Device
+    printfn "run directory: %s" (Path.GetFullPath out)
+    let clock = Stopwatch.StartNew()
+    let epochClock = Stopwatch()
+    let hooks: Trainer.Hooks =
+        { Batch =
+            fun epoch i total ->
+                if i = 1 then epochClock.Restart()
+                let line = Progress.render (sprintf "epoch %d/%d" (epoch + 1) e.Epochs) (float i / float total) (sprintf "%d/%d" i total) epochClock.Elapsed
+                Progress.show line false
+          Evaluating = fun _ -> ()
+          Epoch =
+            fun r ->
+                let losses = r.StepLosses |> List.map (sprintf "%.3f") |> String.concat " "
+                let line =
+                    sprintf "epoch %d/%d  loss %s  train %s  test combined %s concat %s  %.1f img/s  %s"
+                        (r.Epoch + 1) e.Epochs losses (pct r.TrainAccuracy) (pct r.Test.Combined) (pct r.Test.Concat)
+                        r.ImagesPerSecond (Progress.render "" (float (r.Epoch + 1) / float e.Epochs) "" clock.Elapsed)
+                Progress.show line true
+                if not r.Skipped.IsEmpty then
+                    eprintfn "  warning: %d unusable images skipped this epoch, e.g. %s: %s" r.Skipped.Length (fst r.Skipped.Head) (snd r.Skipped.Head) }
+    let summary = Run.train e out (a.Contains Resume) hooks
+    match summary.History |> List.tryFind (fun r -> r.Epoch = summary.BestEpoch), summary.History with
+    | _, [] -> printfn "nothing to do: %s already holds %d epochs" out e.Epochs
+    | best, history ->
+        let last = List.last history
+        printfn ""
+        printfn "final epoch %d, test set (%d images):" (last.Epoch + 1) last.Test.Images
+        printfn "%s" (accuracyTable e.Model last.Test)
+        best |> Option.iter (fun b -> printfn "best combined %s at epoch %d -> %s" (pct b.Test.Combined) (b.Epoch + 1) summary.BestCheckpoint)
+        printfn "elapsed %s" (clock.Elapsed.ToString @"mm\:ss")
+    0
+
+// ---------------------------------------------------------------------------------------------------
+
+let private overridesOf (backbone, classes, size, resize) : Inference.Overrides =
+    { Backbone = backbone; Classes = classes; ImageSize = size; Resize = resize }
+
+let private eval (a: ParseResults<EvalArgs>) =
+    let device = a.GetResult(EvalArgs.Device, "cpu")
+    Runtime.Native.init (deviceBackend device) |> ignore
+    let path = a.GetResult EvalArgs.Checkpoint
+    let o = overridesOf (a.TryGetResult EvalArgs.Backbone, a.TryGetResult EvalArgs.Classes, a.TryGetResult EvalArgs.Image_Size, a.TryGetResult EvalArgs.Resize)
+    let m = Inference.load path o device
+    let data =
+        match a.TryGetResult EvalArgs.Dataset with
+        | Some name when name <> "embedded" -> onDisk name (a.TryGetResult EvalArgs.Root) (a.TryGetResult EvalArgs.Level)
+        | Some _ -> Experiment.Embedded Synthetic.Config.Default
+        | None when Checkpoint.isCheckpoint path -> (Checkpoint.load path).Experiment.Data
+        | None -> failwith "a .pth checkpoint says nothing about its data: pass --dataset and --root"
+    let e =
+        { Experiment.paper m.Net.Config.Classes data with
+            Model = m.Net.Config
+            BatchSize = a.GetResult(EvalArgs.Batch_Size, 16)
+            Input = { Resize = m.Resize; Crop = m.Crop; Padding = 0 }
+            Device = device }
+    let d, _ = Run.data e
+    if d.Classes.Length <> m.Net.Config.Classes then
+        failwithf "the dataset has %d classes but the checkpoint %s has %d" d.Classes.Length path m.Net.Config.Classes
+    let session = { Trainer.createSession e with Net = m.Net }
+    let acc = Trainer.evaluate session d.Classes.Length d.Test
+    printfn "%s: %d test images" path acc.Images
+    printfn "%s" (accuracyTable m.Net.Config acc)
+    printfn "mean per-class accuracy (combined): %s" (pct (Evaluate.meanPerClass acc))
+    0
+
+let private predict (a: ParseResults<PredictArgs>) =
+    let device = a.GetResult(PredictArgs.Device, "cpu")
+    Runtime.Native.init (deviceBackend device) |> ignore
+    let o = overridesOf (a.TryGetResult PredictArgs.Backbone, a.TryGetResult PredictArgs.Classes, a.TryGetResult PredictArgs.Image_Size, a.TryGetResult PredictArgs.Resize)
+    let m = Inference.load (a.GetResult PredictArgs.Checkpoint) o device
+    let k = a.GetResult(Top_K, 5)
+    for path in a.GetResult Images do
+        let image = Images.load { Path = path; Label = 0; Box = None; TrimBottom = 0 } false
+        let p = Inference.predict m image
+        let top =
+            p.Probabilities |> Array.mapi (fun i s -> i, s) |> Array.sortByDescending snd |> Array.truncate k
+        if a.Contains PredictArgs.Json then
+            let topJson = [ for i, s in top -> {| ``class`` = i; score = float s |} ]
+            if a.Contains Logits then
+                let logits =
+                    dict (p.Heads @ [ "concat", p.Concat; "combined", p.Combined ])
+                printfn "%s" (Json.line {| image = path; top = topJson; logits = logits |})
+            else
+                printfn "%s" (Json.line {| image = path; top = topJson |})
+        else
+            printfn "%s" path
+            for i, s in top do
+                printfn "  class %d  %.4f" i s
+            if a.Contains Logits then
+                for name, l in p.Heads @ [ "concat", p.Concat; "combined", p.Combined ] do
+                    printfn "  %-8s %s" name (l |> Array.map (sprintf "%.3f") |> String.concat " ")
+    0
+
+let private export (a: ParseResults<ExportArgs>) =
+    Runtime.Native.init Runtime.Native.Cpu |> ignore
+    match a.GetResult To with
+    | "pytorch" ->
+        let m = Inference.load (a.GetResult ExportArgs.Checkpoint) Inference.Overrides.None "cpu"
+        let out = a.GetResult ExportArgs.Out
+        Interop.StateDict.export m.Net out
+        printfn "wrote %s (%d entries, reference PMG key names)" out (m.Net.state_dict().Count)
+        0
+    | other -> failwithf "--to %s: the only export format is pytorch" other
+
+// ---------------------------------------------------------------------------------------------------
+
+let private median (xs: float list) =
+    let s = List.sort xs
+    let n = s.Length
+    if n % 2 = 1 then s.[n / 2] else (s.[n / 2 - 1] + s.[n / 2]) / 2.0
+
+let private benchData (a: ParseResults<BenchArgs>) =
+    let size = a.GetResult(BenchArgs.Image_Size, Transforms.Spec.paperCrop)
+    let workers = a.GetResult(BenchArgs.Workers, 1)
+    let count = a.GetResult(Iterations, 10) * 16
+    // CUB-like JPEGs: 500x375 with texture, written once to a temp folder.
+    let dir = Directory.CreateTempSubdirectory "pmg-bench-"
+    let files =
+        [| for i in 0..7 ->
+               let path = Path.Combine(dir.FullName, sprintf "%d.jpg" i)
+               use img = Synthetic.renderClass 500 (i % Synthetic.maxClasses) i
+               img.Mutate(fun c -> c.Resize(500, 375) |> ignore)
+               img.SaveAsJpeg path
+               { Path = path; Label = 0; Box = None; TrimBottom = 0 } |]
+    let spec = Transforms.Spec.train (resizeFor size) size
+    let rate = Loader.throughput (Loader.fromSamples files false) spec count workers
+    dir.Delete true
+    printfn "decode + resize %d + random crop %d + flip + normalise, %d worker(s), %d images" (resizeFor size) size workers count
+    printfn "per core: %.1f img/s" (rate / float workers)
+    printfn "%.1f img/s" rate
+    0
+
+let private bench (a: ParseResults<BenchArgs>) =
+    if a.Contains BenchArgs.Data then benchData a else
+    let device = a.GetResult(BenchArgs.Device, "cpu")
+    Runtime.Native.init (deviceBackend device) |> ignore
+    let batch = a.GetResult(BenchArgs.Batch_Size, 16)
+    let size = a.GetResult(BenchArgs.Image_Size, Transforms.Spec.paperCrop)
+    let mode = a.GetResult(Mode, "train")
+    let precision = a.GetResult(Precision, "fp32")
+    if precision <> "fp32" then failwithf "--precision %s: only fp32 is implemented so far" precision
+    let classes = a.GetResult(BenchArgs.Classes, 200)
+    let e =
+        { Experiment.paper classes (Experiment.Embedded Synthetic.Config.Default) with
+            Model = { Pmg.Config.Paper classes with Backbone = a.GetResult(BenchArgs.Backbone, "resnet50") }
+            BatchSize = batch
+            Device = device }
+    let s = Trainer.createSession e
+    let dev = s.Device
+    use x = torch.randn ([| int64 batch; 3L; int64 size; int64 size |], device = dev)
+    use y = torch.randint (int64 classes, [| int64 batch |], device = dev)
+    let sync () = if dev.``type`` = DeviceType.CUDA then torch.cuda.synchronize ()
+    let once () =
+        use _ = torch.NewDisposeScope()
+        if mode = "train" then
+            s.Net.train ()
+            Trainer.iteration s x y |> ignore
+        else
+            s.Net.eval ()
+            use _ = torch.no_grad ()
+            s.Net.forward x |> ignore
+    let warm = a.GetResult(Warmup, 3)
+    let iters = a.GetResult(Iterations, 10)
+    for _ in 1..warm do once ()
+    sync ()
+    let times =
+        [ for _ in 1..iters ->
+              let w = Stopwatch.StartNew()
+              once ()
+              sync ()
+              w.Elapsed.TotalMilliseconds ]
+    let ms = median times
+    printfn "%s %s %s batch %d %dx%d, %d steps/iteration, %d timed after %d warm-up"
+        mode e.Model.Backbone device batch size size (if mode = "train" then e.Schedule.Length else 1) iters warm
+    printfn "ms per iteration (median): %.1f" ms
+    printfn "peak host memory: %.2f GiB" (float (Process.GetCurrentProcess().PeakWorkingSet64) / 1073741824.0)
+    printfn "%.1f img/s" (float batch * 1000.0 / ms)
+    0
+
+// ---------------------------------------------------------------------------------------------------
+
+let private data (a: ParseResults<DataArgs>) =
+    let kind =
+        match Dataset.parse (a.GetResult DataArgs.Dataset), a.TryGetResult DataArgs.Level with
+        | Dataset.Kind.Aircraft _, Some level -> Dataset.Kind.Aircraft level
+        | k, _ -> k
+    let index = Dataset.load kind (a.GetResult DataArgs.Root)
+    let report = Inspect.inspect index
+    if a.Contains DataArgs.Json then
+        printfn "%s" (Inspect.toJson report)
+    else
+        printfn "%s at %s" index.Name index.Root
+        printfn "classes %d, train %d, test %d usable images (grayscale %d, CMYK %d: converted to RGB)"
+            report.Classes report.Train report.Test report.Grayscale report.Cmyk
+        printfn "%d unusable:" report.Problems.Length
+        for p in report.Problems do
+            printfn "  %s: %s" p.File p.Problem
+    0
+
+let private errorText (e: exn) =
+    match e with
+    | Experiment.InvalidExperiment problems -> String.concat "\n  " ("invalid settings:" :: problems)
+    | Runtime.Native.NativeLoadError m
+    | Checkpoint.CheckpointError m
+    | Inference.LoadError m
+    | Interop.StateDict.StateDictError m
+    | DatasetError m
+    | Backbone.UnknownBackbone m
+    | Pmg.ConfigError m -> m
+    | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
+    | e -> e.Message
+
 [<EntryPoint>]
-let main argv = 0
+let main argv =
+    let parser = ArgumentParser.Create<Command>(programName = "pmg")
+    try
+        let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
+        match results.GetSubCommand() with
+        | Train a -> train a
+        | Eval a -> eval a
+        | Predict a -> predict a
+        | Export a -> export a
+        | Bench a -> bench a
+        | Data a -> data a
+    with
+    | :? ArguParseException as e ->
+        (if e.ErrorCode = ErrorCode.HelpText then printfn "%s" e.Message else eprintfn "%s" e.Message)
+        if e.ErrorCode = ErrorCode.HelpText then 0 else 2
+    | e ->
+        eprintfn "pmg: %s" (errorText e)
+        // PMG_DEBUG=1 shows where it happened.
+        if Environment.GetEnvironmentVariable "PMG_DEBUG" = "1" then eprintfn "%O" e
+        1

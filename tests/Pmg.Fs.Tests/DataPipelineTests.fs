@@ -17,6 +17,11 @@ let private image (width: int) (height: int) (f: int -> int -> Rgb24) =
             img[x, y] <- f x y
     img
 
+/// Writes a PNG and disposes the image.
+let private savePng (path: string) (img: Image<Rgb24>) =
+    use img = img
+    img.SaveAsPng path
+
 let private pixels (img: Image<Rgb24>) =
     [| for y in 0 .. img.Height - 1 do
            for x in 0 .. img.Width - 1 do
@@ -120,6 +125,13 @@ let private transforms =
         }
     ]
 
+let private writeGrayJpeg (path: string) (width: int) (height: int) =
+    use gray = new Image<L8>(width, height)
+    for y in 0 .. height - 1 do
+        for x in 0 .. width - 1 do
+            gray[x, y] <- L8(byte ((x * 15 + y) % 256))
+    gray.SaveAsJpeg(path, JpegEncoder(ColorType = JpegColorType.Luminance))
+
 let private images =
     testList "images" [
         test "TrimBottom removes exactly N rows" {
@@ -140,7 +152,7 @@ let private images =
         test "load applies TrimBottom and the box only when asked" {
             let path = Path.Combine(Path.GetTempPath(), $"pmg-trim-{Guid.NewGuid()}.png")
             try
-                (use img = image 20 30 (fun x y -> Rgb24(byte x, byte y, 0uy)) in img.SaveAsPng path)
+                image 20 30 (fun x y -> Rgb24(byte x, byte y, 0uy)) |> savePng path
                 let sample = { Path = path; Label = 0; Box = Some { X = 2; Y = 3; Width = 5; Height = 6 }; TrimBottom = 4 }
                 use plain = Images.load sample false
                 use boxed = Images.load sample true
@@ -154,11 +166,7 @@ let private images =
         test "grayscale JPEG loads as RGB with equal channels" {
             let path = Path.Combine(Path.GetTempPath(), $"pmg-gray-{Guid.NewGuid()}.jpg")
             try
-                (use gray = new Image<L8>(16, 12)
-                 for y in 0 .. 11 do
-                     for x in 0 .. 15 do
-                         gray[x, y] <- L8(byte (x * 15 + y))
-                 gray.SaveAsJpeg(path, JpegEncoder(ColorType = JpegColorType.Luminance)))
+                writeGrayJpeg path 16 12
                 use img = Images.decode path
                 Expect.equal (img.Width, img.Height) (16, 12) "size"
                 Expect.all (pixels img) (fun p -> p.R = p.G && p.G = p.B) "gray"
@@ -227,8 +235,17 @@ let private loader =
         }
 
         test "stopping early ends the workers" {
-            let first = Loader.batches (source 200 Set.empty) spec 2 true 1 0 2 2 |> Seq.head
+            let loads = ref 0
+            let load i =
+                Threading.Interlocked.Increment &loads.contents |> ignore
+                noisy i 20 20
+            let first = Loader.batches { source 200 Set.empty with Load = load } spec 2 true 1 0 2 2 |> Seq.head
             Expect.equal first.Size 2 "one batch"
+            let after = loads.Value
+            Threading.Thread.Sleep 100
+            Expect.equal loads.Value after "no loads after disposal"
+            // Batch 0 and the 2 queued behind it, nothing more.
+            Expect.isTrue (after >= 2 && after <= 6) $"bounded prefetch ({after} loads)"
         }
 
         test "fromSamples reads files and reports missing ones" {
@@ -237,7 +254,7 @@ let private loader =
             try
                 let write i =
                     let p = Path.Combine(dir, $"{i}.png")
-                    (use img = noisy i 20 20 in img.SaveAsPng p)
+                    noisy i 20 20 |> savePng p
                     p
                 let samples =
                     [| for i in 0 .. 3 ->
@@ -283,6 +300,17 @@ let private synthetic =
                     Expect.isGreaterThan changed 0.0 $"class {c} visible (seed {seed})"
                     Expect.isLessThan changed 0.05 $"class {c} local (seed {seed})"
                     Expect.isLessThan (meanAbsDiff reference img * 5.0) nuisance $"class {c} vs nuisance (seed {seed})"
+        }
+
+        test "details survive the synthetic test transform" {
+            let spec = (Synthetic.transforms config).Test
+            Expect.equal (spec.Resize, spec.Crop) (64, 56) "sizes"
+            for seed in 0 .. 19 do
+                use reference = Synthetic.renderClass config.ImageSize 0 seed
+                let r = apply spec (Random 0) reference
+                for c in 1 .. config.Classes - 1 do
+                    use img = Synthetic.renderClass config.ImageSize c seed
+                    Expect.notEqual (apply spec (Random 0) img) r $"class {c} seed {seed}"
         }
 
         test "labels are balanced and names distinct" {

@@ -49,7 +49,7 @@ let private labelsCover (index: DatasetIndex) =
 let private cubTests =
     testList "Cub" [
         test "the fixture loads with 4 classes and 12/12 samples with boxes" {
-            let index = Cub.load (Fixtures.dataset "CUB_200_2011")
+            let index = Cub.load (dataset "CUB_200_2011")
             expectCounts 4 12 12 index
             expectWellFormed index
             labelsCover index
@@ -68,7 +68,7 @@ let private cubTests =
 
         test "bad labels and duplicate ids become problems, not failures" {
             use dir = new TempDir()
-            copyTree (Fixtures.dataset "CUB_200_2011") dir.Path
+            copyTree (dataset "CUB_200_2011") dir.Path
             let labels = Path.Combine(dir.Path, "image_class_labels.txt")
             let lines = File.ReadAllLines labels
             lines[1] <- "2 9"
@@ -84,7 +84,7 @@ let private cubTests =
 let private carsTests =
     testList "Cars" [
         test "the devkit fixture loads with 3 classes and 9/9 samples" {
-            let index = Cars.load (Fixtures.dataset "stanford_cars")
+            let index = Cars.load (dataset "stanford_cars")
             expectCounts 3 9 9 index
             expectWellFormed index
             labelsCover index
@@ -95,7 +95,7 @@ let private carsTests =
 
         test "missing test labels name the file and both places looked in" {
             use dir = new TempDir()
-            copyTree (Fixtures.dataset "stanford_cars") dir.Path
+            copyTree (dataset "stanford_cars") dir.Path
             File.Delete(Path.Combine(dir.Path, "cars_test_annos_withlabels.mat"))
             datasetError [ "cars_test_annos_withlabels.mat"; Path.Combine(dir.Path, "devkit") ] (fun () ->
                 Cars.load dir.Path)
@@ -104,7 +104,7 @@ let private carsTests =
         test "the car_ims/ + cars_annos.mat variant loads" {
             use dir = new TempDir()
             let images = Directory.CreateDirectory(Path.Combine(dir.Path, "car_ims")).FullName
-            let source = Path.Combine(Fixtures.dataset "stanford_cars", "cars_train")
+            let source = Path.Combine(dataset "stanford_cars", "cars_train")
             for i in 1..3 do
                 File.Copy(Path.Combine(source, $"0000{i}.jpg"), Path.Combine(images, $"00000{i}.jpg"))
             let annotation (file: string) (cls: byte) (isTest: byte) =
@@ -135,7 +135,7 @@ let private carsTests =
 let private aircraftTests =
     testList "Aircraft" [
         test "the variant level loads 3 classes, 18/9, a slash-named class and the banner trim" {
-            let index = Aircraft.load (Fixtures.dataset "fgvc-aircraft-2013b", "variant")
+            let index = Aircraft.load (dataset "fgvc-aircraft-2013b", "variant")
             expectCounts 3 18 9 index
             expectWellFormed index
             labelsCover index
@@ -149,7 +149,7 @@ let private aircraftTests =
 
         for level in [ "family"; "manufacturer" ] do
             test $"the {level} level loads from the data/ folder too" {
-                let index = Aircraft.load (Path.Combine(Fixtures.dataset "fgvc-aircraft-2013b", "data"), level)
+                let index = Aircraft.load (Path.Combine(dataset "fgvc-aircraft-2013b", "data"), level)
                 expectCounts 3 18 9 index
                 expectWellFormed index
                 labelsCover index
@@ -157,14 +157,14 @@ let private aircraftTests =
 
         test "an unknown level lists the valid ones" {
             datasetError [ "variant, family, manufacturer" ] (fun () ->
-                Aircraft.load (Fixtures.dataset "fgvc-aircraft-2013b", "model"))
+                Aircraft.load (dataset "fgvc-aircraft-2013b", "model"))
         }
     ]
 
 let private dogsTests =
     testList "Dogs" [
         test "the fixture loads 3 breeds and 9/9 samples with boxes" {
-            let index = Dogs.load (Fixtures.dataset "stanford_dogs")
+            let index = Dogs.load (dataset "stanford_dogs")
             expectCounts 3 9 9 index
             expectWellFormed index
             labelsCover index
@@ -203,7 +203,7 @@ let private facadeTests =
         test "names parse to kinds and load" {
             Expect.equal (Dataset.parse "CUB") Dataset.Kind.Cub "case-insensitive"
             Expect.equal (Dataset.parse "aircraft") (Dataset.Kind.Aircraft "variant") "variant by default"
-            let index = Dataset.load (Dataset.parse "dogs") (Fixtures.dataset "stanford_dogs")
+            let index = Dataset.load (Dataset.parse "dogs") (dataset "stanford_dogs")
             expectCounts 3 9 9 index
         }
 
@@ -215,7 +215,7 @@ let private facadeTests =
 let private inspectTests =
     testList "Inspect" [
         test "the CUB fixture is clean and has one grayscale image" {
-            let report = Inspect.inspect (Cub.load (Fixtures.dataset "CUB_200_2011"))
+            let report = Inspect.inspect (Cub.load (dataset "CUB_200_2011"))
             Expect.equal (report.Classes, report.Train, report.Test) (4, 12, 12) "counts"
             Expect.equal (report.Grayscale, report.Cmyk) (1, 0) "image id 3 is grayscale"
             Expect.isEmpty report.Problems "no problems"
@@ -223,7 +223,7 @@ let private inspectTests =
 
         test "a truncated and a deleted JPEG are exactly the problems" {
             use dir = new TempDir()
-            copyTree (Fixtures.dataset "CUB_200_2011") dir.Path
+            copyTree (dataset "CUB_200_2011") dir.Path
             let index = Cub.load dir.Path
             let truncated = index.Train[2].Path
             let deleted = index.Test[2].Path

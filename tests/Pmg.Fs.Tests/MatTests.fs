@@ -107,7 +107,10 @@ module MatWriter =
 
 open MatWriter
 
-let private fixture dataset file = Path.Combine(Fixtures.dataset dataset, file)
+/// A miniature dataset's folder under the shared fixtures.
+let dataset (name: string) = Path.Combine(Fixtures.root (), name)
+
+let private fixture name file = Path.Combine(dataset name, file)
 
 let private raisesWith (fragment: string) (f: unit -> 'a) =
     try
@@ -197,9 +200,10 @@ let private writtenFileTests =
                 | Struct(dims, fields, elements) ->
                     Expect.equal dims [| 1; 2 |] "struct dims"
                     Expect.equal fields [| "id"; "label" |] "field order"
-                    Expect.equal (Mat.toInt elements[0]["id"]) 7 "uint8-stored double"
-                    Expect.equal (Mat.toInt elements[1]["id"]) 513 "small-element uint16"
-                    Expect.equal (Mat.toString elements[1]["label"]) "second" "struct char field"
+                    let first, second = elements[0], elements[1]
+                    Expect.equal (Mat.toInt first.["id"]) 7 "uint8-stored double"
+                    Expect.equal (Mat.toInt second.["id"]) 513 "small-element uint16"
+                    Expect.equal (Mat.toString second.["label"]) "second" "struct char field"
                 | other -> failtestf "s is %A" other
             finally
                 File.Delete path

@@ -33,7 +33,7 @@ let private headerTextLength = 116
 let private endianOffset = 126
 let private headerMagic = "MATLAB 5.0 MAT-file"
 let private tagLength = 8
-let private smallTagPayloadOffset = 4
+let private smallTagPayloadOffset = 4 // also the most payload a small element holds
 let private alignment = 8
 
 // Data types (miXXX) of data elements.
@@ -94,7 +94,9 @@ let private element (src: Source) offset what =
     need src offset tagLength what
     let first = u32 src offset
     let smallLength = int (first >>> 16)
-    if smallLength <> 0 then
+    if smallLength > smallTagPayloadOffset then
+        malformed "corrupt small element at offset %d (claims %d bytes, at most 4 fit)" offset smallLength
+    elif smallLength <> 0 then
         { Type = int (first &&& 0xFFFFu); Start = offset + smallTagPayloadOffset; Length = smallLength; Next = offset + tagLength }
     else
         let length = i32 src (offset + 4)
@@ -114,11 +116,18 @@ let private elementSize miType =
     | t -> malformed "unsupported data type %d in a numeric element" t
 
 /// Decodes a numeric payload of any stored type, widening to float (MATLAB may store a double array as uint8).
+let private i64 (src: Source) offset =
+    let span = ReadOnlySpan(src.Bytes, offset, 8)
+    if src.Little then BinaryPrimitives.ReadInt64LittleEndian span else BinaryPrimitives.ReadInt64BigEndian span
+
+let private u64 (src: Source) offset =
+    let span = ReadOnlySpan(src.Bytes, offset, 8)
+    if src.Little then BinaryPrimitives.ReadUInt64LittleEndian span else BinaryPrimitives.ReadUInt64BigEndian span
+
+/// Decodes a numeric payload of any stored type, widening to float (MATLAB may store a double array as uint8).
 let private numbers (src: Source) (e: Element) : float[] =
     let size = elementSize e.Type
-    let count = e.Length / size
     let at i = e.Start + i * size
-    let span i = ReadOnlySpan(src.Bytes, at i, size)
     let read: int -> float =
         match e.Type with
         | t when t = miINT8 -> fun i -> float (sbyte src.Bytes[at i])
@@ -127,23 +136,11 @@ let private numbers (src: Source) (e: Element) : float[] =
         | t when t = miUINT16 || t = miUTF16 -> fun i -> float (u16 src (at i))
         | t when t = miINT32 -> fun i -> float (i32 src (at i))
         | t when t = miUINT32 || t = miUTF32 -> fun i -> float (u32 src (at i))
-        | t when t = miSINGLE ->
-            fun i -> float (BitConverter.Int32BitsToSingle(i32 src (at i)))
-        | t when t = miDOUBLE ->
-            fun i ->
-                let bits =
-                    if src.Little then BinaryPrimitives.ReadInt64LittleEndian(span i)
-                    else BinaryPrimitives.ReadInt64BigEndian(span i)
-                BitConverter.Int64BitsToDouble bits
-        | t when t = miINT64 ->
-            fun i ->
-                float (if src.Little then BinaryPrimitives.ReadInt64LittleEndian(span i)
-                       else BinaryPrimitives.ReadInt64BigEndian(span i))
-        | _ ->
-            fun i ->
-                float (if src.Little then BinaryPrimitives.ReadUInt64LittleEndian(span i)
-                       else BinaryPrimitives.ReadUInt64BigEndian(span i))
-    Array.init count read
+        | t when t = miSINGLE -> fun i -> float (BitConverter.Int32BitsToSingle(i32 src (at i)))
+        | t when t = miDOUBLE -> fun i -> BitConverter.Int64BitsToDouble(i64 src (at i))
+        | t when t = miINT64 -> fun i -> float (i64 src (at i))
+        | _ -> fun i -> float (u64 src (at i))
+    Array.init (e.Length / size) read
 
 /// Decodes the characters of a char array payload, one char per MATLAB element.
 let private characters (src: Source) (e: Element) : char[] =

@@ -110,6 +110,7 @@ type private Nuisance =
       Legs: Rgb
       SkyTop: Rgb
       SkyBottom: Rgb
+      /// Topmost first.
       Clutter: Clutter list
       NoiseKey: uint64 }
 
@@ -165,7 +166,7 @@ let private nuisance (size: int) (seed: int) : Nuisance =
             Branch(u 0.0 s, u 0.0 s, u 0.0 s, u 0.0 s, u minBranch maxBranch * s, dull ()))
     { CentreX = centreX; CentreY = centreY; Scale = scale; Tilt = tilt; Facing = facing
       TailAngle = tailAngle; Body = body; Head = head; Wing = wing; Beak = beakColour; Legs = legColour
-      SkyTop = skyTop; SkyBottom = skyBottom; Clutter = blobs @ branches
+      SkyTop = skyTop; SkyBottom = skyBottom; Clutter = List.rev (blobs @ branches)
       NoiseKey = uint64 (rng.NextInt64()) }
 
 // ---- Rendering: a pure colour function per pixel -----------------------------------------------
@@ -243,8 +244,7 @@ let private background (n: Nuisance) (size: float) x y : Rgb =
         | Blob(cx, cy, rx, ry, c) when inEllipse cx cy rx ry x y -> Some c
         | Branch(x0, y0, x1, y1, w, c) when near (x0, y0) (x1, y1) w x y -> Some c
         | _ -> None
-    // Later clutter lies on top.
-    n.Clutter |> List.rev |> List.tryPick covering |> Option.defaultValue sky
+    n.Clutter |> List.tryPick covering |> Option.defaultValue sky
 
 /// Sensor-like noise that depends only on the pixel and the nuisance, never on drawing order.
 let private noise (n: Nuisance) px py channel =
@@ -294,6 +294,17 @@ let private source (config: Config) (split: Split) (perClass: int) : Loader.Sour
       Label = fun i -> i % config.Classes
       Name = fun i -> $"synthetic/{tag}/{i:D5}"
       Load = render config split }
+
+/// The synthetic counterpart of the paper's transforms: no resampling (details stay exact), a crop
+/// of 7/8 of the side and a padding of 1/16, as 448 of 512 would be with padding 8 scaled up.
+let private cropFraction, paddingFraction = 7.0 / 8.0, 1.0 / 16.0
+
+let transforms (config: Config) : {| Train: Transforms.Spec; Test: Transforms.Spec |} =
+    let size = config.ImageSize
+    let crop = max 1 (int (Math.Round(float size * cropFraction)))
+    let padding = int (Math.Round(float size * paddingFraction))
+    {| Train = { Transforms.Spec.train size crop with Padding = padding }
+       Test = Transforms.Spec.test size crop |}
 
 /// The dataset described by `config`: class names and both splits, rendered on demand.
 let create (config: Config) : {| Classes: string[]; Train: Loader.Source; Test: Loader.Source |} =

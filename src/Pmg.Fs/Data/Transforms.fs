@@ -44,6 +44,10 @@ module Spec =
         { Resize = resize; Crop = crop; Padding = 0; Flip = false; Train = false
           Mean = half (); Std = half () }
 
+    /// The paper's training and evaluation transforms.
+    let paperTrain = train paperResize paperCrop
+    let paperTest = test paperResize paperCrop
+
     /// Floats in one transformed image (3 x Crop x Crop).
     let sampleLength (spec: Spec) = 3 * spec.Crop * spec.Crop
 
@@ -84,6 +88,13 @@ let private lookup (spec: Spec) : float32[][] =
         let std = float spec.Std[c]
         Array.init levels (fun v -> float32 ((float v / maxLevel - mean) / std)))
 
+/// ImageSharp splits one resize over all cores by default; callers (the loader) parallelise over
+/// images instead, where one thread per image scales better and avoids oversubscription.
+let private serial =
+    let c = Configuration.Default.Clone()
+    c.MaxDegreeOfParallelism <- 1
+    c
+
 /// Resizes to Resize x Resize with a bilinear (triangle) filter that widens when shrinking, as
 /// PIL's bilinear does; an image already of that size is used as is, so its pixels stay exact.
 let private resized (spec: Spec) (img: Image<Rgb24>) : Image<Rgb24> =
@@ -94,7 +105,7 @@ let private resized (spec: Spec) (img: Image<Rgb24>) : Image<Rgb24> =
                 Size = Size(spec.Resize, spec.Resize),
                 Mode = ResizeMode.Stretch,
                 Sampler = KnownResamplers.Triangle)
-        img.Clone(fun ctx -> ctx.Resize options |> ignore)
+        img.Clone(serial, fun ctx -> ctx.Resize options |> ignore)
 
 /// Copies the placed window of `src` into `dest` at `offset` as CHW, zero pixels outside `src`.
 let private write (spec: Spec) (tables: float32[][]) (p: Placement) (src: Image<Rgb24>)
@@ -102,29 +113,28 @@ let private write (spec: Spec) (tables: float32[][]) (p: Placement) (src: Image<
     let crop = spec.Crop
     let plane = crop * crop
     let r, g, b = tables[0], tables[1], tables[2]
-    for y in 0 .. crop - 1 do
-        let sy = p.Top + y
-        let rowStart = offset + y * crop
-        if sy < 0 || sy >= src.Height then
-            for x in 0 .. crop - 1 do
-                dest[rowStart + x] <- r[0]
-                dest[rowStart + plane + x] <- g[0]
-                dest[rowStart + 2 * plane + x] <- b[0]
-        else
-            let row = src.DangerousGetPixelRowMemory(sy).Span
-            for x in 0 .. crop - 1 do
-                // The flip mirrors the cropped window, so it maps x to the window's far side.
-                let sx = p.Left + (if p.Mirror then crop - 1 - x else x)
-                let i = rowStart + x
-                if sx < 0 || sx >= src.Width then
-                    dest[i] <- r[0]
-                    dest[i + plane] <- g[0]
-                    dest[i + 2 * plane] <- b[0]
-                else
-                    let px = row[sx]
-                    dest[i] <- r[int px.R]
-                    dest[i + plane] <- g[int px.G]
-                    dest[i + 2 * plane] <- b[int px.B]
+    let padRow (rowStart: int) (x: int) =
+        dest[rowStart + x] <- r[0]
+        dest[rowStart + plane + x] <- g[0]
+        dest[rowStart + 2 * plane + x] <- b[0]
+    src.ProcessPixelRows(fun rows ->
+        for y in 0 .. crop - 1 do
+            let sy = p.Top + y
+            let rowStart = offset + y * crop
+            if sy < 0 || sy >= rows.Height then
+                for x in 0 .. crop - 1 do padRow rowStart x
+            else
+                let row = rows.GetRowSpan sy
+                for x in 0 .. crop - 1 do
+                    // The flip mirrors the cropped window, so it maps x to the window's far side.
+                    let sx = p.Left + (if p.Mirror then crop - 1 - x else x)
+                    if sx < 0 || sx >= row.Length then padRow rowStart x
+                    else
+                        let px = row[sx]
+                        let i = rowStart + x
+                        dest[i] <- r[int px.R]
+                        dest[i + plane] <- g[int px.G]
+                        dest[i + 2 * plane] <- b[int px.B])
 
 let private validate (spec: Spec) =
     if spec.Resize <= 0 || spec.Crop <= 0 || spec.Padding < 0 then

@@ -26,6 +26,11 @@ type Config =
 
 exception ConfigError of string
 
+/// Names of the heads' outputs by the backbone stage they read ("stage3", "stage4", "stage5" for PMG-ResNet).
+let headNames (config: Config) : string list =
+    let stages = Backbone.stages (Backbone.find config.Backbone) |> List.length
+    [ for k in stages - config.Heads + 1 .. stages -> sprintf "stage%d" k ]
+
 /// Logits of every head, then concat. `Combined` is the sum of all of them (the paper's ensemble).
 type Outputs =
     { Heads: Tensor list

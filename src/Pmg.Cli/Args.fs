@@ -1,0 +1,176 @@
+/// The command line, declared with Argu: one union per subcommand.
+module Pmg.Cli.Args
+
+open Argu
+
+type TrainArgs =
+    | Dataset of name: string
+    | Root of dir: string
+    | Level of level: string
+    | Backbone of name: string
+    | Epochs of n: int
+    | Batch_Size of n: int
+    | Image_Size of px: int
+    | Resize of px: int
+    | Lr of lr: float
+    | Backbone_Lr of lr: float
+    | Heads of s: int
+    | Grids of list: string
+    | Per_Sample_Jigsaw
+    | Truncated
+    | Seed of n: int
+    | Device of device: string
+    | Pretrained of file: string
+    | Crop_To_Box
+    | Workers of n: int
+    | Out of dir: string
+    | Resume
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Dataset _ -> "embedded (default), cub, cars, aircraft, dogs or folder."
+            | Root _ -> "dataset root folder (its official layout)."
+            | Level _ -> "FGVC-Aircraft label level: variant (default), family or manufacturer."
+            | Backbone _ -> "resnet18/34/50/101/152 (default resnet50; resnet18 on the embedded dataset)."
+            | Epochs _ -> "epochs (default 200; 6 on the embedded dataset)."
+            | Batch_Size _ -> "batch size (default 16)."
+            | Image_Size _ -> "crop size in pixels (default 448)."
+            | Resize _ -> "resize before cropping (default 550, or image size * 550/448)."
+            | Lr _ -> "learning rate of the new layers (default 0.002)."
+            | Backbone_Lr _ -> "learning rate of the backbone (default lr / 10)."
+            | Heads _ -> "number of granularity heads S (default 3)."
+            | Grids _ -> "jigsaw grid per head, finest first, e.g. 8,4,2 (default 2^(L-l+1))."
+            | Per_Sample_Jigsaw -> "one patch permutation per sample (default: one per batch, like the reference)."
+            | Truncated -> "granularity steps run the backbone only up to their stage (faster; BN statistics differ)."
+            | Seed _ -> "random seed (default 0)."
+            | Device _ -> "cpu (default) or cuda."
+            | Pretrained _ -> "torchvision ImageNet ResNet weights (.pth or .safetensors) for the backbone."
+            | Crop_To_Box -> "crop each image to its bounding box (CUB, Cars, Aircraft, Dogs)."
+            | Workers _ -> "image decoding threads (default: cores - 1)."
+            | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>)."
+            | Resume -> "continue the run in --out from its last.ckpt."
+
+type EvalArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | Dataset of name: string
+    | Root of dir: string
+    | Level of level: string
+    | Backbone of name: string
+    | Classes of n: int
+    | Image_Size of px: int
+    | Resize of px: int
+    | Batch_Size of n: int
+    | Device of device: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth) with the reference's key names."
+            | Dataset _ -> "dataset to evaluate on (default: the checkpoint's)."
+            | Root _ -> "dataset root."
+            | Level _ -> "FGVC-Aircraft label level."
+            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
+            | Classes _ -> "class count of a .pth checkpoint (default: read from it)."
+            | Image_Size _ -> "crop size (default: the checkpoint's, 448 for .pth)."
+            | Resize _ -> "resize before the centre crop."
+            | Batch_Size _ -> "batch size (default 16)."
+            | Device _ -> "cpu (default) or cuda."
+
+type PredictArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | Backbone of name: string
+    | Classes of n: int
+    | Image_Size of px: int
+    | Resize of px: int
+    | Top_K of k: int
+    | Logits
+    | Json
+    | Device of device: string
+    | [<MainCommand; Mandatory>] Images of image: string list
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth)."
+            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
+            | Classes _ -> "class count (checked against the checkpoint)."
+            | Image_Size _ -> "crop size."
+            | Resize _ -> "resize before the centre crop; equal to --image-size keeps the pixels of an image of that size."
+            | Top_K _ -> "classes to list (default 5)."
+            | Logits -> "also print every head's logits."
+            | Json -> "one JSON object per line."
+            | Device _ -> "cpu (default) or cuda."
+            | Images _ -> "image files."
+
+type ExportArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | [<Mandatory>] To of format: string
+    | [<Mandatory>] Out of file: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "a Pmg.Fs checkpoint."
+            | To _ -> "pytorch: a state_dict the reference PMG model loads with strict=True."
+            | Out _ -> "output file (.pth)."
+
+type BenchArgs =
+    | Device of device: string
+    | Backbone of name: string
+    | Batch_Size of n: int
+    | Image_Size of px: int
+    | Precision of p: string
+    | Mode of mode: string
+    | Iterations of k: int
+    | Warmup of k: int
+    | Classes of n: int
+    | Data
+    | Workers of n: int
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Device _ -> "cpu (default) or cuda."
+            | Backbone _ -> "backbone (default resnet50)."
+            | Batch_Size _ -> "batch size (default 16)."
+            | Image_Size _ -> "input size (default 448)."
+            | Precision _ -> "fp32 (default)."
+            | Mode _ -> "train (all progressive steps, default) or eval."
+            | Iterations _ -> "timed iterations (default 10)."
+            | Warmup _ -> "untimed iterations first (default 3)."
+            | Classes _ -> "classes (default 200)."
+            | Data -> "time JPEG decoding + augmentation instead of the network."
+            | Workers _ -> "decoding threads for --data (default 1: per core)."
+
+type DataArgs =
+    | [<Mandatory>] Dataset of name: string
+    | [<Mandatory>] Root of dir: string
+    | Level of level: string
+    | Json
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Dataset _ -> "cub, cars, aircraft, dogs or folder."
+            | Root _ -> "dataset root folder."
+            | Level _ -> "FGVC-Aircraft label level."
+            | Json -> "print one JSON object."
+
+type Command =
+    | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
+    | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Predict of ParseResults<PredictArgs>
+    | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
+    | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Train _ -> "train PMG (on the embedded dataset unless --dataset is given)."
+            | Eval _ -> "evaluate a checkpoint: top-1 of every head, concat, combined; top-5 of combined."
+            | Predict _ -> "classify images."
+            | Export _ -> "write a checkpoint as a PyTorch state_dict."
+            | Bench _ -> "time training iterations or inference on synthetic tensors, or the data pipeline."
+            | Data _ -> "inspect a dataset: counts and unusable images."

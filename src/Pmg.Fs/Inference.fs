@@ -1,0 +1,88 @@
+/// Loading a trained model for evaluation, prediction and export: from our checkpoints or from a PyTorch
+/// state_dict with the reference implementation's key names.
+module Pmg.Fs.Inference
+
+open System
+open System.IO
+open TorchSharp
+open SixLabors.ImageSharp
+open SixLabors.ImageSharp.PixelFormats
+open Pmg.Fs.Model
+open Pmg.Fs.Data
+open Pmg.Fs.Training
+
+/// Settings given on the command line; for our checkpoints they must agree with what it was trained with.
+type Overrides =
+    { Backbone: string option
+      Classes: int option
+      ImageSize: int option
+      Resize: int option }
+
+    static member None = { Backbone = None; Classes = None; ImageSize = None; Resize = None }
+
+type Model =
+    { Net: Pmg.Network
+      Crop: int
+      Resize: int
+      Device: torch.Device }
+
+exception LoadError of string
+
+let private classesKey = "classifier_concat.4.weight"
+
+/// Builds the network a checkpoint describes and loads its weights (strictly).
+let load (path: string) (o: Overrides) (device: string) : Model =
+    if not (File.Exists path) then
+        raise (LoadError(sprintf "checkpoint %s does not exist" path))
+    let config, weights, input =
+        if Checkpoint.isCheckpoint path then
+            let c = Checkpoint.load path
+            let m = c.Experiment.Model
+            let clash what (given: 'a option) (has: 'a) =
+                match given with
+                | Some g when g <> has ->
+                    raise (LoadError(sprintf "%s was trained with %s %A, not %A: drop the flag or pass the matching checkpoint" path what has g))
+                | _ -> ()
+            clash "--classes" o.Classes m.Classes
+            clash "--backbone" o.Backbone m.Backbone
+            m, c.Model, (defaultArg o.ImageSize c.Experiment.Input.Crop, defaultArg o.Resize c.Experiment.Input.Resize)
+        else
+            let entries = Interop.StateDict.read path
+            let inferred =
+                entries |> List.tryFind (fun (k, _) -> k = classesKey) |> Option.map (fun (_, t) -> int t.shape.[0])
+            let classes =
+                match o.Classes, inferred with
+                | Some c, _ -> c
+                | None, Some c -> c
+                | None, None -> raise (LoadError(sprintf "%s has no %s: pass --classes" path classesKey))
+            let size = defaultArg o.ImageSize Transforms.Spec.paperCrop
+            let config = { Pmg.Config.Paper classes with Backbone = defaultArg o.Backbone "resnet50" }
+            config, entries, (size, defaultArg o.Resize (if o.ImageSize.IsSome then size else Transforms.Spec.paperResize))
+    let net = Pmg.create config
+    Interop.StateDict.loadInto net weights true
+    let dev = torch.Device device
+    net.``to`` dev |> ignore
+    net.eval ()
+    let crop, resize = input
+    { Net = net; Crop = crop; Resize = resize; Device = dev }
+
+/// Logits of every head, concat and combined for one image, as arrays.
+type Prediction =
+    { Heads: (string * float32[]) list
+      Concat: float32[]
+      Combined: float32[]
+      /// Softmax of the combined logits.
+      Probabilities: float32[] }
+
+let predict (m: Model) (image: Image<Rgb24>) : Prediction =
+    use _ = torch.NewDisposeScope()
+    use _ = torch.no_grad ()
+    let spec = Transforms.Spec.test m.Resize m.Crop
+    let pixels = Transforms.apply spec (System.Random 0) image
+    let x = torch.tensor(pixels, dimensions = ReadOnlySpan [| 1L; 3L; int64 m.Crop; int64 m.Crop |]).``to`` m.Device
+    let out = m.Net.forward x
+    let arr (t: torch.Tensor) = t.squeeze(0L).cpu().to_type(torch.float32).data<float32>().ToArray()
+    { Heads = List.zip (Pmg.headNames m.Net.Config) (out.Heads |> List.map arr)
+      Concat = arr out.Concat
+      Combined = arr out.Combined
+      Probabilities = arr (out.Combined.softmax 1L) }

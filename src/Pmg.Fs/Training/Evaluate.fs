@@ -1,0 +1,63 @@
+/// Evaluation: top-1 of every head, of concat and of the combined sum, top-5 of combined; per-class counts.
+module Pmg.Fs.Training.Evaluate
+
+open TorchSharp
+open Pmg.Fs.Model
+
+/// Accuracies in [0, 1].
+type Accuracy =
+    { Heads: float list
+      Concat: float
+      Combined: float
+      CombinedTop5: float
+      Images: int
+      /// Rows: true class, columns: combined prediction.
+      Confusion: int[,] }
+
+/// Correct top-k predictions in a batch, as a device scalar (no host sync).
+let correctTopK (k: int) (logits: torch.Tensor) (labels: torch.Tensor) : torch.Tensor =
+    let k = min k (int logits.shape.[1])
+    let struct (_, top) = logits.topk (k, dim = 1)
+    top.eq(labels.unsqueeze 1L).any(1L).sum ()
+
+/// Evaluates `net` in eval mode without gradients over batches of (images, labels) already on its device.
+let run (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Tensor>) : Accuracy =
+    net.eval ()
+    use _ = torch.no_grad ()
+    let heads = net.Config.Heads
+    // Running counts live on the device; read once at the end.
+    let device = (net.parameters () |> Seq.head).device
+    use counts = torch.zeros ([| int64 (heads + 3) |], dtype = torch.int64, device = device)
+    use confusion = torch.zeros ([| int64 classes * int64 classes |], dtype = torch.int64, device = device)
+    let mutable images = 0
+    for x, y in batches do
+        use _ = torch.NewDisposeScope()
+        let out = net.forward x
+        let combined = out.Combined
+        let correct =
+            [| yield! out.Heads |> List.map (fun h -> correctTopK 1 h y)
+               correctTopK 1 out.Concat y
+               correctTopK 1 combined y
+               correctTopK 5 combined y |]
+        counts.add_ (torch.stack correct) |> ignore
+        let pred = combined.argmax 1L
+        confusion.index_add_ (0L, y * int64 classes + pred, torch.ones_like (pred), (1).ToScalar()) |> ignore
+        images <- images + int x.shape.[0]
+    let c = counts.cpu().data<int64>().ToArray()
+    let m = confusion.cpu().data<int64>().ToArray()
+    let frac (n: int64) = if images = 0 then 0.0 else float n / float images
+    { Heads = [ for i in 0 .. heads - 1 -> frac c.[i] ]
+      Concat = frac c.[heads]
+      Combined = frac c.[heads + 1]
+      CombinedTop5 = frac c.[heads + 2]
+      Images = images
+      Confusion = Array2D.init classes classes (fun i j -> int m.[i * classes + j]) }
+
+/// Mean of per-class accuracies (FGVC-Aircraft's official metric), from the confusion matrix.
+let meanPerClass (a: Accuracy) : float =
+    let n = Array2D.length1 a.Confusion
+    let perClass =
+        [ for i in 0 .. n - 1 do
+              let total = Seq.sum (seq { for j in 0 .. n - 1 -> a.Confusion.[i, j] })
+              if total > 0 then float a.Confusion.[i, i] / float total ]
+    if perClass.IsEmpty then 0.0 else List.average perClass

@@ -1,0 +1,73 @@
+/// SGD with momentum and weight decay over parameter groups, with PyTorch's update rule:
+///   d = g + wd * p;  buf = momentum * buf + d (buf = d on the first step);  p -= lr * buf.
+/// Our own so that its state (the momentum buffers) is plain named tensors that a checkpoint holds.
+module Pmg.Fs.Training.Sgd
+
+open TorchSharp
+
+/// A set of parameters sharing one learning rate. `Lr` is mutable so the schedule can set it per epoch.
+type Group =
+    { Name: string
+      Parameters: (string * Modules.Parameter) list
+      BaseLr: float
+      mutable Lr: float }
+
+type Settings = { Momentum: float; WeightDecay: float }
+
+type Optimizer =
+    { Settings: Settings
+      Groups: Group list
+      /// Momentum buffers by parameter name, created on the first step.
+      Buffers: System.Collections.Generic.Dictionary<string, torch.Tensor> }
+
+let create (settings: Settings) (groups: Group list) : Optimizer =
+    { Settings = settings
+      Groups = groups
+      Buffers = System.Collections.Generic.Dictionary() }
+
+let zeroGrad (opt: Optimizer) =
+    for g in opt.Groups do
+        for _, p in g.Parameters do
+            let grad = p.grad
+            if not (isNull grad) then grad.zero_ () |> ignore
+
+/// One update of every parameter that has a gradient.
+let step (opt: Optimizer) =
+    use _ = torch.no_grad ()
+    let s = opt.Settings
+    for g in opt.Groups do
+        for name, p in g.Parameters do
+            let grad = p.grad
+            if not (isNull grad) then
+                use d = if s.WeightDecay <> 0.0 then grad.add (p, alpha = s.WeightDecay) else grad.alias ()
+                let update =
+                    if s.Momentum = 0.0 then
+                        d.alias ()
+                    else
+                        match opt.Buffers.TryGetValue name with
+                        | true, buf -> buf.mul_(s.Momentum.ToScalar()).add_(d).alias ()
+                        | false, _ ->
+                            // Lives across batches: not owned by the caller's per-batch dispose scope.
+                            let buf = d.detach().clone().DetachFromDisposeScope()
+                            opt.Buffers.[name] <- buf
+                            buf.alias ()
+                use update = update
+                p.add_ (update, alpha = -g.Lr) |> ignore
+
+/// Sets every group's learning rate from its base rate.
+let setLr (schedule: float -> float) (opt: Optimizer) =
+    for g in opt.Groups do
+        g.Lr <- schedule g.BaseLr
+
+/// The momentum buffers, for a checkpoint.
+let state (opt: Optimizer) : (string * torch.Tensor) list =
+    [ for kv in opt.Buffers -> kv.Key, kv.Value ]
+
+/// Restores momentum buffers saved by `state`; every name must belong to a parameter of this optimizer.
+let restore (opt: Optimizer) (saved: (string * torch.Tensor) list) =
+    let known = opt.Groups |> List.collect (fun g -> g.Parameters |> List.map (fun (n, p) -> n, p)) |> Map.ofList
+    opt.Buffers.Clear()
+    for name, t in saved do
+        match Map.tryFind name known with
+        | None -> failwithf "optimizer state names parameter '%s', which this model does not have" name
+        | Some p -> opt.Buffers.[name] <- t.``to``(p.device).detach().clone().DetachFromDisposeScope()

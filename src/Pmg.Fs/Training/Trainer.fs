@@ -1,0 +1,218 @@
+/// The progressive trainer. An iteration folds over the schedule's steps; each step is one jigsaw, forward, loss,
+/// backward and optimizer step. Epochs fold over iterations. Files and console are reached only through hooks
+/// and the checkpoint calls at the epoch boundary.
+module Pmg.Fs.Training.Trainer
+
+open System
+open System.IO
+open System.Diagnostics
+open TorchSharp
+open Pmg.Fs
+open Pmg.Fs.Model
+open Pmg.Fs.Data
+open Pmg.Fs.Experiment
+
+/// Images and class names of a run.
+type Data =
+    { Classes: string[]
+      Train: Loader.Source
+      Test: Loader.Source }
+
+type EpochRecord =
+    { Epoch: int
+      /// Mean loss of each schedule step (weighted as trained).
+      StepLosses: float list
+      /// Top-1 of the concat step on the (unshuffled) training images.
+      TrainAccuracy: float
+      Test: Evaluate.Accuracy
+      Lr: float
+      BackboneLr: float
+      ImagesPerSecond: float
+      Skipped: (string * string) list
+      Seconds: float }
+
+type Hooks =
+    { /// epoch, batches done, batches in the epoch.
+      Batch: int -> int -> int -> unit
+      /// Start of evaluation after an epoch.
+      Evaluating: int -> unit
+      Epoch: EpochRecord -> unit }
+
+    static member None = { Batch = (fun _ _ _ -> ()); Evaluating = ignore; Epoch = ignore }
+
+type Summary =
+    { History: EpochRecord list
+      BestEpoch: int
+      BestCombined: float
+      LastCheckpoint: string
+      BestCheckpoint: string }
+
+/// The live objects of a run.
+type Session =
+    { Experiment: Experiment
+      Net: Pmg.Network
+      Optimizer: Sgd.Optimizer
+      Jigsaw: torch.Generator
+      Device: torch.Device }
+
+let lastName = "last.ckpt"
+let bestName = "best.ckpt"
+
+/// The jigsaw generator's seed for an epoch: the data order and crops use (seed, epoch) too, so an epoch's
+/// randomness does not depend on how the run got there (resume gives the same numbers).
+let private epochSeed (seed: int) (epoch: int) = int64 seed * 1_000_003L + int64 epoch
+
+let private groups (e: Experiment) (net: Pmg.Network) : Sgd.Group list =
+    let named (prefix: string) = net.named_parameters () |> Seq.filter (fun struct (n, _) -> n.StartsWith prefix) |> Seq.map (fun struct (n, p) -> n, p) |> List.ofSeq
+    let backbone = named "features."
+    let heads =
+        net.named_parameters ()
+        |> Seq.filter (fun struct (n, _) -> not (n.StartsWith "features."))
+        |> Seq.map (fun struct (n, p) -> n, p)
+        |> List.ofSeq
+    [ { Name = "heads"; Parameters = heads; BaseLr = e.Optimizer.Lr; Lr = e.Optimizer.Lr }
+      { Name = "backbone"; Parameters = backbone; BaseLr = e.Optimizer.BackboneLr; Lr = e.Optimizer.BackboneLr } ]
+
+/// Builds the network, optimizer and generator of an experiment (weights from the seed, or ImageNet weights).
+let createSession (e: Experiment) : Session =
+    let e = validate e
+    let device = torch.Device e.Device
+    torch.manual_seed (int64 e.Seed) |> ignore
+    let net = Pmg.create e.Model
+    e.Pretrained |> Option.iter (Interop.StateDict.loadPretrainedBackbone net)
+    net.``to`` device |> ignore
+    let opt = Sgd.create { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } (groups e net)
+    { Experiment = e
+      Net = net
+      Optimizer = opt
+      Jigsaw = new torch.Generator(uint64 e.Seed)
+      Device = device }
+
+/// One progressive step: jigsaw, forward, weighted cross-entropy, backward, SGD step. Returns the loss and the
+/// number of correct top-1 predictions, both still on the device.
+let trainStep (s: Session) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Tensor) : torch.Tensor * torch.Tensor =
+    Sgd.zeroGrad s.Optimizer
+    let input = Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation step.Grid x
+    let logits =
+        match s.Experiment.Forward, step.Head with
+        | Truncated, Pmg.Granularity i -> s.Net.ForwardHead(input, i)
+        | _ -> (s.Net.forward input).Of step.Head
+    let loss = torch.nn.functional.cross_entropy (logits, y) * step.LossWeight
+    loss.backward ()
+    Sgd.step s.Optimizer
+    loss.detach (), Evaluate.correctTopK 1 logits y
+
+/// One iteration: the steps of the schedule, in order, on one batch.
+let iteration (s: Session) (x: torch.Tensor) (y: torch.Tensor) : (torch.Tensor * torch.Tensor) list =
+    s.Experiment.Schedule |> List.map (fun step -> trainStep s step x y)
+
+let private toDevice (device: torch.Device) (b: Loader.Batch) =
+    let x = torch.tensor (b.Images, dimensions = ReadOnlySpan [| int64 b.Size; 3L; int64 b.Height; int64 b.Width |])
+    let y = torch.tensor (b.Labels)
+    x.``to`` device, y.``to`` device
+
+let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epoch: int) =
+    let spec =
+        if train then { Transforms.Spec.train e.Input.Resize e.Input.Crop with Padding = e.Input.Padding }
+        else Transforms.Spec.test e.Input.Resize e.Input.Crop
+    Loader.batches source spec e.BatchSize train e.Seed epoch e.Workers 2
+
+/// Evaluates on a source with the experiment's test transform.
+let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
+    let batches =
+        batchesOf s.Experiment source false 0
+        |> Seq.map (fun b ->
+            // The pair outlives the batch's scope: Evaluate.run disposes its own per-batch scope.
+            let x, y = toDevice s.Device b
+            x, y)
+    Evaluate.run s.Net classes batches
+
+/// One epoch of training. Losses and accuracy are summed on the device and read once at the end.
+let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
+    let e = s.Experiment
+    let steps = List.length e.Schedule
+    s.Jigsaw.manual_seed (epochSeed e.Seed epoch) |> ignore
+    Sgd.setLr (fun baseLr -> Schedule.cosine e.Epochs baseLr epoch) s.Optimizer
+    s.Net.train ()
+    let total = (data.Train.Count + e.BatchSize - 1) / e.BatchSize
+    use sums = torch.zeros ([| int64 steps + 1L |], dtype = torch.float64, device = s.Device)
+    let mutable images = 0
+    let mutable skipped = []
+    let clock = Stopwatch.StartNew()
+    batchesOf e data.Train true epoch
+    |> Seq.iteri (fun i b ->
+        skipped <- skipped @ b.Skipped
+        // BatchNorm cannot train on one sample; a last batch of one is skipped like PyTorch's drop_last would.
+        if b.Size >= 2 then
+            use _ = torch.NewDisposeScope()
+            let x, y = toDevice s.Device b
+            let results = iteration s x y
+            let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 * float b.Size)
+            let correct = results |> List.last |> snd
+            sums.add_ (torch.stack (losses @ [ correct.to_type torch.float64 ])) |> ignore
+            images <- images + b.Size
+        hooks.Batch epoch (i + 1) total)
+    let seconds = clock.Elapsed.TotalSeconds
+    let v = sums.cpu().data<float>().ToArray()
+    let n = float (max images 1)
+    [ for i in 0 .. steps - 1 -> v.[i] / n ], v.[steps] / n, float images / seconds, skipped, seconds
+
+let private checkpointOf (s: Session) (progress: Checkpoint.Progress) : Checkpoint.Checkpoint =
+    { Experiment = s.Experiment
+      Progress = progress
+      Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
+      Optimizer = Sgd.state s.Optimizer
+      Rng = s.Jigsaw.get_state () }
+
+/// Puts a checkpoint's model, optimizer and generator state into a session.
+let restore (s: Session) (c: Checkpoint.Checkpoint) =
+    Interop.StateDict.loadInto s.Net c.Model true
+    Sgd.restore s.Optimizer c.Optimizer
+    s.Jigsaw.set_state c.Rng |> ignore
+
+/// Trains the experiment, writing last.ckpt every epoch and best.ckpt when combined accuracy improves.
+/// With `resume`, continues from outDir/last.ckpt when it exists.
+let run (e: Experiment) (data: Data) (outDir: string) (resume: bool) (hooks: Hooks) : Summary =
+    let s = createSession e
+    let last = Path.Combine(outDir, lastName)
+    let best = Path.Combine(outDir, bestName)
+    let start =
+        if resume && File.Exists last then
+            let c = Checkpoint.load last
+            if c.Experiment.Model <> e.Model then
+                raise (Checkpoint.CheckpointError(sprintf "%s was trained with a different model (%A); start a new run directory or use the same settings" last c.Experiment.Model))
+            restore s c
+            c.Progress
+        else
+            { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1; Seed = e.Seed }
+    let folder (progress: Checkpoint.Progress, history) epoch =
+        let stepLosses, trainAcc, speed, skipped, seconds = trainEpoch s data epoch hooks
+        hooks.Evaluating epoch
+        let test = evaluate s data.Classes.Length data.Test
+        let record =
+            { Epoch = epoch
+              StepLosses = stepLosses
+              TrainAccuracy = trainAcc
+              Test = test
+              Lr = s.Optimizer.Groups.[0].Lr
+              BackboneLr = s.Optimizer.Groups.[1].Lr
+              ImagesPerSecond = speed
+              Skipped = skipped
+              Seconds = seconds }
+        let improved = test.Combined > progress.BestCombined
+        let progress =
+            { progress with
+                EpochsDone = epoch + 1
+                BestCombined = (if improved then test.Combined else progress.BestCombined)
+                BestEpoch = (if improved then epoch else progress.BestEpoch) }
+        let c = checkpointOf s progress
+        Checkpoint.save last c
+        if improved then Checkpoint.save best c
+        hooks.Epoch record
+        progress, history @ [ record ]
+    let final, history = List.fold folder (start, []) [ start.EpochsDone .. e.Epochs - 1 ]
+    { History = history
+      BestEpoch = final.BestEpoch
+      BestCombined = final.BestCombined
+      LastCheckpoint = last
+      BestCheckpoint = best }

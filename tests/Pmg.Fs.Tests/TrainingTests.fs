@@ -1,0 +1,124 @@
+module Pmg.Fs.Tests.TrainingTests
+
+open System
+open System.IO
+open Expecto
+open TorchSharp
+open Pmg.Fs
+open Pmg.Fs.Model
+open Pmg.Fs.Training
+
+/// A run small enough for a test: 3 classes of 32 px synthetic birds, ResNet18, 2 epochs.
+let tiny: Experiment.Experiment =
+    let data: Data.Synthetic.Config = { Classes = 3; TrainPerClass = 4; TestPerClass = 2; ImageSize = 32; Seed = 1 }
+    { Experiment.embedded with
+        Data = Experiment.Embedded data
+        Model = { Pmg.Config.Paper 3 with Backbone = "resnet18" }
+        Epochs = 2
+        BatchSize = 4
+        Input = { Resize = 32; Crop = 28; Padding = 2 }
+        Workers = 1 }
+
+let tempDir () = Directory.CreateTempSubdirectory("pmg-test-").FullName
+
+exception private Killed
+
+[<Tests>]
+let tests =
+    testList
+        "training"
+        [ test "our SGD matches torch.optim.SGD (momentum, weight decay) over three steps" {
+              use _ = torch.NewDisposeScope()
+              torch.manual_seed 0L |> ignore
+              let a = torch.nn.Linear(4L, 3L)
+              let b = torch.nn.Linear(4L, 3L)
+              b.load_state_dict (a.state_dict ()) |> ignore
+              let ours =
+                  Sgd.create { Momentum = 0.9; WeightDecay = 5e-4 }
+                      [ { Name = "all"; Parameters = [ for struct (n, p) in a.named_parameters () -> n, p ]; BaseLr = 0.1; Lr = 0.1 } ]
+              let theirs = torch.optim.SGD(b.parameters (), 0.1, momentum = 0.9, weight_decay = 5e-4)
+              let x = torch.randn (5L, 4L)
+              for _ in 1..3 do
+                  Sgd.zeroGrad ours
+                  (a.forward x).pow(2).sum().backward ()
+                  Sgd.step ours
+                  theirs.zero_grad ()
+                  (b.forward x).pow(2).sum().backward ()
+                  theirs.step () |> ignore
+              Expect.isTrue (a.weight.allclose (b.weight, rtol = 1e-6, atol = 1e-7)) "weights"
+              Expect.isTrue (a.bias.allclose (b.bias, rtol = 1e-6, atol = 1e-7)) "biases"
+          }
+          test "one iteration updates the backbone with a tenth of the heads' learning rate" {
+              use _ = torch.NewDisposeScope()
+              let e = { tiny with Optimizer = { Lr = 0.002; BackboneLr = 0.0002; Momentum = 0.9; WeightDecay = 5e-4 }; Schedule = [ { Head = Pmg.Concat; Grid = 1; LossWeight = 2.0 } ] }
+              let s = Trainer.createSession e
+              Sgd.setLr id s.Optimizer
+              s.Net.train ()
+              let x = torch.randn (4L, 3L, 28L, 28L)
+              let y = torch.tensor [| 0L; 1L; 2L; 1L |]
+              let param (name: string) = s.Net.named_parameters () |> Seq.find (fun struct (n, _) -> n = name) |> fun struct (_, p) -> p
+              let bb, head = param "features.layer4.1.conv2.weight", param "classifier_concat.4.weight"
+              let before = bb.detach().clone (), head.detach().clone ()
+              // The gradients of that step, from a session built from the same seed (identical weights).
+              Sgd.zeroGrad s.Optimizer
+              let loss = torch.nn.functional.cross_entropy ((s.Net.forward x).Concat, y) * 2.0
+              loss.backward ()
+              let gb, gh = bb.grad.clone (), head.grad.clone ()
+              Sgd.zeroGrad s.Optimizer
+              let s2 = Trainer.createSession e
+              Sgd.setLr id s2.Optimizer
+              s2.Net.train ()
+              Trainer.trainStep s2 e.Schedule.Head x y |> ignore
+              let param2 (name: string) = s2.Net.named_parameters () |> Seq.find (fun struct (n, _) -> n = name) |> fun struct (_, p) -> p
+              let expected (p0: torch.Tensor) (g: torch.Tensor) (lr: float) = p0 - (g + p0 * 5e-4) * lr
+              Expect.isTrue ((param2 "features.layer4.1.conv2.weight").allclose (expected (fst before) gb 0.0002, rtol = 1e-4, atol = 1e-8)) "backbone step uses 0.0002"
+              Expect.isTrue ((param2 "classifier_concat.4.weight").allclose (expected (snd before) gh 0.002, rtol = 1e-4, atol = 1e-8)) "head step uses 0.002"
+              Expect.isFalse ((param2 "features.layer4.1.conv2.weight").allclose (expected (fst before) gb 0.002, rtol = 1e-4, atol = 1e-8)) "not the heads' rate"
+          }
+          test "checkpoint round trip keeps model, optimizer, progress, experiment and RNG" {
+              use _ = torch.NewDisposeScope()
+              let s = Trainer.createSession tiny
+              s.Net.train ()
+              Trainer.iteration s (torch.randn (4L, 3L, 28L, 28L)) (torch.tensor [| 0L; 1L; 2L; 0L |]) |> ignore
+              let c: Checkpoint.Checkpoint =
+                  { Experiment = tiny
+                    Progress = { EpochsDone = 1; BestCombined = 0.5; BestEpoch = 0; Seed = 0 }
+                    Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
+                    Optimizer = Sgd.state s.Optimizer
+                    Rng = s.Jigsaw.get_state () }
+              let path = Path.Combine(tempDir (), "x.ckpt")
+              Checkpoint.save path c
+              let back = Checkpoint.load path
+              Expect.equal back.Experiment tiny "experiment"
+              Expect.equal back.Progress c.Progress "progress"
+              Expect.equal (back.Model |> List.map fst) (c.Model |> List.map fst) "model keys"
+              for (_, a), (_, b) in List.zip c.Model back.Model do
+                  Expect.isTrue (a.equal b) "model tensor"
+              Expect.isNonEmpty back.Optimizer "momentum buffers saved"
+              for (n, a), (m, b) in List.zip (List.sortBy fst c.Optimizer) (List.sortBy fst back.Optimizer) do
+                  Expect.equal m n "buffer name"
+                  Expect.isTrue (a.equal b) "buffer"
+              Expect.isTrue (back.Rng.equal c.Rng) "rng"
+          }
+          test "a write that fails midway leaves the previous checkpoint whole" {
+              let path = Path.Combine(tempDir (), "last.ckpt")
+              File.WriteAllText(path, "previous")
+              Expect.throws (fun () -> Checkpoint.writeAtomically path (fun s -> s.WriteByte 1uy; failwith "killed")) "the write fails"
+              Expect.equal (File.ReadAllText path) "previous" "old file intact"
+              Expect.equal (Directory.GetFiles(Path.GetDirectoryName path).Length) 1 "no temp file left"
+          }
+          test "a killed run resumes and gives the same losses as an uninterrupted one" {
+              let whole = Run.train tiny (tempDir ()) false Trainer.Hooks.None
+              let dir = tempDir ()
+              let kill = { Trainer.Hooks.None with Epoch = fun r -> if r.Epoch = 0 then raise Killed }
+              Expect.throwsT<Killed> (fun () -> Run.train tiny dir false kill |> ignore) "killed after epoch 1"
+              let resumed = Run.train tiny dir true Trainer.Hooks.None
+              Expect.equal (resumed.History |> List.map _.Epoch) [ 1 ] "only epoch 2 ran"
+              let a = (List.last whole.History).StepLosses
+              let b = (List.last resumed.History).StepLosses
+              for x, y in List.zip a b do
+                  Expect.floatClose { absolute = 1e-6; relative = 1e-6 } y x "epoch 2 loss"
+              Expect.equal (List.last resumed.History).Test.Combined (List.last whole.History).Test.Combined "test accuracy"
+              let rows = File.ReadAllLines(Path.Combine(dir, "metrics.csv"))
+              Expect.equal rows.Length 3 "header + two epochs"
+          } ]
