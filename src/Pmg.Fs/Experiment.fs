@@ -84,7 +84,7 @@ let embedded: Experiment =
                 Backbone = "resnet18"
                 // A quarter of the paper's head widths: at 56 px the 3x3 conv blocks would cost three times the
                 // backbone. The structure (1x1, 3x3, max pool, BN-Linear-BN-ELU-Linear) is unchanged.
-                Head = { Heads.Config.Paper with FeatureSize = 128; BlockChannels = 256 } }
+                Head = { Heads.Config.Paper with FeatureSize = 128; BlockChannels = 256; BlockBnMomentum = 0.1 } }
         Forward = Truncated
         Optimizer = { Lr = 0.02; BackboneLr = 0.02; Momentum = 0.9; WeightDecay = 5e-4 }
         Epochs = 6

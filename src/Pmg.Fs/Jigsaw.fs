@@ -39,7 +39,8 @@ let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
         let perm = perm.``to``(x.device).to_type(ScalarType.Int64)
         let rows =
             if perm.shape.[0] = 1L then perm.expand(b, cells) else perm
-        let flat = (rows + torch.arange(b, device = x.device).unsqueeze(1L) * cells).flatten()
+        let starts = Runtime.Scalars.scalarInt cells (torch.arange(b, device = x.device).unsqueeze(1L)).mul
+        let flat = (rows + starts).flatten()
         let shuffled =
             patches.index_select(0L, flat).reshape(b, nn, nn, c, ph, pw).permute(0L, 3L, 1L, 4L, 2L, 5L).reshape(b, c, nn * ph, nn * pw)
         let result =

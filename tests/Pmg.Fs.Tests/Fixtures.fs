@@ -15,3 +15,7 @@ let shared () =
 
 /// The miniature FGVC datasets.
 let root () = Path.Combine(shared (), "fixtures", "fgvc-mini")
+
+/// Same shape and identical values.
+let same (a: TorchSharp.torch.Tensor) (b: TorchSharp.torch.Tensor) =
+    a.shape = b.shape && (a.eq b).all().item<bool> ()

@@ -50,7 +50,7 @@ let tests =
               for m in bns do
                   Expect.equal m (System.Nullable 0.01) "momentum"
               let elus =
-                  net.named_modules () |> Seq.filter (fun struct (_, m) -> m :? Modules.ELU) |> Seq.length
+                  net.named_modules () |> Seq.filter (fun struct (_, m) -> m :? Heads.Elu) |> Seq.length
               Expect.equal elus 4 "one ELU per classifier"
           }
           testList
@@ -63,6 +63,17 @@ let tests =
                             for s in shapes do
                                 Expect.sequenceEqual s [| 2L; 7L |] "logits (batch, classes)"
                         } ]
+          test "our ELU equals torch's, values and gradients" {
+              use _ = torch.NewDisposeScope()
+              let x = torch.linspace(-4.0, 4.0, 101L).requires_grad_ true
+              let x2 = x.detach().clone().requires_grad_ true
+              let ours = Pmg.Fs.Runtime.Scalars.elu x
+              let theirs = torch.nn.functional.elu (x2, 1.0)
+              Expect.isTrue (ours.allclose (theirs, rtol = 1e-6, atol = 1e-6)) "values"
+              ours.sum().backward ()
+              theirs.sum().backward ()
+              Expect.isTrue (x.grad.allclose (x2.grad, rtol = 1e-5, atol = 1e-6)) "gradients"
+          }
           test "ForwardHead equals the full forward's head output in eval mode" {
               use _ = torch.NewDisposeScope()
               torch.manual_seed 3L |> ignore

@@ -25,7 +25,9 @@ exception private Killed
 
 [<Tests>]
 let tests =
-    testList
+    // Sequenced: weight initialisation draws from libtorch's global generator, which parallel tests would share.
+    testSequenced
+    <| testList
         "training"
         [ test "our SGD matches torch.optim.SGD (momentum, weight decay) over three steps" {
               use _ = torch.NewDisposeScope()
@@ -40,10 +42,10 @@ let tests =
               let x = torch.randn (5L, 4L)
               for _ in 1..3 do
                   Sgd.zeroGrad ours
-                  (a.forward x).pow(2).sum().backward ()
+                  (a.forward x).square().sum().backward ()
                   Sgd.step ours
                   theirs.zero_grad ()
-                  (b.forward x).pow(2).sum().backward ()
+                  (b.forward x).square().sum().backward ()
                   theirs.step () |> ignore
               Expect.isTrue (a.weight.allclose (b.weight, rtol = 1e-6, atol = 1e-7)) "weights"
               Expect.isTrue (a.bias.allclose (b.bias, rtol = 1e-6, atol = 1e-7)) "biases"
@@ -93,12 +95,12 @@ let tests =
               Expect.equal back.Progress c.Progress "progress"
               Expect.equal (back.Model |> List.map fst) (c.Model |> List.map fst) "model keys"
               for (_, a), (_, b) in List.zip c.Model back.Model do
-                  Expect.isTrue (a.equal b) "model tensor"
+                  Expect.isTrue (Fixtures.same a b) "model tensor"
               Expect.isNonEmpty back.Optimizer "momentum buffers saved"
               for (n, a), (m, b) in List.zip (List.sortBy fst c.Optimizer) (List.sortBy fst back.Optimizer) do
                   Expect.equal m n "buffer name"
-                  Expect.isTrue (a.equal b) "buffer"
-              Expect.isTrue (back.Rng.equal c.Rng) "rng"
+                  Expect.isTrue (Fixtures.same a b) "buffer"
+              Expect.isTrue (Fixtures.same back.Rng c.Rng) "rng"
           }
           test "a write that fails midway leaves the previous checkpoint whole" {
               let path = Path.Combine(tempDir (), "last.ckpt")

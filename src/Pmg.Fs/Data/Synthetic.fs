@@ -78,14 +78,14 @@ let private legHalfThickness = 0.6
 
 // ---- Nuisance: everything random, drawn independently of the class -----------------------------
 
-let private minScale, maxScale = 0.8, 1.0
+let private minScale, maxScale = 1.15, 1.25
 /// Position jitter and clutter sizes as fractions of the image side.
-let private centreJitter = 0.06
+let private centreJitter = 0.03
 let private minBlob, maxBlob = 0.06, 0.2
 let private minBranch, maxBranch = 0.02, 0.045
-let private maxTilt, maxTailAngle = 0.2, 0.35
-let private minBlobs, maxBlobs = 3, 7
-let private maxBranches = 2
+let private maxTilt, maxTailAngle = 0.12, 0.35
+let private minBlobs, maxBlobs = 1, 3
+let private maxBranches = 1
 let private noiseAmplitude = 10.0
 
 type private Rgb = { R: float; G: float; B: float }

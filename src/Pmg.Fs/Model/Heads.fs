@@ -40,6 +40,11 @@ let convBlock (config: Config) (stageChannels: int) : Module<Tensor, Tensor> =
         new BasicConv(f, c, 3L, 1L, config.BlockBnMomentum) :> Module<Tensor, Tensor>
     )
 
+/// ELU as a module (the reference's nn.ELU), built from Scalar-free ops: see Runtime.Scalars.
+type Elu() =
+    inherit Module<Tensor, Tensor>("ELU")
+    override _.forward(x) = Pmg.Fs.Runtime.Scalars.elu x
+
 /// BN1d, Linear to FeatureSize, BN1d, ELU, Linear to classes; indices 0..4 as in the reference.
 let classifier (config: Config) (inputs: int) (classes: int) : Module<Tensor, Tensor> =
     let f = int64 config.FeatureSize
@@ -47,7 +52,7 @@ let classifier (config: Config) (inputs: int) (classes: int) : Module<Tensor, Te
         BatchNorm1d(int64 inputs) :> Module<Tensor, Tensor>,
         Linear(int64 inputs, f),
         BatchNorm1d(f),
-        ELU(inplace = true),
+        new Elu(),
         Linear(f, int64 classes)
     )
 

@@ -133,13 +133,33 @@ let private patchedCopy (original: string) =
 
 // ---------------------------------------------------------------------------------------------------
 // oneDNN: its AVX2/AVX-512 convolution backward divides by the cache sizes it reads with CPUID; on VMs whose
-// CPU reports none, that is a SIGFPE. Turning mkldnn off there costs nothing in correctness.
+// CPU reports none, that is a SIGFPE. Turning mkldnn off there costs speed, not correctness; elsewhere it stays
+// on (3x faster for small convolutions). PMG_MKLDNN=on|off overrides the check.
 
-/// True when CPUID leaf 4 (deterministic cache parameters) describes no cache at all.
+/// CPUID as a function (leaf, subleaf) -> (eax, ebx, ecx, edx), so the decision below can be tested with
+/// recorded processors.
+type CpuId = int -> int -> struct (int * int * int * int)
+
+/// True when the cache sizes that oneDNN reads are absent: Intel's leaf 4, or AMD's leaf 0x8000001D (which needs
+/// the topology extensions). Some hypervisors hide them; oneDNN then divides by zero.
+let noCacheSizes (cpuid: CpuId) : bool =
+    let struct (_, ebx, ecx, edx) = cpuid 0 0
+    let vendor =
+        [| ebx; edx; ecx |] |> Array.collect BitConverter.GetBytes |> Text.Encoding.ASCII.GetString
+    let cacheType (leaf: int) = let struct (eax, _, _, _) = cpuid leaf 0 in eax &&& 0x1f
+    match vendor with
+    | "GenuineIntel" -> cacheType 4 = 0
+    | "AuthenticAMD"
+    | "HygonGenuine" ->
+        let struct (maxExt, _, _, _) = cpuid (int 0x80000000u) 0
+        let struct (_, _, extFeatures, _) = cpuid (int 0x80000001u) 0
+        let topoext = (extFeatures >>> 22) &&& 1 = 1
+        not (topoext && uint32 maxExt >= 0x8000001Du && cacheType (int 0x8000001Du) <> 0)
+    | _ -> false
+
+/// This machine's answer.
 let cpuReportsNoCacheSizes () =
-    X86Base.IsSupported
-    && (let struct (eax, _, _, _) = X86Base.CpuId(4, 0)
-        eax &&& 0x1f = 0)
+    X86Base.IsSupported && noCacheSizes (fun leaf sub -> X86Base.CpuId(leaf, sub))
 
 [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
 type private GlobalContextFn = delegate of unit -> nativeint

@@ -2,6 +2,7 @@
 module Pmg.Fs.Training.Evaluate
 
 open TorchSharp
+open Pmg.Fs.Runtime.Scalars
 open Pmg.Fs.Model
 
 /// Accuracies in [0, 1].
@@ -41,7 +42,8 @@ let run (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Ten
                correctTopK 5 combined y |]
         counts.add_ (torch.stack correct) |> ignore
         let pred = combined.argmax 1L
-        confusion.index_add_ (0L, y * int64 classes + pred, torch.ones_like (pred), (1).ToScalar()) |> ignore
+        let cell = (scalarInt (int64 classes) (fun (k: Scalar) -> y.mul k)).add pred
+        scalarInt 1L (fun one -> confusion.index_add_ (0L, cell, torch.ones_like pred, one)) |> ignore
         images <- images + int x.shape.[0]
     let c = counts.cpu().data<int64>().ToArray()
     let m = confusion.cpu().data<int64>().ToArray()

@@ -1,9 +1,15 @@
 /// SGD with momentum and weight decay over parameter groups, with PyTorch's update rule:
 ///   d = g + wd * p;  buf = momentum * buf + d (buf = d on the first step);  p -= lr * buf.
 /// Our own so that its state (the momentum buffers) is plain named tensors that a checkpoint holds.
+///
+/// Every step updates every parameter, a parameter that took no part in the step counting as a zero gradient:
+/// that is what the reference code did (PyTorch 1.x's zero_grad left zeros, not None), so weight decay and
+/// momentum keep moving the other heads during a granularity step. It also makes a resumed run identical to an
+/// uninterrupted one, whatever gradients existed before.
 module Pmg.Fs.Training.Sgd
 
 open TorchSharp
+open Pmg.Fs.Runtime.Scalars
 
 /// A set of parameters sharing one learning rate. `Lr` is mutable so the schedule can set it per epoch.
 type Group =
@@ -31,28 +37,29 @@ let zeroGrad (opt: Optimizer) =
             let grad = p.grad
             if not (isNull grad) then grad.zero_ () |> ignore
 
-/// One update of every parameter that has a gradient.
+/// One update of every parameter (no gradient = zero gradient).
 let step (opt: Optimizer) =
     use _ = torch.no_grad ()
     let s = opt.Settings
     for g in opt.Groups do
         for name, p in g.Parameters do
             let grad = p.grad
-            if not (isNull grad) then
-                use d = if s.WeightDecay <> 0.0 then grad.add (p, alpha = s.WeightDecay) else grad.alias ()
+            use grad = if isNull grad then torch.zeros_like p else grad.alias ()
+            do
+                use d = if s.WeightDecay <> 0.0 then scalar s.WeightDecay (fun wd -> grad.add (p, wd)) else grad.alias ()
                 let update =
                     if s.Momentum = 0.0 then
                         d.alias ()
                     else
                         match opt.Buffers.TryGetValue name with
-                        | true, buf -> buf.mul_(s.Momentum.ToScalar()).add_(d).alias ()
+                        | true, buf -> scalar s.Momentum (fun m -> buf.mul_(m).add_(d).alias ())
                         | false, _ ->
                             // Lives across batches: not owned by the caller's per-batch dispose scope.
                             let buf = d.detach().clone().DetachFromDisposeScope()
                             opt.Buffers.[name] <- buf
                             buf.alias ()
                 use update = update
-                p.add_ (update, alpha = -g.Lr) |> ignore
+                scalar -g.Lr (fun lr -> p.add_ (update, lr)) |> ignore
 
 /// Sets every group's learning rate from its base rate.
 let setLr (schedule: float -> float) (opt: Optimizer) =

@@ -73,12 +73,18 @@ let private groups (e: Experiment) (net: Pmg.Network) : Sgd.Group list =
     [ { Name = "heads"; Parameters = heads; BaseLr = e.Optimizer.Lr; Lr = e.Optimizer.Lr }
       { Name = "backbone"; Parameters = backbone; BaseLr = e.Optimizer.BackboneLr; Lr = e.Optimizer.BackboneLr } ]
 
+let private initLock = obj ()
+
 /// Builds the network, optimizer and generator of an experiment (weights from the seed, or ImageNet weights).
 let createSession (e: Experiment) : Session =
     let e = validate e
     let device = torch.Device e.Device
-    torch.manual_seed (int64 e.Seed) |> ignore
-    let net = Pmg.create e.Model
+    // Seeding and drawing the initial weights from libtorch's global generator must not interleave with
+    // another session's.
+    let net =
+        lock initLock (fun () ->
+            torch.manual_seed (int64 e.Seed) |> ignore
+            Pmg.create e.Model)
     e.Pretrained |> Option.iter (Interop.StateDict.loadPretrainedBackbone net)
     net.``to`` device |> ignore
     let opt = Sgd.create { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } (groups e net)
@@ -97,7 +103,7 @@ let trainStep (s: Session) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Ten
         match s.Experiment.Forward, step.Head with
         | Truncated, Pmg.Granularity i -> s.Net.ForwardHead(input, i)
         | _ -> (s.Net.forward input).Of step.Head
-    let loss = torch.nn.functional.cross_entropy (logits, y) * step.LossWeight
+    let loss = torch.nn.functional.cross_entropy (logits, y) |> Runtime.Scalars.scale step.LossWeight
     loss.backward ()
     Sgd.step s.Optimizer
     loss.detach (), Evaluate.correctTopK 1 logits y
@@ -147,7 +153,7 @@ let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
             use _ = torch.NewDisposeScope()
             let x, y = toDevice s.Device b
             let results = iteration s x y
-            let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 * float b.Size)
+            let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Runtime.Scalars.scale (float b.Size))
             let correct = results |> List.last |> snd
             sums.add_ (torch.stack (losses @ [ correct.to_type torch.float64 ])) |> ignore
             images <- images + b.Size

@@ -1,0 +1,32 @@
+/// TorchSharp hands a Scalar's raw handle to native code without keeping the Scalar alive, so a temporary
+/// Scalar can be finalised by the GC in the middle of the call (seen here as "Expected false to be true" from
+/// Scalar::toFloat after minutes of training). Every Scalar this project passes goes through `scalar`, which
+/// holds it until the call returns.
+module Pmg.Fs.Runtime.Scalars
+
+open TorchSharp
+
+let scalar (value: float) (f: Scalar -> 'T) : 'T =
+    use s = value.ToScalar()
+    let result = f s
+    System.GC.KeepAlive s
+    result
+
+let scalarInt (value: int64) (f: Scalar -> 'T) : 'T =
+    use s = value.ToScalar()
+    let result = f s
+    System.GC.KeepAlive s
+    result
+
+/// t * k with a tensor-valued factor.
+let scale (k: float) (t: torch.Tensor) = scalar k t.mul
+
+/// ELU from unary tensor ops (no Scalar arguments): relu(x) + expm1(-relu(-x)), i.e. x for x > 0, e^x - 1 else.
+let elu (x: torch.Tensor) : torch.Tensor =
+    // Not in place: relu's backward needs its output.
+    use pos = x.relu ()
+    use negx = x.neg ()
+    use clipped = negx.relu ()
+    use negated = clipped.neg ()
+    use negPart = negated.expm1 ()
+    pos.add negPart

@@ -1,0 +1,119 @@
+/// The `pmg` command run as a separate process, as a user runs it: exit codes, messages, output formats.
+module Pmg.Fs.Tests.CliTests
+
+open System
+open System.IO
+open System.Diagnostics
+open System.Text.Json
+open Expecto
+open SixLabors.ImageSharp
+open TorchSharp
+open Pmg.Fs
+open Pmg.Fs.Model
+open Pmg.Fs.Training
+
+/// Runs pmg with arguments; returns exit code, stdout, stderr.
+let pmg (args: string list) =
+    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "pmg.dll"))
+    for a in args do
+        psi.ArgumentList.Add a
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    p.ExitCode, out.Result, err.Result
+
+/// A checkpoint of an untrained 3-class ResNet18 PMG (our format) and a test image.
+let private fixture =
+    lazy
+        (let dir = TrainingTests.tempDir ()
+         let s = Trainer.createSession TrainingTests.tiny
+         let c: Checkpoint.Checkpoint =
+             { Experiment = TrainingTests.tiny
+               Progress = { EpochsDone = 1; BestCombined = 0.0; BestEpoch = 0; Seed = 0 }
+               Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
+               Optimizer = []
+               Rng = s.Jigsaw.get_state () }
+         let ckpt = Path.Combine(dir, "tiny.ckpt")
+         Checkpoint.save ckpt c
+         let image = Path.Combine(dir, "bird.png")
+         (Data.Synthetic.renderClass 28 0 1).SaveAsPng image
+         dir, ckpt, image)
+
+[<Tests>]
+let tests =
+    testList
+        "cli"
+        [ test "every command has --help" {
+              for cmd in [ "train"; "eval"; "predict"; "export"; "bench"; "data" ] do
+                  let code, out, _ = pmg [ cmd; "--help" ]
+                  Expect.equal code 0 (sprintf "%s --help exits 0" cmd)
+                  Expect.stringContains out "USAGE" (sprintf "%s usage" cmd)
+          }
+          test "a bad flag is named, with exit code 2" {
+              let code, _, err = pmg [ "train"; "--epoks"; "3" ]
+              Expect.equal code 2 "exit code"
+              Expect.stringContains err "--epoks" "names the flag"
+          }
+          test "a missing checkpoint file is named" {
+              let code, _, err = pmg [ "predict"; "--checkpoint"; "/nonexistent/x.ckpt"; "a.jpg" ]
+              Expect.equal code 1 "exit code"
+              Expect.stringContains err "/nonexistent/x.ckpt" "names the file"
+          }
+          test "a missing image is named" {
+              let _, ckpt, _ = fixture.Force()
+              let code, _, err = pmg [ "predict"; "--checkpoint"; ckpt; "/nonexistent/bird.jpg" ]
+              Expect.equal code 1 "exit code"
+              Expect.stringContains err "/nonexistent/bird.jpg" "names the file"
+          }
+          test "a checkpoint of the wrong class count is refused with a hint" {
+              let dir, ckpt, image = fixture.Force()
+              let code, _, err = pmg [ "predict"; "--checkpoint"; ckpt; "--classes"; "5"; image ]
+              Expect.equal code 1 "our checkpoint: exit code"
+              Expect.stringContains err "--classes" "our checkpoint: hint"
+              let pth = Path.Combine(dir, "tiny.pth")
+              let code, _, err = pmg [ "export"; "--checkpoint"; ckpt; "--to"; "pytorch"; "--out"; pth ]
+              Expect.equal code 0 (sprintf "export: %s" err)
+              let code, _, err = pmg [ "predict"; "--checkpoint"; pth; "--backbone"; "resnet18"; "--classes"; "5"; "--image-size"; "28"; image ]
+              Expect.equal code 1 ".pth: exit code"
+              Expect.stringContains err "3" ".pth: names the checkpoint's class count"
+              Expect.stringContains err "--classes" ".pth: hint"
+          }
+          test "predict --json --logits prints one object per image with every head's logits" {
+              let _, ckpt, image = fixture.Force()
+              let code, out, err = pmg [ "predict"; "--checkpoint"; ckpt; "--json"; "--logits"; "--top-k"; "2"; image; image ]
+              Expect.equal code 0 err
+              let lines = out.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+              Expect.equal lines.Length 2 "one line per image"
+              use doc = JsonDocument.Parse lines.[0]
+              let root = doc.RootElement
+              Expect.equal (root.GetProperty("image").GetString()) image "image"
+              let top = [ for t in root.GetProperty("top").EnumerateArray() -> t.GetProperty("class").GetInt32(), t.GetProperty("score").GetDouble() ]
+              Expect.equal top.Length 2 "top-k"
+              Expect.isTrue (snd top.[0] >= snd top.[1]) "sorted by score"
+              let logits = root.GetProperty "logits"
+              let arr (name: string) = [| for v in logits.GetProperty(name).EnumerateArray() -> v.GetDouble() |]
+              for name in [ "stage3"; "stage4"; "stage5"; "concat"; "combined" ] do
+                  Expect.equal (arr name).Length 3 (sprintf "%s has one logit per class" name)
+              let sum = Array.init 3 (fun i -> [ "stage3"; "stage4"; "stage5"; "concat" ] |> List.sumBy (fun n -> (arr n).[i]))
+              for i in 0..2 do
+                  Expect.floatClose { absolute = 1e-3; relative = 1e-4 } (arr "combined").[i] sum.[i] "combined = sum of the four"
+          }
+          test "export --to pytorch writes the reference key names, and the file loads back strictly" {
+              let dir, ckpt, _ = fixture.Force()
+              let pth = Path.Combine(dir, "export.pth")
+              let code, _, err = pmg [ "export"; "--checkpoint"; ckpt; "--to"; "pytorch"; "--out"; pth ]
+              Expect.equal code 0 err
+              let keys = Interop.StateDict.read pth |> List.map fst
+              use net = Pmg.create TrainingTests.tiny.Model
+              Expect.equal (List.sort keys) (net.state_dict().Keys |> List.ofSeq |> List.sort) "keys"
+          }
+          test "train on the embedded dataset writes a run directory and a results table" {
+              let dir = TrainingTests.tempDir ()
+              let code, out, err = pmg [ "train"; "--epochs"; "1"; "--image-size"; "24"; "--batch-size"; "32"; "--out"; dir ]
+              Expect.equal code 0 err
+              Expect.stringContains out "| combined |" "results table"
+              for f in [ "config.json"; "manifest.json"; "metrics.csv"; "last.ckpt"; "best.ckpt" ] do
+                  Expect.isTrue (File.Exists(Path.Combine(dir, f))) f
+          } ]
