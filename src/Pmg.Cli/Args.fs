@@ -164,6 +164,9 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
+    | [<CliPrefix(CliPrefix.None)>] Cam of ParseResults<VisualCommands.CamArgs>
+    | [<CliPrefix(CliPrefix.None)>] Jigsaw of ParseResults<VisualCommands.JigsawArgs>
+    | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<VisualCommands.ReportArgs>
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -174,3 +177,6 @@ type Command =
             | Export _ -> "write a checkpoint as a PyTorch state_dict."
             | Bench _ -> "time training iterations or inference on synthetic tensors, or the data pipeline."
             | Data _ -> "inspect a dataset: counts and unusable images."
+            | Cam _ -> "Grad-CAM of every head for images, as PNG montages."
+            | Jigsaw _ -> "show the jigsaw inputs of each schedule step."
+            | Report _ -> "compare run directories in one Markdown report."

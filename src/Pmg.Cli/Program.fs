@@ -14,17 +14,7 @@ open Pmg.Fs.Training
 open Pmg.Cli.Args
 
 let private pct (x: float) = sprintf "%5.1f%%" (100.0 * x)
-
-/// The results table: every head, concat, combined (with top-5).
-let accuracyTable (config: Pmg.Config) (a: Evaluate.Accuracy) =
-    let rows =
-        [ yield! List.zip (Pmg.headNames config) a.Heads |> List.map (fun (name, acc) -> name, pct acc, "")
-          "concat", pct a.Concat, ""
-          "combined", pct a.Combined, pct a.CombinedTop5 ]
-    [ "| output   | top-1  | top-5  |"
-      "|----------|--------|--------|"
-      yield! rows |> List.map (fun (name, t1, t5) -> sprintf "| %-8s | %s | %-6s |" name t1 t5) ]
-    |> String.concat "\n"
+let private accuracyTable (config: Pmg.Config) (a: Evaluate.Accuracy) = Evaluate.table (Pmg.headNames config) a
 
 let private deviceBackend (device: string) =
     if device.StartsWith "cuda" then Runtime.Native.Cuda else Runtime.Native.Cpu
@@ -320,6 +310,9 @@ let main argv =
         | Export a -> export a
         | Bench a -> bench a
         | Data a -> data a
+        | Cam a -> VisualCommands.cam a
+        | Jigsaw a -> VisualCommands.jigsaw a
+        | Report a -> VisualCommands.report a
     with
     | :? ArguParseException as e ->
         (if e.ErrorCode = ErrorCode.HelpText then printfn "%s" e.Message else eprintfn "%s" e.Message)

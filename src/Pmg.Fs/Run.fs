@@ -106,4 +106,15 @@ let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks)
     let summary = Trainer.run e d outDir resume { hooks with Epoch = epochHook }
     Checkpoint.writeAtomically (Path.Combine(outDir, "manifest.json")) (fun s ->
         let b = Text.Encoding.UTF8.GetBytes(manifest (Some DateTimeOffset.Now)) in s.Write(b, 0, b.Length))
+    // Plots, confusion matrix and report.md for the best checkpoint.
+    let bestEval =
+        match summary.History |> List.tryFind (fun r -> r.Epoch = summary.BestEpoch) with
+        | Some r -> Some r.Test
+        | None when File.Exists summary.BestCheckpoint ->
+            // Resumed after the best epoch: evaluate best.ckpt again.
+            let s = Trainer.createSession e
+            Trainer.restore s (Checkpoint.load summary.BestCheckpoint)
+            Some(Trainer.evaluate s d.Classes.Length d.Test)
+        | None -> None
+    bestEval |> Option.iter (Visual.Report.writeRun outDir d.Classes)
     summary

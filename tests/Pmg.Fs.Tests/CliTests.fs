@@ -117,3 +117,35 @@ let tests =
               for f in [ "config.json"; "manifest.json"; "metrics.csv"; "last.ckpt"; "best.ckpt" ] do
                   Expect.isTrue (File.Exists(Path.Combine(dir, f))) f
           } ]
+
+/// `pmg data` and a one-epoch `pmg train` on each miniature benchmark, in its official layout.
+[<Tests>]
+let datasets =
+    let fixtures =
+        [ "cub", "CUB_200_2011", 4, 12, 12
+          "cars", "stanford_cars", 3, 9, 9
+          "aircraft", "fgvc-aircraft-2013b", 3, 18, 9
+          "dogs", "stanford_dogs", 3, 9, 9 ]
+    testList
+        "cli datasets"
+        [ for name, folder, classes, trainCount, testCount in fixtures do
+              test (sprintf "pmg data --json on %s" name) {
+                  let code, out, err = pmg [ "data"; "--dataset"; name; "--root"; Path.Combine(Fixtures.root (), folder); "--json" ]
+                  Expect.equal code 0 err
+                  use doc = JsonDocument.Parse out
+                  let r = doc.RootElement
+                  Expect.equal (r.GetProperty("classes").GetInt32()) classes "classes"
+                  Expect.equal (r.GetProperty("train").GetInt32()) trainCount "train"
+                  Expect.equal (r.GetProperty("test").GetInt32()) testCount "test"
+                  Expect.equal (r.GetProperty("problems").GetArrayLength()) 0 "no problems"
+              }
+              test (sprintf "one-epoch pmg train on %s" name) {
+                  let dir = TrainingTests.tempDir ()
+                  let code, out, err =
+                      pmg [ "train"; "--dataset"; name; "--root"; Path.Combine(Fixtures.root (), folder)
+                            "--backbone"; "resnet18"; "--epochs"; "1"; "--batch-size"; "4"; "--image-size"; "32"; "--workers"; "1"; "--out"; dir ]
+                  Expect.equal code 0 err
+                  Expect.stringContains out (sprintf "%d classes" classes) "class count"
+                  Expect.stringContains out "| combined |" "results table"
+                  Expect.equal (File.ReadAllLines(Path.Combine(dir, "metrics.csv")).Length) 2 "one epoch row"
+              } ]

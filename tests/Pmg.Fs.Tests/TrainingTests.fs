@@ -13,13 +13,24 @@ let tiny: Experiment.Experiment =
     let data: Data.Synthetic.Config = { Classes = 3; TrainPerClass = 4; TestPerClass = 2; ImageSize = 32; Seed = 1 }
     { Experiment.embedded with
         Data = Experiment.Embedded data
-        Model = { Pmg.Config.Paper 3 with Backbone = "resnet18" }
+        Model = { Experiment.embedded.Model with Classes = 3 }
         Epochs = 2
         BatchSize = 4
         Input = { Resize = 32; Crop = 28; Padding = 2 }
         Workers = 1 }
 
-let tempDir () = Directory.CreateTempSubdirectory("pmg-test-").FullName
+let private created = System.Collections.Concurrent.ConcurrentBag<string>()
+
+// Runs leave checkpoints of tens of MB: remove every folder the tests made when the process ends.
+do
+    AppDomain.CurrentDomain.ProcessExit.Add(fun _ ->
+        for d in created do
+            try Directory.Delete(d, true) with _ -> ())
+
+let tempDir () =
+    let d = Directory.CreateTempSubdirectory("pmg-test-").FullName
+    created.Add d
+    d
 
 exception private Killed
 

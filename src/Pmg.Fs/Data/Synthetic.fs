@@ -60,9 +60,9 @@ let private referenceSize = 64.0
 
 let private bodyHalfWidth, bodyHalfHeight = 13.0, 8.5
 let private headX, headY, headRadius = 11.0, -7.0, 6.0
-let private eyeX, eyeY, scleraRadius = 13.0, -8.2, 3.0
-let private pupilRadius = 1.6
-let private crossHalfLength, markHalfThickness = 2.5, 0.75
+let private eyeX, eyeY, scleraRadius = 13.0, -8.2, 3.6
+let private pupilRadius = 2.0
+let private crossHalfLength, markHalfThickness = 3.0, 0.9
 let private beak = [| (15.5, -8.8); (15.5, -5.2); (21.5, -6.5) |]
 let private wingX, wingY, wingHalfWidth, wingHalfHeight = -2.0, -1.0, 8.0, 4.8
 let private stripeRows = [| -1.7; 1.7 |]
@@ -70,7 +70,7 @@ let private stripeColumns = [| -4.0; 0.0; 4.0 |]
 let private wingSpotRadius = 1.4
 let private tailBaseX, tailBaseY = -11.0, -1.0
 let private tailLength, tailBaseHalfWidth, tailTipHalfWidth = 12.5, 2.5, 5.0
-let private forkDepth, forkSlope = 4.5, 0.7
+let private forkDepth, forkSlope = 5.5, 0.7
 let private bandFrom, bandTo = 3.2, 1.2
 let private tailSpotBack, tailSpotRadius = 2.5, 1.7
 let private legs = [| ((-3.0, 7.5), (-4.0, 12.5)); ((2.0, 7.5), (1.0, 12.5)) |]
@@ -295,16 +295,6 @@ let private source (config: Config) (split: Split) (perClass: int) : Loader.Sour
       Name = fun i -> $"synthetic/{tag}/{i:D5}"
       Load = render config split }
 
-/// The synthetic counterpart of the paper's transforms: no resampling (details stay exact), a crop
-/// of 7/8 of the side and a padding of 1/16, as 448 of 512 would be with padding 8 scaled up.
-let private cropFraction, paddingFraction = 7.0 / 8.0, 1.0 / 16.0
-
-let transforms (config: Config) : {| Train: Transforms.Spec; Test: Transforms.Spec |} =
-    let size = config.ImageSize
-    let crop = max 1 (int (Math.Round(float size * cropFraction)))
-    let padding = int (Math.Round(float size * paddingFraction))
-    {| Train = { Transforms.Spec.train size crop with Padding = padding }
-       Test = Transforms.Spec.test size crop |}
 
 /// The dataset described by `config`: class names and both splits, rendered on demand.
 let create (config: Config) : {| Classes: string[]; Train: Loader.Source; Test: Loader.Source |} =

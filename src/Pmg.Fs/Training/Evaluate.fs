@@ -63,3 +63,15 @@ let meanPerClass (a: Accuracy) : float =
               let total = Seq.sum (seq { for j in 0 .. n - 1 -> a.Confusion.[i, j] })
               if total > 0 then float a.Confusion.[i, i] / float total ]
     if perClass.IsEmpty then 0.0 else List.average perClass
+
+/// The results table in Markdown: every head by name, concat, combined (with top-5).
+let table (headNames: string list) (a: Accuracy) : string =
+    let pct (x: float) = sprintf "%5.1f%%" (100.0 * x)
+    let rows =
+        [ yield! List.zip headNames a.Heads |> List.map (fun (name, acc) -> name, pct acc, "")
+          "concat", pct a.Concat, ""
+          "combined", pct a.Combined, pct a.CombinedTop5 ]
+    [ "| output   | top-1  | top-5  |"
+      "|----------|--------|--------|"
+      yield! rows |> List.map (fun (name, t1, t5) -> sprintf "| %-8s | %s | %-6s |" name t1 t5) ]
+    |> String.concat "\n"
