@@ -11,7 +11,9 @@ Runtime.Native.init Runtime.Native.Cpu |> ignore
 // The experiment is a record: change any field here (backbone, schedule, sizes, learning rates...).
 let experiment =
     match fsi.CommandLineArgs |> Array.tryItem 1 with
-    | Some epochs -> { Experiment.embedded with Epochs = int epochs }
+    | Some epochs ->
+        let n = int epochs
+        { Experiment.embedded with Epochs = n; WarmupEpochs = min Experiment.embedded.WarmupEpochs (n - 1) }
     | None -> Experiment.embedded
 
 let runDir = IO.Path.Combine("runs", "quickstart-" + DateTime.Now.ToString "yyyyMMdd-HHmmss")

@@ -9,6 +9,7 @@ type TrainArgs =
     | Level of level: string
     | Backbone of name: string
     | Epochs of n: int
+    | Warmup_Epochs of n: int
     | Batch_Size of n: int
     | Image_Size of px: int
     | Resize of px: int
@@ -33,7 +34,8 @@ type TrainArgs =
             | Root _ -> "dataset root folder (its official layout)."
             | Level _ -> "FGVC-Aircraft label level: variant (default), family or manufacturer."
             | Backbone _ -> "resnet18/34/50/101/152 (default resnet50; resnet18 on the embedded dataset)."
-            | Epochs _ -> "epochs (default 200; 6 on the embedded dataset)."
+            | Epochs _ -> "epochs (default 200; 12 on the embedded dataset)."
+            | Warmup_Epochs _ -> "first epochs train only the concat classifier on whole images (default 0; 4 on the embedded dataset)."
             | Batch_Size _ -> "batch size (default 16)."
             | Image_Size _ -> "crop size in pixels (default 448)."
             | Resize _ -> "resize before cropping (default 550, or image size * 550/448)."

@@ -66,6 +66,7 @@ let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
         Forward = (if a.Contains Truncated then Experiment.Truncated else Experiment.Full)
         Optimizer = { baseline.Optimizer with Lr = lr; BackboneLr = backboneLr }
         Epochs = a.GetResult(TrainArgs.Epochs, baseline.Epochs)
+        WarmupEpochs = a.GetResult(Warmup_Epochs, (if a.Contains TrainArgs.Epochs then min baseline.WarmupEpochs (a.GetResult TrainArgs.Epochs - 1) else baseline.WarmupEpochs))
         BatchSize = a.GetResult(TrainArgs.Batch_Size, baseline.BatchSize)
         Input = { baseline.Input with Crop = crop; Resize = resize }
         Seed = a.GetResult(TrainArgs.Seed, baseline.Seed)
@@ -242,7 +243,7 @@ let private bench (a: ParseResults<BenchArgs>) =
         use _ = torch.NewDisposeScope()
         if mode = "train" then
             s.Net.train ()
-            Trainer.iteration s x y |> ignore
+            Trainer.iteration s e.Schedule x y |> ignore
         else
             s.Net.eval ()
             use _ = torch.no_grad ()

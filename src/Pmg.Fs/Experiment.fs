@@ -44,6 +44,8 @@ type Experiment =
       Forward: ForwardMode
       Optimizer: Optim
       Epochs: int
+      /// Epochs at the start that train only the concat classifier on whole images (see Schedule.stepsAt).
+      WarmupEpochs: int
       BatchSize: int
       Input: Input
       Seed: int
@@ -63,6 +65,7 @@ let paper (classes: int) (data: Data) : Experiment =
       Forward = Full
       Optimizer = { Lr = 0.002; BackboneLr = 0.0002; Momentum = 0.9; WeightDecay = 5e-4 }
       Epochs = 200
+      WarmupEpochs = 0
       BatchSize = 16
       Input = { Resize = 550; Crop = 448; Padding = 8 }
       Seed = 0
@@ -77,8 +80,9 @@ let paper (classes: int) (data: Data) : Experiment =
 /// is the paper's (three heads on the last three stages, 8/4/2 jigsaws then concat x2, one SGD step per step,
 /// cosine per epoch); what differs is sized for a from-scratch CPU run: ResNet18, 48 px crops, heads a quarter as
 /// wide, BN momentum 0.1 in the conv blocks (0.01 lags behind over a few hundred iterations), one learning rate for
-/// backbone and heads (a backbone trained from scratch needs it), and granularity steps that run the backbone only
-/// up to their head (same gradients, a third less work).
+/// backbone and heads, four warm-up epochs of plain classification standing in for the ImageNet weights the paper
+/// starts from (jigsaw steps on random features barely learn), and granularity steps that run the backbone only up
+/// to their head (same gradients, a third less work).
 let embedded: Experiment =
     let data = Data.Synthetic.Config.Default
     { paper data.Classes (Embedded data) with
@@ -88,7 +92,8 @@ let embedded: Experiment =
                 Head = { Heads.Config.Paper with FeatureSize = 128; BlockChannels = 256; BlockBnMomentum = 0.1 } }
         Forward = Truncated
         Optimizer = { Lr = 0.01; BackboneLr = 0.01; Momentum = 0.9; WeightDecay = 5e-4 }
-        Epochs = 10
+        Epochs = 12
+        WarmupEpochs = 4
         Input = { Resize = 56; Crop = 48; Padding = 4 } }
 
 exception InvalidExperiment of string list
@@ -97,6 +102,7 @@ exception InvalidExperiment of string list
 let validate (e: Experiment) : Experiment =
     let problems =
         [ if e.Epochs < 1 then "epochs must be at least 1"
+          if e.WarmupEpochs < 0 || e.WarmupEpochs >= e.Epochs then "warm-up epochs must be 0 or more and fewer than the epochs"
           if e.BatchSize < 2 then "batch size must be at least 2 (the classifiers' BatchNorm needs two samples)"
           if e.Input.Crop < 1 || e.Input.Resize < 1 then "image sizes must be positive"
           if e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then

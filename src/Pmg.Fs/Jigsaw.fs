@@ -40,7 +40,7 @@ let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
         let rows =
             if perm.shape.[0] = 1L then perm.expand(b, cells) else perm
         let starts = Runtime.Scalars.scalarInt cells (torch.arange(b, device = x.device).unsqueeze(1L)).mul
-        let flat = (rows + starts).flatten()
+        let flat = (Pmg.Fs.Runtime.Scalars.add rows starts).flatten()
         let shuffled =
             patches.index_select(0L, flat).reshape(b, nn, nn, c, ph, pw).permute(0L, 3L, 1L, 4L, 2L, 5L).reshape(b, c, nn * ph, nn * pw)
         let result =

@@ -29,6 +29,16 @@ let withGrids (grids: int list) (concatWeight: float) : Step list =
     (grids |> List.mapi (fun i n -> { Head = Granularity i; Grid = n; LossWeight = 1.0 }))
     @ [ { Head = Concat; Grid = 1; LossWeight = concatWeight } ]
 
+/// The steps an epoch runs, with their positions in the schedule: all of them, or during the first `warmup`
+/// epochs only the concat step on whole images (a plain classifier). Warm-up stands in for ImageNet weights when
+/// a backbone starts from scratch: jigsaw steps on random features only slow it down.
+let stepsAt (warmup: int) (epoch: int) (schedule: Step list) : (int * Step) list =
+    let indexed = List.indexed schedule
+    if epoch < warmup then
+        indexed |> List.filter (fun (_, s) -> s.Head = Concat) |> List.map (fun (i, s) -> i, { s with Grid = 1 })
+    else
+        indexed
+
 /// Cosine annealing per epoch, as the reference: lr/2 * (cos(pi * (t mod T) / T) + 1).
 let cosine (epochs: int) (baseLr: float) (epoch: int) : float =
     let t = float (epoch % epochs) / float epochs

@@ -299,7 +299,7 @@ let private synthetic =
                     let changed = changedFraction reference img
                     Expect.isGreaterThan changed 0.0 $"class {c} visible (seed {seed})"
                     Expect.isLessThan changed 0.08 $"class {c} local (seed {seed})"
-                    Expect.isLessThan (meanAbsDiff reference img * 5.0) nuisance $"class {c} vs nuisance (seed {seed})"
+                    Expect.isLessThan (meanAbsDiff reference img * 3.0) nuisance $"class {c} vs nuisance (seed {seed})"
         }
 
         test "details survive the synthetic test transform" {

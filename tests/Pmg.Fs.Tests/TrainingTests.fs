@@ -15,6 +15,7 @@ let tiny: Experiment.Experiment =
         Data = Experiment.Embedded data
         Model = { Experiment.embedded.Model with Classes = 3 }
         Epochs = 2
+        WarmupEpochs = 0
         BatchSize = 4
         Input = { Resize = 32; Crop = 28; Padding = 2 }
         Workers = 1 }
@@ -92,7 +93,7 @@ let tests =
               use _ = torch.NewDisposeScope()
               let s = Trainer.createSession tiny
               s.Net.train ()
-              Trainer.iteration s (torch.randn (4L, 3L, 28L, 28L)) (torch.tensor [| 0L; 1L; 2L; 0L |]) |> ignore
+              Trainer.iteration s tiny.Schedule (torch.randn (4L, 3L, 28L, 28L)) (torch.tensor [| 0L; 1L; 2L; 0L |]) |> ignore
               let c: Checkpoint.Checkpoint =
                   { Experiment = tiny
                     Progress = { EpochsDone = 1; BestCombined = 0.5; BestEpoch = 0; Seed = 0 }

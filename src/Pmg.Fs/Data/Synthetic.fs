@@ -83,9 +83,9 @@ let private minScale, maxScale = 1.15, 1.25
 let private centreJitter = 0.03
 let private minBlob, maxBlob = 0.06, 0.2
 let private minBranch, maxBranch = 0.02, 0.045
-let private maxTilt, maxTailAngle = 0.12, 0.35
-let private minBlobs, maxBlobs = 1, 3
-let private maxBranches = 1
+let private maxTilt, maxTailAngle = 0.08, 0.35
+let private minBlobs, maxBlobs = 0, 1
+let private maxBranches = 0
 let private noiseAmplitude = 10.0
 
 type private Rgb = { R: float; G: float; B: float }

@@ -87,7 +87,7 @@ type private BasicBlock(inC: int64, width: int64, stride: int64) as this =
         use y = conv2.forward y
         let y = bn2.forward y
         use identity = if isNull downsample then x.alias () else downsample.forward x
-        let y = y.add_ identity
+        let y = Pmg.Fs.Runtime.Scalars.addInPlace y identity
         relu.forward y
 
 type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
@@ -118,7 +118,7 @@ type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
         use y = conv3.forward y
         let y = bn3.forward y
         use identity = if isNull downsample then x.alias () else downsample.forward x
-        let y = y.add_ identity
+        let y = Pmg.Fs.Runtime.Scalars.addInPlace y identity
         relu.forward y
 
 /// A ResNet whose forward returns every stage's output. `fc` is torchvision's ImageNet classifier: PMG does not

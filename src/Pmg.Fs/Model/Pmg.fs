@@ -36,7 +36,7 @@ type Outputs =
     { Heads: Tensor list
       Concat: Tensor }
 
-    member o.Combined = (o.Heads |> List.reduce (fun a b -> a + b)) + o.Concat
+    member o.Combined = o.Heads @ [ o.Concat ] |> List.reduce Pmg.Fs.Runtime.Scalars.add
     member o.Of(id: HeadId) =
         match id with
         | Granularity i -> o.Heads.[i]

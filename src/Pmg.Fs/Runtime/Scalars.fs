@@ -18,7 +18,14 @@ let scalarInt (value: int64) (f: Scalar -> 'T) : 'T =
     System.GC.KeepAlive s
     result
 
-/// t * k with a tensor-valued factor.
+/// The alpha of a plain addition, held for the life of the process so it is never finalised. TorchSharp's own
+/// `a + b` and `add_(b)` build a temporary Scalar 1 on every call: use `add` and `addInPlace` instead.
+let private one = (1L).ToScalar()
+
+let add (a: torch.Tensor) (b: torch.Tensor) : torch.Tensor = a.add (b, one)
+let addInPlace (a: torch.Tensor) (b: torch.Tensor) : torch.Tensor = a.add_ (b, one)
+
+/// t * k with a float factor.
 let scale (k: float) (t: torch.Tensor) = scalar k t.mul
 
 /// ELU from unary tensor ops (no Scalar arguments): relu(x) + expm1(-relu(-x)), i.e. x for x > 0, e^x - 1 else.
@@ -29,4 +36,4 @@ let elu (x: torch.Tensor) : torch.Tensor =
     use clipped = negx.relu ()
     use negated = clipped.neg ()
     use negPart = negated.expm1 ()
-    pos.add negPart
+    add pos negPart

@@ -91,7 +91,7 @@ let save (path: string) (c: Checkpoint) =
         entry zip "progress.json" (text (Json.serialize c.Progress))
         entry zip "model.bin" (fun s -> writeTensors s c.Model)
         entry zip "optimizer.bin" (fun s -> writeTensors s c.Optimizer)
-        entry zip "rng.bin" (fun s -> writeTensors s [ "jigsaw", c.Rng ]))
+        entry zip "rng.bin" (fun s -> writeTensors s [ ("jigsaw", c.Rng) ]))
 
 /// True for files this module writes (a zip with our format entry); false for anything else.
 let isCheckpoint (path: string) =

@@ -40,9 +40,9 @@ let run (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Ten
                correctTopK 1 out.Concat y
                correctTopK 1 combined y
                correctTopK 5 combined y |]
-        counts.add_ (torch.stack correct) |> ignore
+        addInPlace counts (torch.stack correct) |> ignore
         let pred = combined.argmax 1L
-        let cell = (scalarInt (int64 classes) (fun (k: Scalar) -> y.mul k)).add pred
+        let cell = add (scalarInt (int64 classes) (fun (k: Scalar) -> y.mul k)) pred
         scalarInt 1L (fun one -> confusion.index_add_ (0L, cell, torch.ones_like pred, one)) |> ignore
         images <- images + int x.shape.[0]
     let c = counts.cpu().data<int64>().ToArray()

@@ -52,7 +52,7 @@ let step (opt: Optimizer) =
                         d.alias ()
                     else
                         match opt.Buffers.TryGetValue name with
-                        | true, buf -> scalar s.Momentum (fun m -> buf.mul_(m).add_(d).alias ())
+                        | true, buf -> scalar s.Momentum (fun m -> (addInPlace (buf.mul_ m) d).alias ())
                         | false, _ ->
                             // Lives across batches: not owned by the caller's per-batch dispose scope.
                             let buf = d.detach().clone().DetachFromDisposeScope()

@@ -108,9 +108,9 @@ let trainStep (s: Session) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Ten
     Sgd.step s.Optimizer
     loss.detach (), Evaluate.correctTopK 1 logits y
 
-/// One iteration: the steps of the schedule, in order, on one batch.
-let iteration (s: Session) (x: torch.Tensor) (y: torch.Tensor) : (torch.Tensor * torch.Tensor) list =
-    s.Experiment.Schedule |> List.map (fun step -> trainStep s step x y)
+/// One iteration: the given steps, in order, on one batch.
+let iteration (s: Session) (steps: Schedule.Step list) (x: torch.Tensor) (y: torch.Tensor) : (torch.Tensor * torch.Tensor) list =
+    steps |> List.map (fun step -> trainStep s step x y)
 
 let private toDevice (device: torch.Device) (b: Loader.Batch) =
     let x = torch.tensor (b.Images, dimensions = ReadOnlySpan [| int64 b.Size; 3L; int64 b.Height; int64 b.Width |])
@@ -137,6 +137,7 @@ let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accu
 let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
     let e = s.Experiment
     let steps = List.length e.Schedule
+    let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule
     s.Jigsaw.manual_seed (epochSeed e.Seed epoch) |> ignore
     Sgd.setLr (fun baseLr -> Schedule.cosine e.Epochs baseLr epoch) s.Optimizer
     s.Net.train ()
@@ -152,16 +153,21 @@ let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
         if b.Size >= 2 then
             use _ = torch.NewDisposeScope()
             let x, y = toDevice s.Device b
-            let results = iteration s x y
+            let results = iteration s (List.map snd active) x y
             let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Runtime.Scalars.scale (float b.Size))
             let correct = results |> List.last |> snd
-            sums.add_ (torch.stack (losses @ [ correct.to_type torch.float64 ])) |> ignore
+            // Each value goes to its step's column; the last column counts correct predictions.
+            let positions = torch.tensor (Array.append [| for i, _ in active -> int64 i |] [| int64 steps |])
+            let values = torch.stack (losses @ [ correct.to_type torch.float64 ])
+            Runtime.Scalars.scalar 1.0 (fun one -> sums.index_add_ (0L, positions, values, one)) |> ignore
             images <- images + b.Size
         hooks.Batch epoch (i + 1) total)
     let seconds = clock.Elapsed.TotalSeconds
     let v = sums.cpu().data<float>().ToArray()
     let n = float (max images 1)
-    [ for i in 0 .. steps - 1 -> v.[i] / n ], v.[steps] / n, float images / seconds, skipped, seconds
+    // Steps that did not run this epoch (warm-up) have no loss.
+    let ran = active |> List.map fst |> Set.ofList
+    [ for i in 0 .. steps - 1 -> if ran.Contains i then v.[i] / n else nan ], v.[steps] / n, float images / seconds, skipped, seconds
 
 let private checkpointOf (s: Session) (progress: Checkpoint.Progress) : Checkpoint.Checkpoint =
     { Experiment = s.Experiment
