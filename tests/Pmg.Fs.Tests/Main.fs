@@ -3,18 +3,21 @@ module Pmg.Fs.Tests.Main
 open Expecto
 open Expecto.Impl
 
-/// Expecto's own printer, plus one plain closing line ("N passed, N failed") that CI tools read.
+/// Expecto's own printer; it also keeps the counts for the plain closing line that CI tools read.
+let mutable private counts = None
+
 let private printer =
     let p = TestPrinters.defaultPrinter
     { p with
         summary =
             fun config summary ->
-                async {
-                    do! p.summary config summary
-                    printfn "%d passed, %d failed" summary.passed.Length (summary.failed.Length + summary.errored.Length)
-                } }
+                counts <- Some(summary.passed.Length, summary.failed.Length + summary.errored.Length)
+                p.summary config summary }
 
 [<EntryPoint>]
 let main argv =
     Pmg.Fs.Runtime.Native.init Pmg.Fs.Runtime.Native.Cpu |> ignore
-    Tests.runTestsInAssemblyWithCLIArgs [ Printer printer ] argv
+    let code = Tests.runTestsInAssemblyWithCLIArgs [ Printer printer ] argv
+    // On a line of its own, after Expecto's colour codes.
+    counts |> Option.iter (fun (passed, failed) -> printfn "\n%d passed, %d failed" passed failed)
+    code
