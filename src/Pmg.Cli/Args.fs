@@ -18,7 +18,7 @@ type TrainArgs =
     | Heads of s: int
     | Grids of list: string
     | Per_Sample_Jigsaw
-    | Truncated
+    | Forward of mode: string
     | Seed of n: int
     | Device of device: string
     | Pretrained of file: string
@@ -44,7 +44,7 @@ type TrainArgs =
             | Heads _ -> "number of granularity heads S (default 3)."
             | Grids _ -> "jigsaw grid per head, finest first, e.g. 8,4,2 (default 2^(L-l+1))."
             | Per_Sample_Jigsaw -> "one patch permutation per sample (default: one per batch, like the reference)."
-            | Truncated -> "granularity steps run the backbone only up to their stage (faster; BN statistics differ)."
+            | Forward _ -> "full (every step runs the whole network, as the reference; default) or truncated (granularity steps run the backbone only up to their stage: faster, BN statistics differ; default on the embedded dataset)."
             | Seed _ -> "random seed (default 0)."
             | Device _ -> "cpu (default) or cuda."
             | Pretrained _ -> "torchvision ImageNet ResNet weights (.pth or .safetensors) for the backbone."

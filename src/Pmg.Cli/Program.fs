@@ -62,8 +62,13 @@ let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
     { baseline with
         Model = model
         Schedule = schedule
-        Permutation = (if a.Contains Per_Sample_Jigsaw then Jigsaw.PerSample else Jigsaw.PerBatch)
-        Forward = (if a.Contains Truncated then Experiment.Truncated else Experiment.Full)
+        Permutation = (if a.Contains Per_Sample_Jigsaw then Jigsaw.PerSample else baseline.Permutation)
+        Forward =
+            match a.TryGetResult Forward with
+            | None -> baseline.Forward
+            | Some "full" -> Experiment.Full
+            | Some "truncated" -> Experiment.Truncated
+            | Some other -> failwithf "--forward %s: use full or truncated" other
         Optimizer = { baseline.Optimizer with Lr = lr; BackboneLr = backboneLr }
         Epochs = a.GetResult(TrainArgs.Epochs, baseline.Epochs)
         WarmupEpochs = a.GetResult(Warmup_Epochs, (if a.Contains TrainArgs.Epochs then min baseline.WarmupEpochs (a.GetResult TrainArgs.Epochs - 1) else baseline.WarmupEpochs))
@@ -71,8 +76,8 @@ let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
         Input = { baseline.Input with Crop = crop; Resize = resize }
         Seed = a.GetResult(TrainArgs.Seed, baseline.Seed)
         Device = a.GetResult(TrainArgs.Device, baseline.Device)
-        CropToBox = a.Contains Crop_To_Box
-        Pretrained = a.TryGetResult TrainArgs.Pretrained
+        CropToBox = a.Contains Crop_To_Box || baseline.CropToBox
+        Pretrained = a.TryGetResult TrainArgs.Pretrained |> Option.orElse baseline.Pretrained
         Workers = a.GetResult(TrainArgs.Workers, baseline.Workers) }
 
 let private train (a: ParseResults<TrainArgs>) =
@@ -99,7 +104,8 @@ let private train (a: ParseResults<TrainArgs>) =
           Evaluating = fun _ -> ()
           Epoch =
             fun r ->
-                let losses = r.StepLosses |> List.map (sprintf "%.3f") |> String.concat " "
+                // "-" for steps that did not run (warm-up epochs).
+                let losses = r.StepLosses |> List.map (fun l -> if Double.IsNaN l then "-" else sprintf "%.3f" l) |> String.concat " "
                 let line =
                     sprintf "epoch %d/%d  loss %s  train %s  test combined %s concat %s  %.1f img/s  %s"
                         (r.Epoch + 1) e.Epochs losses (pct r.TrainAccuracy) (pct r.Test.Combined) (pct r.Test.Concat)

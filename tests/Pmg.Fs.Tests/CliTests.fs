@@ -116,6 +116,10 @@ let tests =
               Expect.stringContains out "| combined |" "results table"
               for f in [ "config.json"; "manifest.json"; "metrics.csv"; "last.ckpt"; "best.ckpt" ] do
                   Expect.isTrue (File.Exists(Path.Combine(dir, f))) f
+              // Flags not given keep the embedded recipe's values.
+              let config = File.ReadAllText(Path.Combine(dir, "config.json"))
+              Expect.stringContains config "\"Forward\": \"Truncated\"" "embedded recipe's forward mode kept"
+              Expect.stringContains config "\"Backbone\": \"resnet18\"" "embedded recipe's backbone kept"
           } ]
 
 /// `pmg data` and a one-epoch `pmg train` on each miniature benchmark, in its official layout.
