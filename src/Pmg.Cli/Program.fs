@@ -165,7 +165,7 @@ let private predict (a: ParseResults<PredictArgs>) =
     let m = Inference.load (a.GetResult PredictArgs.Checkpoint) o device
     let k = a.GetResult(Top_K, 5)
     for path in a.GetResult Images do
-        let image = Images.load { Path = path; Label = 0; Box = None; TrimBottom = 0 } false
+        let image = Inputs.loadImage path
         let p = Inference.predict m image
         let top =
             p.Probabilities |> Array.mapi (fun i s -> i, s) |> Array.sortByDescending snd |> Array.truncate k

@@ -69,7 +69,7 @@ let private classesTxt = "classes.txt"
 let private defaultFinestGrid = 8
 let private defaultReport = "report.md"
 
-let private loadImage (path: string) = Images.load { Path = path; Label = 0; Box = None; TrimBottom = 0 } false
+let private loadImage = Inputs.loadImage
 
 /// The resize that keeps the paper's 550/448 ratio for a crop size.
 let private resizeFor (crop: int) =
@@ -116,7 +116,9 @@ let cam (a: ParseResults<CamArgs>) : int =
         let name = if e.Class < names.Length then names.[e.Class] else sprintf "class %d" e.Class
         let verb = if a.Contains CamArgs.Class then "explaining" else "predicted"
         let title = sprintf "%s: Grad-CAM, %s %s (class %d)" (Path.GetFileName path) verb name e.Class
-        let out = Path.Combine(outDir, Path.GetFileNameWithoutExtension path + "-cam.png")
+        // "embedded:test:3" becomes "embedded-test-3": no colons in file names.
+        let stem = (Path.GetFileNameWithoutExtension path).Replace(':', '-')
+        let out = Path.Combine(outDir, stem + "-cam.png")
         Render.camMontage title names input e out
         printfn "%s: %s %s, combined p=%.3f -> %s" path verb name e.Combined out
     warnWithoutFont ()
