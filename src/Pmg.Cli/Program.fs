@@ -151,8 +151,7 @@ let private eval (a: ParseResults<EvalArgs>) =
     let d, _ = Run.data e
     if d.Classes.Length <> m.Net.Config.Classes then
         failwithf "the dataset has %d classes but the checkpoint %s has %d" d.Classes.Length path m.Net.Config.Classes
-    let session = { Trainer.createSession e with Net = m.Net }
-    let acc = Trainer.evaluate session d.Classes.Length d.Test
+    let acc = Trainer.evaluateNet e m.Net m.Device d.Classes.Length d.Test
     printfn "%s: %d test images" path acc.Images
     printfn "%s" (accuracyTable m.Net.Config acc)
     printfn "mean per-class accuracy (combined): %s" (pct (Evaluate.meanPerClass acc))

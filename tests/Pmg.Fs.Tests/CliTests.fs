@@ -100,6 +100,14 @@ let tests =
               for i in 0..2 do
                   Expect.floatClose { absolute = 1e-3; relative = 1e-4 } (arr "combined").[i] sum.[i] "combined = sum of the four"
           }
+          test "eval prints every head's accuracy for a checkpoint, on the data it was trained on" {
+              let _, ckpt, _ = fixture.Force()
+              let code, out, err = pmg [ "eval"; "--checkpoint"; ckpt ]
+              Expect.equal code 0 err
+              for row in [ "| stage3"; "| stage4"; "| stage5"; "| concat"; "| combined" ] do
+                  Expect.stringContains out row row
+              Expect.stringContains out "6 test images" "the tiny dataset's test split"
+          }
           test "export --to pytorch writes the reference key names, and the file loads back strictly" {
               let dir, ckpt, _ = fixture.Force()
               let pth = Path.Combine(dir, "export.pth")

@@ -29,7 +29,7 @@ let tests =
           }
           test "the quickstart trains in dotnet fsi and prints the results table" {
               let r = root ()
-              let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = Path.GetTempPath())
+              let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = TrainingTests.tempDir ())
               for a in [ "fsi"; Path.Combine(r, "experiments", "quickstart.fsx"); "1" ] do
                   psi.ArgumentList.Add a
               use p = Process.Start psi

@@ -33,6 +33,9 @@ let run (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Ten
     let mutable images = 0
     for x, y in batches do
         use _ = torch.NewDisposeScope()
+        // The batch was made outside this scope: it is this iteration's to free.
+        use x = x
+        use y = y
         let out = net.forward x
         let combined = out.Combined
         let correct =

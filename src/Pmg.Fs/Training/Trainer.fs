@@ -123,15 +123,13 @@ let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epo
         else Transforms.Spec.test e.Input.Resize e.Input.Crop
     Loader.batches source spec e.BatchSize train e.Seed epoch e.Workers 2
 
-/// Evaluates on a source with the experiment's test transform.
+/// Evaluates a network on a source with the experiment's test transform and batch size.
+let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (classes: int) (source: Loader.Source) =
+    batchesOf e source false 0 |> Seq.map (toDevice device) |> Evaluate.run net classes
+
+/// Evaluates a session's network.
 let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
-    let batches =
-        batchesOf s.Experiment source false 0
-        |> Seq.map (fun b ->
-            // The pair outlives the batch's scope: Evaluate.run disposes its own per-batch scope.
-            let x, y = toDevice s.Device b
-            x, y)
-    Evaluate.run s.Net classes batches
+    evaluateNet s.Experiment s.Net s.Device classes source
 
 /// One epoch of training. Losses and accuracy are summed on the device and read once at the end.
 let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =

@@ -1,0 +1,187 @@
+// Shared by the dataset scripts (cub.fsx, cars.fsx, aircraft.fsx, dogs.fsx): reads the arguments, finds the
+// dataset and the ImageNet weights, builds the experiment (the paper's recipe, or a miniature for --smoke), trains
+// it with Run.train and prints the results beside the paper's number.
+//   dotnet fsi experiments/<dataset>.fsx [--smoke] [--root DIR] [--pretrained FILE] [--epochs N]
+//                                        [--device cpu|cuda] [--out DIR]
+// A dataset script loads Pmg.fsx itself, then this file: `#load "Pmg.fsx"` here, nested under another script,
+// fails in dotnet fsi 10 (FS0247: the script module `Pmg` of Pmg.fsx clashes with the library's namespace `Pmg`
+// when the load is not at the top level).
+
+open System
+open System.IO
+open Pmg.Fs
+open Pmg.Fs.Training
+
+/// What differs between the dataset scripts.
+type DatasetSpec =
+    { /// Dataset kind as Run/Dataset know it: cub, cars, aircraft, dogs.
+      Kind: string
+      /// Human name for messages.
+      Name: string
+      /// Folder of the miniature fixture under shared/fixtures/fgvc-mini (also the official archive's folder).
+      Fixture: string
+      /// Environment variable that holds the dataset root when --root is not given.
+      RootVariable: string
+      /// The paper's ResNet50 top-1 (%), None where the paper does not report the dataset.
+      PaperTop1: float option
+      /// Where to get the dataset.
+      Download: string }
+
+/// Exit code for "cannot run: something to download or set first" (1 is left to crashes).
+let missingInputExit = 2
+
+/// Environment variable for the ImageNet weights when --pretrained is not given.
+let pretrainedVariable = "PMG_PRETRAINED"
+
+/// torchvision's ResNet50 ImageNet weights, the paper's starting point.
+let pretrainedDownload = "https://download.pytorch.org/models/resnet50-19c8e357.pth"
+
+type Args =
+    { Smoke: bool
+      Root: string option
+      Pretrained: string option
+      Epochs: int option
+      Device: string
+      Out: string option }
+
+/// `--flag value` pairs and the bare `--smoke`; anything else stops the script with the usage.
+let parseArgs (argv: string list) : Args =
+    let usage () =
+        eprintfn "usage: dotnet fsi <script> [--smoke] [--root DIR] [--pretrained FILE] [--epochs N] [--device cpu|cuda] [--out DIR]"
+        exit missingInputExit
+    let rec go (a: Args) args =
+        match args with
+        | [] -> a
+        | "--smoke" :: rest -> go { a with Smoke = true } rest
+        | "--root" :: v :: rest -> go { a with Root = Some v } rest
+        | "--pretrained" :: v :: rest -> go { a with Pretrained = Some v } rest
+        | "--epochs" :: v :: rest ->
+            match Int32.TryParse v with
+            | true, n when n >= 1 -> go { a with Epochs = Some n } rest
+            | _ -> usage ()
+        | "--device" :: v :: rest -> go { a with Device = v } rest
+        | "--out" :: v :: rest -> go { a with Out = Some v } rest
+        | other :: _ ->
+            eprintfn "unknown argument: %s" other
+            usage ()
+    go { Smoke = false; Root = None; Pretrained = None; Epochs = None; Device = "cpu"; Out = None } argv
+
+/// A command-line value, else a non-empty environment variable.
+let private orEnv (variable: string) (value: string option) =
+    match value with
+    | Some v -> Some v
+    | None ->
+        match Environment.GetEnvironmentVariable variable with
+        | null | "" -> None
+        | v -> Some v
+
+/// shared/fixtures/fgvc-mini/<folder>, searched upwards from this script's folder (shared/ sits beside the
+/// repository, not inside it).
+let fixtureRoot (folder: string) : string option =
+    let rec up (d: DirectoryInfo) =
+        if isNull d then None
+        else
+            let candidate = Path.Combine(d.FullName, "shared", "fixtures", "fgvc-mini", folder)
+            if Directory.Exists candidate then Some candidate else up d.Parent
+    up (DirectoryInfo __SOURCE_DIRECTORY__)
+
+/// Stops the script with a message that says what is missing, where to get it and what to set.
+let private missing (lines: string list) : 'a =
+    lines |> List.iter (eprintfn "%s")
+    exit missingInputExit
+
+let private resolveRoot (spec: DatasetSpec) (args: Args) : string =
+    match orEnv spec.RootVariable args.Root with
+    | Some root when Directory.Exists root -> root
+    | Some root ->
+        missing [ sprintf "%s: dataset root %s does not exist." spec.Name (Path.GetFullPath root)
+                  sprintf "Download it from %s, extract it, and pass --root <folder %s> or set %s." spec.Download spec.Fixture spec.RootVariable ]
+    | None when args.Smoke ->
+        match fixtureRoot spec.Fixture with
+        | Some root -> root
+        | None -> missing [ sprintf "--smoke: shared/fixtures/fgvc-mini/%s not found above %s." spec.Fixture __SOURCE_DIRECTORY__ ]
+    | None ->
+        missing [ sprintf "%s: no dataset root given." spec.Name
+                  sprintf "Download it from %s, extract it (folder %s), then pass --root <folder> or set %s." spec.Download spec.Fixture spec.RootVariable
+                  "(--smoke runs a one-minute check on the miniature fixture instead.)" ]
+
+let private resolvePretrained (args: Args) : string =
+    match orEnv pretrainedVariable args.Pretrained with
+    | Some file when File.Exists file -> file
+    | Some file ->
+        missing [ sprintf "ImageNet weights %s do not exist." (Path.GetFullPath file)
+                  sprintf "Download %s and pass --pretrained <file> or set %s." pretrainedDownload pretrainedVariable ]
+    | None ->
+        missing [ "The paper's recipe starts from ImageNet weights and none were given."
+                  sprintf "Download %s and pass --pretrained <file> or set %s." pretrainedDownload pretrainedVariable ]
+
+/// The miniature that --smoke trains: the paper's method on a small ResNet with tiny images, so that the whole
+/// pipeline (reading the official layout, jigsaws, every head, evaluation, run directory) runs in about a minute.
+module Smoke =
+    let backbone = "resnet18"
+    let epochs = 1
+    let batchSize = 4
+    let input: Experiment.Input = { Resize = 36; Crop = 32; Padding = 2 }
+    let workers = 1
+
+let private smoke (e: Experiment.Experiment) : Experiment.Experiment =
+    { e with
+        // The narrow heads of the embedded recipe: the paper's 512/1024-wide heads only cost time here.
+        Model = { e.Model with Backbone = Smoke.backbone; Head = Experiment.embedded.Model.Head }
+        Epochs = Smoke.epochs
+        WarmupEpochs = 0
+        BatchSize = Smoke.batchSize
+        Input = Smoke.input
+        Workers = Smoke.workers
+        Pretrained = None }
+
+/// The experiment for a dataset: the paper's recipe, shrunk for --smoke. The class count comes from the dataset
+/// itself, so the fixture (a few classes) and the full dataset take the same path.
+let experiment (spec: DatasetSpec) (args: Args) : Experiment.Experiment =
+    let root = resolveRoot spec args
+    let pretrained = if args.Smoke then None else Some(resolvePretrained args)
+    let data = Experiment.OnDisk { Kind = spec.Kind; Root = root; Level = None }
+    let classes = (fst (Run.data (Experiment.paper 2 data))).Classes.Length
+    let paper = { Experiment.paper classes data with Pretrained = pretrained; Device = args.Device }
+    let e = if args.Smoke then smoke paper else paper
+    match args.Epochs with
+    | Some n -> { e with Epochs = n; WarmupEpochs = min e.WarmupEpochs (n - 1) }
+    | None -> e
+
+let private printEpoch (e: Experiment.Experiment) (r: Trainer.EpochRecord) =
+    printfn "epoch %d/%d  losses %s  train %.1f%%  test combined %.1f%%  concat %.1f%%  (%.1f img/s)"
+        (r.Epoch + 1) e.Epochs (r.StepLosses |> List.map (sprintf "%.3f") |> String.concat " ")
+        (100.0 * r.TrainAccuracy) (100.0 * r.Test.Combined) (100.0 * r.Test.Concat) r.ImagesPerSecond
+
+let private printResults (spec: DatasetSpec) (e: Experiment.Experiment) (summary: Trainer.Summary) =
+    let last = List.last summary.History
+    printfn "\nfinal epoch %d, test set (%d images):" (last.Epoch + 1) last.Test.Images
+    printfn "%s" (Evaluate.table (Model.Pmg.headNames e.Model) last.Test)
+    printfn "mean per-class accuracy (combined): %.1f%%" (100.0 * Evaluate.meanPerClass last.Test)
+    let paper =
+        match spec.PaperTop1 with
+        | Some p -> sprintf "%.1f%% (ResNet50, combined)" p
+        | None -> "not reported in the paper"
+    printfn "top-1 combined: %.1f%%   paper: %s" (100.0 * last.Test.Combined) paper
+    if e.Epochs < (Experiment.paper 2 e.Data).Epochs || e.Pretrained.IsNone then
+        printfn "(not the paper's recipe: %d epochs, %s, %s; not comparable to the paper's number)"
+            e.Epochs e.Model.Backbone (if e.Pretrained.IsSome then "ImageNet weights" else "from scratch")
+
+/// The whole script: arguments, experiment, training, results. Exits 2 when the dataset or weights are missing.
+let run (spec: DatasetSpec) =
+    let args = parseArgs (fsi.CommandLineArgs |> Array.toList |> List.tail)
+    // The native library must be chosen before any torch call (Run.data may touch tensors).
+    Runtime.Native.init (if args.Device.StartsWith "cuda" then Runtime.Native.Cuda else Runtime.Native.Cpu) |> ignore
+    let e = experiment spec args
+    let outDir =
+        args.Out
+        |> Option.defaultWith (fun () ->
+            Path.Combine("runs", sprintf "%s-%s%s" spec.Kind (if args.Smoke then "smoke-" else "") (DateTime.Now.ToString "yyyyMMdd-HHmmss")))
+    printfn "PMG %s on %s (%s): %d classes, %d epochs, batch %d, %d px crops of %d px, device %s"
+        e.Model.Backbone spec.Name (match e.Data with Experiment.OnDisk d -> d.Root | _ -> "embedded")
+        e.Model.Classes e.Epochs e.BatchSize e.Input.Crop e.Input.Resize e.Device
+    printfn "run directory: %s (config.json and manifest.json record the settings and seed)" (Path.GetFullPath outDir)
+    let watch = Diagnostics.Stopwatch.StartNew()
+    let summary = Run.train e outDir false { Trainer.Hooks.None with Epoch = printEpoch e }
+    printResults spec e summary
+    printfn "elapsed %s" (watch.Elapsed.ToString @"hh\:mm\:ss")
