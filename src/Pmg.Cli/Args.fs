@@ -33,7 +33,7 @@ type TrainArgs =
             | Dataset _ -> "embedded (default), cub, cars, aircraft, dogs or folder."
             | Root _ -> "dataset root folder (its official layout)."
             | Level _ -> "FGVC-Aircraft label level: variant (default), family or manufacturer."
-            | Backbone _ -> "resnet18/34/50/101/152 (default resnet50; resnet18 on the embedded dataset)."
+            | Backbone _ -> "resnet18/34/50/101/152 or vgg16 (default resnet50; resnet18 on the embedded dataset)."
             | Epochs _ -> "epochs (default 200; 12 on the embedded dataset)."
             | Warmup_Epochs _ -> "first epochs train only the concat classifier on whole images (default 0; 4 on the embedded dataset)."
             | Batch_Size _ -> "batch size (default 16)."

@@ -86,3 +86,35 @@ let tests =
                   let h = net.ForwardHead(x, i)
                   Expect.isTrue (h.allclose (full.Heads.[i], rtol = 1e-4, atol = 1e-5)) (sprintf "head %d" i)
           } ]
+
+[<Tests>]
+let vgg =
+    testList
+        "vgg16"
+        [ test "VGG16 layers carry torchvision's names and shapes, without the fully connected classifier" {
+              use net = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
+              let keys = net.Backbone.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value.shape) |> Map.ofSeq
+              // torchvision vgg16: convs at features.0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28.
+              let convs = [ 0; 2; 5; 7; 10; 12; 14; 17; 19; 21; 24; 26; 28 ]
+              Expect.equal keys.Count (2 * convs.Length) "weight and bias of 13 convs"
+              for i in convs do
+                  Expect.isTrue (keys.ContainsKey(sprintf "features.%d.weight" i)) (sprintf "conv %d" i)
+              Expect.sequenceEqual keys.["features.28.weight"] [| 512L; 512L; 3L; 3L |] "last conv"
+              Expect.equal (net.HeadStages |> List.map _.Channels) [ 256; 512; 512 ] "heads on blocks 3, 4, 5"
+          }
+          test "torchvision VGG16 weights load into the backbone, their fully connected classifier left aside" {
+              use _ = torch.NewDisposeScope()
+              use source = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
+              let file = Path.Combine(Path.GetTempPath(), sprintf "vgg16-%d.pth" (System.Random().Next()))
+              let entries =
+                  [ for kv in source.Backbone.state_dict () -> kv.Key, kv.Value
+                    "classifier.0.weight", torch.zeros (4L, 8L)
+                    "classifier.0.bias", torch.zeros (4L) ]
+              Pmg.Fs.Interop.StateDict.write file entries
+              use target = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
+              Pmg.Fs.Interop.StateDict.loadPretrainedBackbone target file
+              File.Delete file
+              let a = source.Backbone.state_dict ()
+              for kv in target.Backbone.state_dict () do
+                  Expect.isTrue (Fixtures.same kv.Value a.[kv.Key]) kv.Key
+          } ]

@@ -590,7 +590,10 @@ let private backboneOf (keys: string list) : string option =
             |> List.fold (fun a b -> max a (b + 1)) 0)
     let bottleneck = keys |> List.exists (fun k -> k.Contains ".conv3.")
     Pmg.Fs.Model.Backbone.registry
-    |> Map.tryFindKey (fun _ spec -> spec.Layers = blocks && (spec.Block = Pmg.Fs.Model.Backbone.Bottleneck) = bottleneck)
+    |> Map.tryFindKey (fun _ spec ->
+        match spec.Family with
+        | Pmg.Fs.Model.Backbone.ResNet(block, layers) -> layers = blocks && (block = Pmg.Fs.Model.Backbone.Bottleneck) = bottleneck
+        | Pmg.Fs.Model.Backbone.Vgg _ -> false)
 
 /// Says what to change when the difference has a known cause: the class count or the backbone.
 let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string list =
@@ -645,11 +648,16 @@ let loadInto (target: torch.nn.Module) (entries: Entries) (strict: bool) : unit 
 /// keys carry "features." (a PMG checkpoint's backbone), loaded strictly into the network's backbone.
 let loadPretrainedBackbone (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit =
     let entries = read path
+    let wanted = net.Backbone.state_dict().Keys |> Set.ofSeq
+    let fits (es: Entries) = es |> List.filter (fun (k, _) -> wanted.Contains k) |> List.length
+    // A PMG checkpoint's keys carry "features."; torchvision VGG's own keys start with "features." too: take
+    // the reading that matches more of the backbone's names.
+    let stripped = entries |> List.choose (fun (k, t) -> if k.StartsWith "features." then Some(k.Substring 9, t) else None)
+    let chosen = if fits stripped > fits entries then stripped else entries
+    // torchvision VGG's fully connected classifier has no place in PMG's VGG backbone.
     let backbone =
-        if entries |> List.exists (fun (k, _) -> k.StartsWith "features.") then
-            entries |> List.choose (fun (k, t) -> if k.StartsWith "features." then Some(k.Substring 9, t) else None)
-        else
-            entries
+        if wanted |> Set.exists (fun k -> k.StartsWith "classifier.") then chosen
+        else chosen |> List.filter (fun (k, _) -> not (k.StartsWith "classifier."))
     try
         load (sprintf "%s does not fit the %s backbone" path net.Config.Backbone) net.Backbone backbone true
     finally

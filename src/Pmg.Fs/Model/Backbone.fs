@@ -1,7 +1,7 @@
 /// Backbones as lists of stages. A backbone value says what each stage outputs (name, channels, reduction);
 /// heads read their widths from it, so no width is typed twice. Module and parameter names follow
-/// torchvision's (conv1, bn1, layer1.0.downsample.1, fc), so ImageNet weights and the reference PMG
-/// checkpoints load by name.
+/// torchvision's (conv1, bn1, layer1.0.downsample.1, fc; VGG's features.0 ... features.28), so ImageNet weights
+/// and the reference PMG checkpoints load by name.
 module Pmg.Fs.Model.Backbone
 
 open TorchSharp
@@ -22,11 +22,16 @@ type Block =
     | Basic
     | Bottleneck
 
-/// A ResNet described as data: its block kind and how many blocks each of the four residual layers holds.
+type Family =
+    /// Block kind and how many blocks each of the four residual layers holds.
+    | ResNet of block: Block * layers: int list
+    /// How many 3x3 convolutions each of the five blocks holds (each block ends with a 2x2 max pool).
+    | Vgg of convs: int list
+
+/// A backbone described as data.
 type Spec =
     { Name: string
-      Block: Block
-      Layers: int list
+      Family: Family
       ImageNetClasses: int }
 
 let private expansion =
@@ -37,12 +42,18 @@ let private expansion =
 let private stemChannels = 64
 let private layerWidths = [ 64; 128; 256; 512 ]
 
-/// The five stages (L = 5): the stem (conv1, bn1, relu, maxpool) then layer1..layer4.
+let private vggWidths = [ 64; 128; 256; 512; 512 ]
+
+/// The five stages (L = 5). ResNet: the stem (conv1, bn1, relu, maxpool) then layer1..layer4. VGG: its five
+/// conv blocks, each ending with its max pool.
 let stages (spec: Spec) : Stage list =
-    let e = expansion spec.Block
-    { Name = "stem"; Channels = stemChannels; Reduction = 4 }
-    :: (layerWidths
-        |> List.mapi (fun i w -> { Name = sprintf "layer%d" (i + 1); Channels = w * e; Reduction = 4 <<< max 0 i }))
+    match spec.Family with
+    | ResNet(block, _) ->
+        let e = expansion block
+        { Name = "stem"; Channels = stemChannels; Reduction = 4 }
+        :: (layerWidths
+            |> List.mapi (fun i w -> { Name = sprintf "layer%d" (i + 1); Channels = w * e; Reduction = 4 <<< max 0 i }))
+    | Vgg _ -> vggWidths |> List.mapi (fun i w -> { Name = sprintf "block%d" (i + 1); Channels = w; Reduction = 2 <<< i })
 
 /// The registry: every backbone this project knows, by name.
 let registry: Map<string, Spec> =
@@ -51,7 +62,8 @@ let registry: Map<string, Spec> =
       "resnet50", Bottleneck, [ 3; 4; 6; 3 ]
       "resnet101", Bottleneck, [ 3; 4; 23; 3 ]
       "resnet152", Bottleneck, [ 3; 8; 36; 3 ] ]
-    |> List.map (fun (n, b, l) -> n, { Name = n; Block = b; Layers = l; ImageNetClasses = 1000 })
+    |> List.map (fun (n, b, l) -> n, { Name = n; Family = ResNet(b, l); ImageNetClasses = 1000 })
+    |> List.append [ "vgg16", { Name = "vgg16"; Family = Vgg [ 2; 2; 3; 3; 3 ]; ImageNetClasses = 1000 } ]
     |> Map.ofList
 
 exception UnknownBackbone of string
@@ -121,10 +133,19 @@ type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
         let y = Pmg.Fs.Runtime.Scalars.addInPlace y identity
         relu.forward y
 
+/// A backbone as PMG uses it: its stages, and their outputs for an input.
+[<AbstractClass>]
+type Features(name: string) =
+    inherit Module<Tensor, Tensor>(name)
+    abstract Stages: Stage list
+    /// Outputs of stages 1..upTo (1-based), in order. Stopping early skips the deeper stages.
+    abstract ForwardStages: x: Tensor * upTo: int -> Tensor list
+    member this.ForwardStages(x: Tensor) = this.ForwardStages(x, List.length this.Stages)
+
 /// A ResNet whose forward returns every stage's output. `fc` is torchvision's ImageNet classifier: PMG does not
 /// use it, but it is kept so that ImageNet and reference PMG state_dicts load strictly.
-type ResNet(spec: Spec) as this =
-    inherit Module<Tensor, Tensor>(spec.Name)
+type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
+    inherit Features(spec.Name)
     let stageList = stages spec
     let conv1 = Conv2d(3L, int64 stemChannels, 7L, stride = 2L, padding = 3L, bias = false)
     let bn1 = BatchNorm2d(int64 stemChannels)
@@ -132,11 +153,11 @@ type ResNet(spec: Spec) as this =
     let maxpool = MaxPool2d(3L, stride = 2L, padding = 1L)
 
     let makeLayer (inC: int) (width: int) (blocks: int) (stride: int) : Module<Tensor, Tensor> =
-        let e = expansion spec.Block
+        let e = expansion block
         let block i =
             let c = if i = 0 then inC else width * e
             let s = if i = 0 then int64 stride else 1L
-            match spec.Block with
+            match block with
             | Basic -> new BasicBlock(int64 c, int64 width, s) :> Module<Tensor, Tensor>
             | Bottleneck -> new BottleneckBlock(int64 c, int64 width, s) :> Module<Tensor, Tensor>
         Sequential(Array.init blocks block)
@@ -144,7 +165,7 @@ type ResNet(spec: Spec) as this =
     let layers =
         // Each layer reads the previous stage's output.
         let ins = stageList |> List.take (List.length layerWidths) |> List.map _.Channels
-        List.zip3 layerWidths spec.Layers ins
+        List.zip3 layerWidths blocksPerLayer ins
         |> List.mapi (fun i (w, n, inC) -> makeLayer inC w n (if i = 0 then 1 else 2))
         |> Array.ofList
     let layer1 = layers.[0]
@@ -154,19 +175,15 @@ type ResNet(spec: Spec) as this =
     let fc = Linear(int64 (List.last stageList).Channels, int64 spec.ImageNetClasses)
     do this.RegisterComponents()
 
-    member _.Spec = spec
-    member _.Stages = stageList
+    override _.Stages = stageList
 
-    /// Outputs of stages 1..upTo (1-based, at most 5), in order. Stopping early skips the deeper stages.
-    member _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
+    override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
         use y = conv1.forward x
         use y = bn1.forward y
         use y = relu.forward y
         let stem = maxpool.forward y
         let rest = [ layer1; layer2; layer3; layer4 ] |> List.truncate (upTo - 1)
         (List.scan (fun (prev: Tensor) (layer: Module<Tensor, Tensor>) -> layer.forward prev) stem rest)
-
-    member this.ForwardStages(x: Tensor) = this.ForwardStages(x, 5)
 
     /// The ImageNet classifier path, for checking pretrained weights.
     override this.forward(x) =
@@ -175,4 +192,40 @@ type ResNet(spec: Spec) as this =
         let pooled = nn.functional.adaptive_avg_pool2d(last, [| 1L; 1L |]).flatten(1L)
         (fc.forward pooled).MoveToOuterDisposeScope()
 
-let create (spec: Spec) = new ResNet(spec)
+/// torchvision's VGG without batch norm: `features` holds conv, relu (and a max pool closing each block) at the
+/// same indices as torchvision's, so its ImageNet weights load by name. Its fully connected classifier is left
+/// out: PMG does not use it, and it would be most of the parameters.
+type VggNet(spec: Spec, convs: int list) as this =
+    inherit Features(spec.Name)
+    let stageList = stages spec
+    let blocks =
+        List.zip convs (List.map _.Channels stageList)
+        |> List.scan (fun (inC, _) (n, width) ->
+            width,
+            [ for i in 0 .. n - 1 do
+                  yield Conv2d((if i = 0 then int64 inC else int64 width), int64 width, 3L, padding = 1L) :> Module<Tensor, Tensor>
+                  yield ReLU(true) :> Module<Tensor, Tensor>
+              yield MaxPool2d(2L, stride = 2L) :> Module<Tensor, Tensor> ]) (3, [])
+        |> List.tail
+        |> List.map snd
+    let features = Sequential(blocks |> List.concat |> Array.ofList)
+    do this.RegisterComponents()
+
+    override _.Stages = stageList
+
+    /// The torchvision-named layers (referenced here so that RegisterComponents sees the field).
+    member _.Layers = features
+
+    override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
+        blocks
+        |> List.truncate upTo
+        |> List.scan (fun (prev: Tensor) (layers: Module<Tensor, Tensor> list) -> layers |> List.fold (fun t l -> l.forward t) prev) x
+        |> List.tail
+
+    /// The stage outputs' last, for shape checks.
+    override this.forward(x) = this.ForwardStages x |> List.last
+
+let create (spec: Spec) : Features =
+    match spec.Family with
+    | ResNet(block, layers) -> new ResNet(spec, block, layers)
+    | Vgg convs -> new VggNet(spec, convs)
