@@ -63,7 +63,7 @@ let registry: Map<string, Spec> =
       "resnet101", Bottleneck, [ 3; 4; 23; 3 ]
       "resnet152", Bottleneck, [ 3; 8; 36; 3 ] ]
     |> List.map (fun (n, b, l) -> n, { Name = n; Family = ResNet(b, l); ImageNetClasses = 1000 })
-    |> List.append [ "vgg16", { Name = "vgg16"; Family = Vgg [ 2; 2; 3; 3; 3 ]; ImageNetClasses = 1000 } ]
+    |> List.append [ ("vgg16", { Name = "vgg16"; Family = Vgg [ 2; 2; 3; 3; 3 ]; ImageNetClasses = 1000 }) ]
     |> Map.ofList
 
 exception UnknownBackbone of string
