@@ -107,9 +107,10 @@ let vgg =
               use source = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
               let file = Path.Combine(Path.GetTempPath(), sprintf "vgg16-%d.pth" (System.Random().Next()))
               let entries =
-                  [ for kv in source.Backbone.state_dict () -> kv.Key, kv.Value
+                  [ yield! source.Backbone.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value)
                     "classifier.0.weight", torch.zeros (4L, 8L)
                     "classifier.0.bias", torch.zeros (4L) ]
+              Expect.equal entries.Length 28 "26 conv tensors and torchvision's classifier"
               Pmg.Fs.Interop.StateDict.write file entries
               use target = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
               Pmg.Fs.Interop.StateDict.loadPretrainedBackbone target file
