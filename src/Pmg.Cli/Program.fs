@@ -274,11 +274,9 @@ let private bench (a: ParseResults<BenchArgs>) =
 // ---------------------------------------------------------------------------------------------------
 
 let private data (a: ParseResults<DataArgs>) =
-    let kind =
-        match Dataset.parse (a.GetResult DataArgs.Dataset), a.TryGetResult DataArgs.Level with
-        | Dataset.Kind.Aircraft _, Some level -> Dataset.Kind.Aircraft level
-        | k, _ -> k
-    let index = Dataset.load kind (a.GetResult DataArgs.Root)
+    let root = a.GetResult DataArgs.Root
+    let kind = Run.kindOf { Kind = a.GetResult DataArgs.Dataset; Root = root; Level = a.TryGetResult DataArgs.Level }
+    let index = Dataset.load kind root
     let report = Inspect.inspect index
     if a.Contains DataArgs.Json then
         printfn "%s" (Inspect.toJson report)

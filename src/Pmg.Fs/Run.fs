@@ -10,7 +10,7 @@ open Pmg.Fs.Experiment
 open Pmg.Fs.Training
 
 /// Dataset kind from the experiment (with FGVC-Aircraft's level).
-let private kindOf (d: Experiment.OnDisk) =
+let kindOf (d: Experiment.OnDisk) =
     match Dataset.parse d.Kind, d.Level with
     | Dataset.Kind.Aircraft _, Some level -> Dataset.Kind.Aircraft level
     | kind, _ -> kind
@@ -84,8 +84,7 @@ let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks)
                started = started
                ended = ended
                datasetProblems = problems.Length |}
-    Checkpoint.writeAtomically (Path.Combine(outDir, "manifest.json")) (fun s ->
-        let b = Text.Encoding.UTF8.GetBytes(manifest None) in s.Write(b, 0, b.Length))
+    Checkpoint.writeTextAtomically (Path.Combine(outDir, "manifest.json")) (manifest None)
     let metrics = Path.Combine(outDir, "metrics.csv")
     // A resumed run keeps the rows of the epochs it already has; a fresh run starts the file.
     let keep =
@@ -95,17 +94,14 @@ let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks)
     let header = metricsHeader e
     let rows = ref keep
     let writeMetrics () =
-        Checkpoint.writeAtomically metrics (fun s ->
-            let b = Text.Encoding.UTF8.GetBytes(String.concat "\n" (header :: rows.Value) + "\n")
-            s.Write(b, 0, b.Length))
+        Checkpoint.writeTextAtomically metrics (String.concat "\n" (header :: rows.Value) + "\n")
     let epochHook (r: Trainer.EpochRecord) =
         // Drop rows of epochs that are being redone after a resume from an older checkpoint.
         rows.Value <- (rows.Value |> List.filter (fun l -> int (l.Split(',').[0]) <= r.Epoch)) @ [ metricsRow r ]
         writeMetrics ()
         hooks.Epoch r
     let summary = Trainer.run e d outDir resume { hooks with Epoch = epochHook }
-    Checkpoint.writeAtomically (Path.Combine(outDir, "manifest.json")) (fun s ->
-        let b = Text.Encoding.UTF8.GetBytes(manifest (Some DateTimeOffset.Now)) in s.Write(b, 0, b.Length))
+    Checkpoint.writeTextAtomically (Path.Combine(outDir, "manifest.json")) (manifest (Some DateTimeOffset.Now))
     // Plots, confusion matrix and report.md for the best checkpoint.
     let bestEval =
         match summary.History |> List.tryFind (fun r -> r.Epoch = summary.BestEpoch) with

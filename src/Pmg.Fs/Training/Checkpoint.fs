@@ -83,6 +83,12 @@ let writeAtomically (path: string) (write: Stream -> unit) =
         if File.Exists tmp then File.Delete tmp
         reraise ()
 
+/// A text file, written atomically.
+let writeTextAtomically (path: string) (text: string) =
+    writeAtomically path (fun s ->
+        let b = Text.Encoding.UTF8.GetBytes text
+        s.Write(b, 0, b.Length))
+
 let save (path: string) (c: Checkpoint) =
     writeAtomically path (fun fs ->
         use zip = new ZipArchive(fs, ZipArchiveMode.Create, true)
