@@ -115,7 +115,6 @@ let private elementSize miType =
     | t when t = miDOUBLE || t = miINT64 || t = miUINT64 -> 8
     | t -> malformed "unsupported data type %d in a numeric element" t
 
-/// Decodes a numeric payload of any stored type, widening to float (MATLAB may store a double array as uint8).
 let private i64 (src: Source) offset =
     let span = ReadOnlySpan(src.Bytes, offset, 8)
     if src.Little then BinaryPrimitives.ReadInt64LittleEndian span else BinaryPrimitives.ReadInt64BigEndian span
