@@ -10,6 +10,7 @@
 
 #load "../src/Pmg.Fs/Runtime/Native.fs"
       "../src/Pmg.Fs/Runtime/Scalars.fs"
+      "../src/Pmg.Fs/Runtime/Switches.fs"
       "../src/Pmg.Fs/Model/Backbone.fs"
       "../src/Pmg.Fs/Model/Heads.fs"
       "../src/Pmg.Fs/Model/Pmg.fs"
@@ -26,6 +27,7 @@
       "../src/Pmg.Fs/Experiment.fs"
       "../src/Pmg.Fs/Interop/StateDict.fs"
       "../src/Pmg.Fs/Training/Sgd.fs"
+      "../src/Pmg.Fs/Training/Engine.fs"
       "../src/Pmg.Fs/Training/Evaluate.fs"
       "../src/Pmg.Fs/Training/Checkpoint.fs"
       "../src/Pmg.Fs/Training/Trainer.fs"

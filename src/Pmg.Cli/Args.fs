@@ -19,6 +19,8 @@ type TrainArgs =
     | Grids of list: string
     | Per_Sample_Jigsaw
     | Forward of mode: string
+    | Update of mode: string
+    | Precision of p: string
     | Seed of n: int
     | Device of device: string
     | Pretrained of file: string
@@ -45,6 +47,8 @@ type TrainArgs =
             | Grids _ -> "jigsaw grid per head, finest first, e.g. 8,4,2 (default 2^(L-l+1))."
             | Per_Sample_Jigsaw -> "one patch permutation per sample (default: one per batch, like the reference)."
             | Forward _ -> "full (every step runs the whole network, as the reference; default) or truncated (granularity steps run the backbone only up to their stage: faster, BN statistics differ; default on the embedded dataset)."
+            | Update _ -> "progressive (one optimizer step per schedule step, as the paper; default) or joint (all steps' losses summed, one optimizer step per iteration: the paper's ablation)."
+            | Precision _ -> "fp32 (default) or bf16 (bf16 compute under libtorch's autocast, fp32 weights, gradients and optimizer state)."
             | Seed _ -> "random seed (default 0)."
             | Device _ -> "cpu (default) or cuda."
             | Pretrained _ -> "torchvision ImageNet ResNet weights (.pth or .safetensors) for the backbone."
@@ -127,6 +131,8 @@ type BenchArgs =
     | Iterations of k: int
     | Warmup of k: int
     | Classes of n: int
+    | Engine of features: string
+    | Ladder
     | Data
     | Workers of n: int
 
@@ -137,7 +143,9 @@ type BenchArgs =
             | Backbone _ -> "backbone (default resnet50)."
             | Batch_Size _ -> "batch size (default 16)."
             | Image_Size _ -> "input size (default 448)."
-            | Precision _ -> "fp32 (default)."
+            | Precision _ -> "fp32 (default) or bf16 (mixed: bf16 compute, fp32 weights and optimizer state)."
+            | Engine _ -> "default (the device's), plain (none), or a comma list of flat, nhwc, benchmark, tf32, pinned."
+            | Ladder -> "one child process per cumulative change (plain fp32, +flat, +benchmark/tf32, +nhwc, +bf16), then a table."
             | Mode _ -> "train (all progressive steps, default) or eval."
             | Iterations _ -> "timed iterations (default 10)."
             | Warmup _ -> "untimed iterations first (default 3)."

@@ -26,6 +26,12 @@ let private onDisk (name: string) (root: string option) (level: string option) :
     | None -> failwithf "--dataset %s needs --root DIR (the dataset's folder in its official layout)" name
     | Some r -> Experiment.OnDisk { Kind = name; Root = r; Level = level }
 
+let private precisionOf (p: string) =
+    match p.ToLowerInvariant() with
+    | "fp32" -> Experiment.Fp32
+    | "bf16" -> Experiment.Bf16
+    | other -> failwithf "--precision %s: use fp32 or bf16" other
+
 // ---------------------------------------------------------------------------------------------------
 
 let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
@@ -69,6 +75,13 @@ let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
             | Some "full" -> Experiment.Full
             | Some "truncated" -> Experiment.Truncated
             | Some other -> failwithf "--forward %s: use full or truncated" other
+        Update =
+            match a.TryGetResult Update with
+            | None -> baseline.Update
+            | Some "progressive" -> Experiment.Progressive
+            | Some "joint" -> Experiment.Joint
+            | Some other -> failwithf "--update %s: use progressive or joint" other
+        Precision = (match a.TryGetResult TrainArgs.Precision with Some p -> precisionOf p | None -> baseline.Precision)
         Optimizer = { baseline.Optimizer with Lr = lr; BackboneLr = backboneLr }
         Epochs = a.GetResult(TrainArgs.Epochs, baseline.Epochs)
         WarmupEpochs = a.GetResult(Warmup_Epochs, (if a.Contains TrainArgs.Epochs then min baseline.WarmupEpochs (a.GetResult TrainArgs.Epochs - 1) else baseline.WarmupEpochs))
@@ -224,26 +237,99 @@ let private benchData (a: ParseResults<BenchArgs>) =
     printfn "%.1f img/s" rate
     0
 
-let private bench (a: ParseResults<BenchArgs>) =
-    if a.Contains BenchArgs.Data then benchData a else
+let private engineOf (device: torch.Device) (spec: string) : Engine.Engine =
+    match spec with
+    | "default" -> Engine.forDevice device
+    | "plain" -> Engine.plain
+    | list ->
+        list.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+        |> Array.fold
+            (fun (e: Engine.Engine) feature ->
+                match feature with
+                | "flat" -> { e with FlatParameters = true }
+                | "nhwc" -> { e with ChannelsLast = true }
+                | "benchmark" -> { e with CudnnBenchmark = true }
+                | "tf32" -> { e with Tf32 = true }
+                | "pinned" -> { e with PinnedCopies = true }
+                | other -> failwithf "--engine: unknown feature '%s'; use default, plain, or a list of flat, nhwc, benchmark, tf32, pinned" other)
+            Engine.plain
+
+/// The rungs of `--ladder`: each adds one change to the one before.
+let private ladder =
+    [ "plain port, fp32", "plain", "fp32"
+      "+ flat parameters and SGD", "flat", "fp32"
+      "+ cuDNN autotuning, TF32 matmul", "flat,benchmark,tf32", "fp32"
+      "+ NHWC (channels_last)", "flat,benchmark,tf32,nhwc", "fp32"
+      "+ bf16 mixed precision", "flat,benchmark,tf32,nhwc", "bf16"
+      "bf16 mixed, plain otherwise", "plain", "bf16" ]
+
+/// Runs every rung in a child process of its own (a fresh caching allocator each, so memory figures are its own).
+let private benchLadder (argv: string[]) =
+    let self = Reflection.Assembly.GetEntryAssembly().Location
+    let keep =
+        // The caller's other options, minus the ones each rung sets.
+        let rec strip = function
+            | ("--ladder") :: rest -> strip rest
+            | ("--engine" | "--precision") :: _ :: rest -> strip rest
+            | x :: rest -> x :: strip rest
+            | [] -> []
+        argv |> List.ofArray |> List.skipWhile ((<>) "bench") |> List.tail |> strip
+    let runRung (engine: string) (precision: string) =
+        let args = [ "bench"; yield! keep; "--engine"; engine; "--precision"; precision ]
+        let psi = ProcessStartInfo(Environment.ProcessPath, RedirectStandardOutput = true)
+        if Path.GetFileNameWithoutExtension Environment.ProcessPath = "dotnet" then psi.ArgumentList.Add self
+        for a in args do psi.ArgumentList.Add a
+        use p = Process.Start psi
+        let out = p.StandardOutput.ReadToEnd()
+        p.WaitForExit()
+        printf "%s" out
+        let field (prefix: string) =
+            out.Split('\n') |> Array.tryFind (fun l -> l.StartsWith prefix) |> Option.map (fun l -> l.Substring(prefix.Length).Trim())
+        let rate = out.Split('\n') |> Array.tryFindBack (fun l -> l.EndsWith " img/s") |> Option.map (fun l -> l.Replace(" img/s", "").Trim())
+        p.ExitCode, field "ms per iteration (median):", rate, field "peak GPU memory:"
+    let results = [ for name, engine, precision in ladder -> name, engine, precision, runRung engine precision ]
+    printfn ""
+    printfn "| change | --engine | --precision | ms / iteration | img/s | speed-up | peak GPU memory |"
+    printfn "| --- | --- | --- | --- | --- | --- | --- |"
+    let baseRate =
+        match results with
+        | (_, _, _, (0, _, Some r, _)) :: _ -> Some(float r)
+        | _ -> None
+    for name, engine, precision, (code, ms, rate, mem) in results do
+        let speedup =
+            match baseRate, rate with
+            | Some b, Some r when code = 0 -> sprintf "%.2fx" (float r / b)
+            | _ -> "-"
+        let show = Option.defaultValue (if code = 0 then "-" else sprintf "failed (exit %d)" code)
+        printfn "| %s | %s | %s | %s | %s | %s | %s |" name engine precision (show ms) (show rate) speedup (show mem)
+    if results |> List.forall (fun (_, _, _, (c, _, _, _)) -> c = 0) then 0 else 1
+
+let private bench (argv: string[]) (a: ParseResults<BenchArgs>) =
+    if a.Contains BenchArgs.Data then benchData a
+    elif a.Contains Ladder then benchLadder argv
+    else
     let device = a.GetResult(BenchArgs.Device, "cpu")
     Runtime.Native.init (deviceBackend device) |> ignore
     let batch = a.GetResult(BenchArgs.Batch_Size, 16)
     let size = a.GetResult(BenchArgs.Image_Size, Transforms.Spec.paperCrop)
     let mode = a.GetResult(Mode, "train")
-    let precision = a.GetResult(Precision, "fp32")
-    if precision <> "fp32" then failwithf "--precision %s: only fp32 is implemented so far" precision
+    if mode <> "train" && mode <> "eval" then failwithf "--mode %s: use train or eval" mode
     let classes = a.GetResult(BenchArgs.Classes, 200)
     let e =
         { Experiment.paper classes (Experiment.Embedded Synthetic.Config.Default) with
             Model = { Pmg.Config.Paper classes with Backbone = a.GetResult(BenchArgs.Backbone, "resnet50") }
             BatchSize = batch
-            Device = device }
-    let s = Trainer.createSession e
-    let dev = s.Device
+            Device = device
+            Precision = precisionOf (a.GetResult(BenchArgs.Precision, "fp32")) }
+    let dev = torch.Device device
+    let cuda = dev.``type`` = DeviceType.CUDA
+    let sync () = if cuda then torch.cuda.synchronize ()
+    if cuda then (use _ = torch.ones (1L, device = dev) in sync ())
+    let before = if cuda then GpuMemory.used () else None
+    let engine = engineOf dev (a.GetResult(BenchArgs.Engine, "default"))
+    let s = Trainer.createSessionWith engine e
     use x = torch.randn ([| int64 batch; 3L; int64 size; int64 size |], device = dev)
     use y = torch.randint (int64 classes, [| int64 batch |], device = dev)
-    let sync () = if dev.``type`` = DeviceType.CUDA then torch.cuda.synchronize ()
     let once () =
         use _ = torch.NewDisposeScope()
         if mode = "train" then
@@ -252,7 +338,8 @@ let private bench (a: ParseResults<BenchArgs>) =
         else
             s.Net.eval ()
             use _ = torch.no_grad ()
-            s.Net.forward x |> ignore
+            use _ = Evaluate.computeRegion e.Precision dev
+            s.Net.forward (Engine.inputLayout engine x) |> ignore
     let warm = a.GetResult(Warmup, 3)
     let iters = a.GetResult(Iterations, 10)
     for _ in 1..warm do once ()
@@ -264,10 +351,14 @@ let private bench (a: ParseResults<BenchArgs>) =
               sync ()
               w.Elapsed.TotalMilliseconds ]
     let ms = median times
-    printfn "%s %s %s batch %d %dx%d, %d steps/iteration, %d timed after %d warm-up"
-        mode e.Model.Backbone device batch size size (if mode = "train" then e.Schedule.Length else 1) iters warm
+    printfn "%s %s %s %s batch %d %dx%d, %d steps/iteration, %d timed after %d warm-up, engine %A"
+        mode e.Model.Backbone device (a.GetResult(BenchArgs.Precision, "fp32")) batch size size
+        (if mode = "train" then e.Schedule.Length else 1) iters warm engine
     printfn "ms per iteration (median): %.1f" ms
-    printfn "peak host memory: %.2f GiB" (float (Process.GetCurrentProcess().PeakWorkingSet64) / 1073741824.0)
+    match before, (if cuda then GpuMemory.used () else None) with
+    | Some b, Some after -> printfn "peak GPU memory: %.2f GiB" (float (after - b) / 1073741824.0)
+    | _ when cuda -> printfn "peak GPU memory: unavailable (no CUDA runtime answered cudaMemGetInfo)"
+    | _ -> printfn "peak host memory: %.2f GiB" (float (Process.GetCurrentProcess().PeakWorkingSet64) / 1073741824.0)
     printfn "%.1f img/s" (float batch * 1000.0 / ms)
     0
 
@@ -312,7 +403,7 @@ let main argv =
         | Eval a -> eval a
         | Predict a -> predict a
         | Export a -> export a
-        | Bench a -> bench a
+        | Bench a -> bench argv a
         | Data a -> data a
         | Cam a -> VisualCommands.cam a
         | Jigsaw a -> VisualCommands.jigsaw a

@@ -15,6 +15,14 @@ type ForwardMode =
     /// Only the backbone up to the head's stage runs: less work, same gradients.
     | Truncated
 
+/// How an iteration turns its steps into parameter updates.
+type Update =
+    /// The paper's progressive training: every step has its own forward, loss, backward and optimizer step.
+    | Progressive
+    /// The ablation "all granularities at once": every step's forward on its own jigsaw, the weighted losses
+    /// summed, one backward and one optimizer step per iteration.
+    | Joint
+
 type Data =
     /// The embedded procedural dataset: no files needed.
     | Embedded of Data.Synthetic.Config
@@ -42,6 +50,7 @@ type Experiment =
       Schedule: Schedule.Step list
       Permutation: Jigsaw.Permutation
       Forward: ForwardMode
+      Update: Update
       Optimizer: Optim
       Epochs: int
       /// Epochs at the start that train only the concat classifier on whole images (see Schedule.stepsAt).
@@ -63,6 +72,7 @@ let paper (classes: int) (data: Data) : Experiment =
       Schedule = Schedule.paper
       Permutation = Jigsaw.PerBatch
       Forward = Full
+      Update = Progressive
       Optimizer = { Lr = 0.002; BackboneLr = 0.0002; Momentum = 0.9; WeightDecay = 5e-4 }
       Epochs = 200
       WarmupEpochs = 0

@@ -167,11 +167,15 @@ type private GlobalContextFn = delegate of unit -> nativeint
 [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
 type private SetFlagFn = delegate of nativeint * [<MarshalAs(UnmanagedType.U1)>] flag: bool -> unit
 
-let private disableMkldnn (torchCpu: nativeint) =
+/// Calls one of at::Context's `void setX(bool)` methods on libtorch's global context.
+let private setContextFlagIn (torchCpu: nativeint) (setterSymbol: string) (value: bool) =
     let ctx = NativeLibrary.GetExport(torchCpu, "_ZN2at13globalContextEv")
-    let setter = NativeLibrary.GetExport(torchCpu, "_ZN2at7Context20setUserEnabledMkldnnEb")
+    let setter = NativeLibrary.GetExport(torchCpu, setterSymbol)
     let context = Marshal.GetDelegateForFunctionPointer<GlobalContextFn>(ctx).Invoke()
-    Marshal.GetDelegateForFunctionPointer<SetFlagFn>(setter).Invoke(context, false)
+    Marshal.GetDelegateForFunctionPointer<SetFlagFn>(setter).Invoke(context, value)
+
+let private disableMkldnn (torchCpu: nativeint) =
+    setContextFlagIn torchCpu "_ZN2at7Context20setUserEnabledMkldnnEb" false
 
 let private mkldnnWanted () =
     match Environment.GetEnvironmentVariable "PMG_MKLDNN" with
@@ -222,6 +226,7 @@ let private loadFrom (dir: string) (file: string) =
         fail (sprintf "cannot load %s: %s" path e.Message)
 
 let mutable private loaded: Loaded option = None
+let mutable private torchCpuHandle = 0n
 let private gate = obj ()
 
 let private bringUp (backend: Backend) =
@@ -249,6 +254,7 @@ let private bringUp (backend: Backend) =
     loadFrom libDir "libc10.so" |> ignore
     if backend = Cuda then loadFrom libDir "libc10_cuda.so" |> ignore
     let torchCpu = loadFrom libDir "libtorch_cpu.so"
+    torchCpuHandle <- torchCpu
     if backend = Cuda then loadFrom libDir "libtorch_cuda.so" |> ignore
     loadFrom libDir "libtorch.so" |> ignore
 
@@ -291,3 +297,19 @@ let init (backend: Backend) : Loaded =
 
 /// What `init` did, if it ran.
 let current () = loaded
+
+let private handle () =
+    if torchCpuHandle = 0n then fail "libtorch is not loaded yet: call Runtime.Native.init first"
+    torchCpuHandle
+
+/// The address of a function exported by the loaded libtorch_cpu, by its C++ mangled name: for the switches
+/// TorchSharp does not expose (see Runtime.Switches).
+let export (symbol: string) : nativeint =
+    match NativeLibrary.TryGetExport(handle (), symbol) with
+    | true, f -> f
+    | false, _ -> fail (sprintf "libtorch_cpu exports no %s: this libtorch is not the 2.x this project was built for" symbol)
+
+/// Sets one of at::Context's boolean switches (e.g. "_ZN2at7Context17setBenchmarkCuDNNEb").
+let setContextFlag (setterSymbol: string) (value: bool) =
+    export setterSymbol |> ignore
+    setContextFlagIn (handle ()) setterSymbol value

@@ -21,8 +21,15 @@ let correctTopK (k: int) (logits: torch.Tensor) (labels: torch.Tensor) : torch.T
     let struct (_, top) = logits.topk (k, dim = 1)
     top.eq(labels.unsqueeze 1L).any(1L).sum ()
 
-/// Evaluates `net` in eval mode without gradients over batches of (images, labels) already on its device.
-let run (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Tensor>) : Accuracy =
+/// Where the forward of a network runs in bf16 (libtorch's autocast) for `Bf16`; nothing for `Fp32`.
+let computeRegion (precision: Pmg.Fs.Experiment.Precision) (device: torch.Device) : System.IDisposable =
+    match precision with
+    | Pmg.Fs.Experiment.Bf16 -> Pmg.Fs.Runtime.Switches.autocastBf16 device
+    | Pmg.Fs.Experiment.Fp32 -> { new System.IDisposable with member _.Dispose() = () }
+
+/// Evaluates `net` in eval mode without gradients over batches of (images, labels) already on its device, the
+/// forward in the given precision.
+let run (precision: Pmg.Fs.Experiment.Precision) (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Tensor>) : Accuracy =
     net.eval ()
     use _ = torch.no_grad ()
     let heads = net.Config.Heads
@@ -36,7 +43,11 @@ let run (net: Pmg.Network) (classes: int) (batches: seq<torch.Tensor * torch.Ten
         // The batch was made outside this scope: it is this iteration's to free.
         use x = x
         use y = y
-        let out = net.forward x
+        let out =
+            use _ = computeRegion precision device
+            net.forward x
+        // Scores are compared and summed in fp32 whatever the forward ran in.
+        let out: Pmg.Outputs = { Heads = out.Heads |> List.map (fun h -> h.to_type torch.float32); Concat = out.Concat.to_type torch.float32 }
         let combined = out.Combined
         let correct =
             [| yield! out.Heads |> List.map (fun h -> correctTopK 1 h y)

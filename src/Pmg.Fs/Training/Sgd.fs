@@ -6,8 +6,13 @@
 /// that is what the reference code did (PyTorch 1.x's zero_grad left zeros, not None), so weight decay and
 /// momentum keep moving the other heads during a granularity step. It also makes a resumed run identical to an
 /// uninterrupted one, whatever gradients existed before.
+///
+/// With `Flat` storage each group's parameters, gradients and momentum live in three flat tensors (the parameters
+/// and their .grad become views of them), so a step is four kernels per group instead of several per parameter;
+/// autograd accumulates into the existing .grad views in place.
 module Pmg.Fs.Training.Sgd
 
+open System.Collections.Generic
 open TorchSharp
 open Pmg.Fs.Runtime.Scalars
 
@@ -20,61 +25,165 @@ type Group =
 
 type Settings = { Momentum: float; WeightDecay: float }
 
+/// Where parameters and gradients are kept.
+type Storage =
+    /// Each parameter its own tensor (a step is a few kernels per parameter).
+    | PerParameter
+    /// Each group's parameters and gradients as views of one flat tensor.
+    | Flat
+
+/// One group's flat tensors and where each parameter sits in them: (name, offset, sizes, strides).
+type Slab =
+    { Values: torch.Tensor
+      Grads: torch.Tensor
+      Slices: (string * int64 * int64[] * int64[]) list
+      mutable Momentum: torch.Tensor option }
+
 type Optimizer =
     { Settings: Settings
       Groups: Group list
-      /// Momentum buffers by parameter name, created on the first step.
-      Buffers: System.Collections.Generic.Dictionary<string, torch.Tensor> }
+      /// Flat storage: one slab per group, in the groups' order; empty for per-parameter storage.
+      Slabs: Slab list
+      /// Momentum buffers by parameter name (views of the slab's momentum with flat storage).
+      Buffers: Dictionary<string, torch.Tensor> }
 
-let create (settings: Settings) (groups: Group list) : Optimizer =
+/// A view of `flat` with the sizes and strides of a parameter, `offset` elements in.
+let private viewAt (flat: torch.Tensor) (offset: int64) (sizes: int64[]) (strides: int64[]) =
+    flat.as_strided (sizes, strides, offset)
+
+exception StorageError of string
+
+/// Moves a group's parameters into one flat tensor, keeping each parameter's strides (a channels-last weight
+/// stays channels-last), and gives each a .grad view of a flat gradient tensor.
+let private flatten (g: Group) : Slab =
+    use _ = torch.no_grad ()
+    let ps = g.Parameters |> List.map snd
+    let first = List.head ps
+    for name, p in g.Parameters do
+        if p.dtype <> first.dtype || p.device.ToString() <> first.device.ToString() then
+            raise (StorageError(sprintf "group %s mixes dtypes or devices (%s); flat storage needs one of each" g.Name name))
+        // Dense strides (contiguous in some dimension order) span exactly numel elements.
+        let span = Array.fold2 (fun acc (size: int64) (stride: int64) -> acc + (size - 1L) * stride) 1L p.shape (p.stride ())
+        if span <> p.numel () then
+            raise (StorageError(sprintf "parameter %s is not dense; flat storage cannot hold it" name))
+    let total = ps |> List.sumBy (fun p -> p.numel ())
+    let values = (torch.empty ([| total |], dtype = first.dtype, device = first.device)).DetachFromDisposeScope()
+    let grads = (torch.zeros ([| total |], dtype = first.dtype, device = first.device)).DetachFromDisposeScope()
+    let slices =
+        g.Parameters
+        |> List.mapFold
+            (fun offset (name, p) ->
+                let sizes, strides = p.shape, p.stride ()
+                use v = viewAt values offset sizes strides
+                v.copy_ p |> ignore
+                p.set_ v |> ignore
+                // .grad keeps its own reference to the view.
+                use gv = viewAt grads offset sizes strides
+                p.grad <- gv
+                (name, offset, sizes, strides), offset + p.numel ())
+            0L
+        |> fst
+    { Values = values; Grads = grads; Slices = slices; Momentum = None }
+
+let create (storage: Storage) (settings: Settings) (groups: Group list) : Optimizer =
+    let groups = groups |> List.filter (fun g -> not g.Parameters.IsEmpty)
     { Settings = settings
       Groups = groups
-      Buffers = System.Collections.Generic.Dictionary() }
+      Slabs = (match storage with Flat -> List.map flatten groups | PerParameter -> [])
+      Buffers = Dictionary() }
 
 let zeroGrad (opt: Optimizer) =
-    for g in opt.Groups do
-        for _, p in g.Parameters do
-            let grad = p.grad
-            if not (isNull grad) then grad.zero_ () |> ignore
+    if opt.Slabs.IsEmpty then
+        for g in opt.Groups do
+            for _, p in g.Parameters do
+                let grad = p.grad
+                if not (isNull grad) then grad.zero_ () |> ignore
+    else
+        for s in opt.Slabs do
+            s.Grads.zero_ () |> ignore
 
-/// One update of every parameter (no gradient = zero gradient).
-let step (opt: Optimizer) =
-    use _ = torch.no_grad ()
+/// The momentum update in place (a new buffer on the first step); returns the direction to step along.
+let private momentumOf (s: Settings) (existing: torch.Tensor option) (d: torch.Tensor) (keep: torch.Tensor -> unit) =
+    if s.Momentum = 0.0 then
+        d.alias ()
+    else
+        match existing with
+        | Some buf -> scalar s.Momentum (fun m -> (addInPlace (buf.mul_ m) d).alias ())
+        | None ->
+            // Lives across batches: not owned by the caller's per-batch dispose scope.
+            let buf = d.detach().clone().DetachFromDisposeScope()
+            keep buf
+            buf.alias ()
+
+let private stepPerParameter (opt: Optimizer) =
     let s = opt.Settings
     for g in opt.Groups do
         for name, p in g.Parameters do
             let grad = p.grad
             use grad = if isNull grad then torch.zeros_like p else grad.alias ()
-            do
-                use d = if s.WeightDecay <> 0.0 then scalar s.WeightDecay (fun wd -> grad.add (p, wd)) else grad.alias ()
-                let update =
-                    if s.Momentum = 0.0 then
-                        d.alias ()
-                    else
-                        match opt.Buffers.TryGetValue name with
-                        | true, buf -> scalar s.Momentum (fun m -> (addInPlace (buf.mul_ m) d).alias ())
-                        | false, _ ->
-                            // Lives across batches: not owned by the caller's per-batch dispose scope.
-                            let buf = d.detach().clone().DetachFromDisposeScope()
-                            opt.Buffers.[name] <- buf
-                            buf.alias ()
-                use update = update
-                scalar -g.Lr (fun lr -> p.add_ (update, lr)) |> ignore
+            use d = if s.WeightDecay <> 0.0 then scalar s.WeightDecay (fun wd -> grad.add (p, wd)) else grad.alias ()
+            let existing = match opt.Buffers.TryGetValue name with | true, b -> Some b | _ -> None
+            use update = momentumOf s existing d (fun buf -> opt.Buffers.[name] <- buf)
+            scalar -g.Lr (fun lr -> p.add_ (update, lr)) |> ignore
+
+let private nameViews (opt: Optimizer) (slab: Slab) (buf: torch.Tensor) =
+    for name, offset, sizes, strides in slab.Slices do
+        // Kept across batches: not owned by the caller's per-batch dispose scope.
+        opt.Buffers.[name] <- (viewAt buf offset sizes strides).DetachFromDisposeScope()
+
+let private stepFlat (opt: Optimizer) =
+    let s = opt.Settings
+    for g, slab in List.zip opt.Groups opt.Slabs do
+        // The gradient tensor is rewritten by the next zeroGrad, so weight decay may go into it in place.
+        if s.WeightDecay <> 0.0 then
+            scalar s.WeightDecay (fun wd -> slab.Grads.add_ (slab.Values, wd)) |> ignore
+        use update =
+            momentumOf s slab.Momentum slab.Grads (fun buf ->
+                slab.Momentum <- Some buf
+                nameViews opt slab buf)
+        scalar -g.Lr (fun lr -> slab.Values.add_ (update, lr)) |> ignore
+
+/// One update of every parameter (no gradient = zero gradient).
+let step (opt: Optimizer) =
+    use _ = torch.no_grad ()
+    if opt.Slabs.IsEmpty then stepPerParameter opt else stepFlat opt
 
 /// Sets every group's learning rate from its base rate.
 let setLr (schedule: float -> float) (opt: Optimizer) =
     for g in opt.Groups do
         g.Lr <- schedule g.BaseLr
 
-/// The momentum buffers, for a checkpoint.
+/// The momentum buffers by parameter name, for a checkpoint.
 let state (opt: Optimizer) : (string * torch.Tensor) list =
     [ for kv in opt.Buffers -> kv.Key, kv.Value ]
 
-/// Restores momentum buffers saved by `state`; every name must belong to a parameter of this optimizer.
+/// Restores momentum buffers saved by `state`; every name must belong to a parameter of this optimizer. With flat
+/// storage a group's buffers are all saved or none (they are created together on the first step).
 let restore (opt: Optimizer) (saved: (string * torch.Tensor) list) =
-    let known = opt.Groups |> List.collect (fun g -> g.Parameters |> List.map (fun (n, p) -> n, p)) |> Map.ofList
+    let known = opt.Groups |> List.collect (fun g -> g.Parameters) |> Map.ofList
+    for name, _ in saved do
+        if not (known.ContainsKey name) then
+            raise (StorageError(sprintf "optimizer state names parameter '%s', which this model does not have" name))
+    let saved = Map.ofList saved
+    for KeyValue(_, b) in opt.Buffers do
+        b.Dispose()
     opt.Buffers.Clear()
-    for name, t in saved do
-        match Map.tryFind name known with
-        | None -> failwithf "optimizer state names parameter '%s', which this model does not have" name
-        | Some p -> opt.Buffers.[name] <- t.``to``(p.device).detach().clone().DetachFromDisposeScope()
+    for slab in opt.Slabs do
+        slab.Momentum |> Option.iter (fun m -> m.Dispose())
+    use _ = torch.no_grad ()
+    if opt.Slabs.IsEmpty then
+        for KeyValue(name, t) in saved do
+            opt.Buffers.[name] <- t.``to``(known.[name].device).detach().clone().DetachFromDisposeScope()
+    else
+        for g, slab in List.zip opt.Groups opt.Slabs do
+            let present = g.Parameters |> List.filter (fun (n, _) -> saved.ContainsKey n) |> List.length
+            if present = 0 then
+                slab.Momentum <- None
+            elif present < g.Parameters.Length then
+                raise (StorageError(sprintf "optimizer state holds %d of the %d momentum buffers of group %s; it must hold all or none" present g.Parameters.Length g.Name))
+            else
+                let buf = torch.zeros_like(slab.Values).DetachFromDisposeScope()
+                nameViews opt slab buf
+                for name, _, _, _ in slab.Slices do
+                    opt.Buffers.[name].copy_ saved.[name] |> ignore
+                slab.Momentum <- Some buf

@@ -53,7 +53,8 @@ type Session =
       Net: Pmg.Network
       Optimizer: Sgd.Optimizer
       Jigsaw: torch.Generator
-      Device: torch.Device }
+      Device: torch.Device
+      Engine: Engine.Engine }
 
 let lastName = "last.ckpt"
 let bestName = "best.ckpt"
@@ -75,8 +76,9 @@ let private groups (e: Experiment) (net: Pmg.Network) : Sgd.Group list =
 
 let private initLock = obj ()
 
-/// Builds the network, optimizer and generator of an experiment (weights from the seed, or ImageNet weights).
-let createSession (e: Experiment) : Session =
+/// Builds the network, optimizer and generator of an experiment (weights from the seed, or ImageNet weights),
+/// laid out and stepped as `engine` says.
+let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
     let e = validate e
     let device = torch.Device e.Device
     // Seeding and drawing the initial weights from libtorch's global generator must not interleave with
@@ -87,35 +89,64 @@ let createSession (e: Experiment) : Session =
             Pmg.create e.Model)
     e.Pretrained |> Option.iter (Interop.StateDict.loadPretrainedBackbone net)
     net.``to`` device |> ignore
-    let opt = Sgd.create { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } (groups e net)
+    Engine.applySwitches engine device
+    // Before the optimizer: flat storage keeps the strides it finds.
+    if engine.ChannelsLast then Engine.toChannelsLast net
+    let storage = if engine.FlatParameters then Sgd.Flat else Sgd.PerParameter
+    let opt = Sgd.create storage { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } (groups e net)
     { Experiment = e
       Net = net
       Optimizer = opt
       Jigsaw = new torch.Generator(uint64 e.Seed)
-      Device = device }
+      Device = device
+      Engine = engine }
+
+/// A session with the engine chosen for the experiment's device (Engine.forDevice).
+let createSession (e: Experiment) : Session =
+    createSessionWith (Engine.forDevice (torch.Device (validate e).Device)) e
+
+/// The logits (fp32) of one step's output on its jigsaw of x; the forward runs in bf16 under autocast when the
+/// experiment says so, the loss after it in fp32.
+let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : torch.Tensor =
+    let input = Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation step.Grid x |> Engine.inputLayout s.Engine
+    let logits =
+        use _ = Evaluate.computeRegion s.Experiment.Precision s.Device
+        match s.Experiment.Forward, step.Head with
+        | Truncated, Pmg.Granularity i -> s.Net.ForwardHead(input, i)
+        | _ -> (s.Net.forward input).Of step.Head
+    logits.to_type torch.float32
+
+let private lossOf (step: Schedule.Step) (logits: torch.Tensor) (y: torch.Tensor) =
+    torch.nn.functional.cross_entropy (logits, y) |> Runtime.Scalars.scale step.LossWeight
 
 /// One progressive step: jigsaw, forward, weighted cross-entropy, backward, SGD step. Returns the loss and the
 /// number of correct top-1 predictions, both still on the device.
 let trainStep (s: Session) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Tensor) : torch.Tensor * torch.Tensor =
     Sgd.zeroGrad s.Optimizer
-    let input = Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation step.Grid x
-    let logits =
-        match s.Experiment.Forward, step.Head with
-        | Truncated, Pmg.Granularity i -> s.Net.ForwardHead(input, i)
-        | _ -> (s.Net.forward input).Of step.Head
-    let loss = torch.nn.functional.cross_entropy (logits, y) |> Runtime.Scalars.scale step.LossWeight
+    let logits = stepLogits s step x
+    let loss = lossOf step logits y
     loss.backward ()
     Sgd.step s.Optimizer
     loss.detach (), Evaluate.correctTopK 1 logits y
 
-/// One iteration: the given steps, in order, on one batch.
+/// One iteration on one batch: the given steps in order, each with its own update (Progressive), or all their
+/// weighted losses summed into one backward and one update (Joint). Returns each step's loss and correct count.
 let iteration (s: Session) (steps: Schedule.Step list) (x: torch.Tensor) (y: torch.Tensor) : (torch.Tensor * torch.Tensor) list =
-    steps |> List.map (fun step -> trainStep s step x y)
+    match s.Experiment.Update with
+    | Progressive -> steps |> List.map (fun step -> trainStep s step x y)
+    | Joint ->
+        Sgd.zeroGrad s.Optimizer
+        let outputs = steps |> List.map (fun step -> let logits = stepLogits s step x in lossOf step logits y, logits)
+        let total = outputs |> List.map fst |> List.reduce Runtime.Scalars.add
+        total.backward ()
+        Sgd.step s.Optimizer
+        outputs |> List.map (fun (loss, logits) -> loss.detach (), Evaluate.correctTopK 1 logits y)
 
-let private toDevice (device: torch.Device) (b: Loader.Batch) =
-    let x = torch.tensor (b.Images, dimensions = ReadOnlySpan [| int64 b.Size; 3L; int64 b.Height; int64 b.Width |])
-    let y = torch.tensor (b.Labels)
-    x.``to`` device, y.``to`` device
+/// A loader batch on the device; the host copies are freed here.
+let private toDevice (engine: Engine.Engine) (device: torch.Device) (b: Loader.Batch) =
+    use x = torch.tensor (b.Images, dimensions = ReadOnlySpan [| int64 b.Size; 3L; int64 b.Height; int64 b.Width |])
+    use y = torch.tensor (b.Labels)
+    Engine.upload engine device x, Engine.upload engine device y
 
 let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epoch: int) =
     let spec =
@@ -123,13 +154,22 @@ let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epo
         else Transforms.Spec.test e.Input.Resize e.Input.Crop
     Loader.batches source spec e.BatchSize train e.Seed epoch e.Workers 2
 
-/// Evaluates a network on a source with the experiment's test transform and batch size.
+let private evaluateWith (engine: Engine.Engine) (e: Experiment) (net: Pmg.Network) (device: torch.Device) classes source =
+    batchesOf e source false 0
+    |> Seq.map (fun b ->
+        let x, y = toDevice engine device b
+        use x = x
+        Engine.inputLayout engine x, y)
+    |> Evaluate.run e.Precision net classes
+
+/// Evaluates a network on a source with the experiment's test transform, batch size and precision.
 let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (classes: int) (source: Loader.Source) =
-    batchesOf e source false 0 |> Seq.map (toDevice device) |> Evaluate.run net classes
+    // A loaded network keeps NCHW weights: NHWC inputs would make every convolution convert them.
+    evaluateWith { Engine.forDevice device with ChannelsLast = false } e net device classes source
 
 /// Evaluates a session's network.
 let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
-    evaluateNet s.Experiment s.Net s.Device classes source
+    evaluateWith s.Engine s.Experiment s.Net s.Device classes source
 
 /// One epoch of training. Losses and accuracy are summed on the device and read once at the end.
 let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
@@ -150,7 +190,7 @@ let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
         // BatchNorm cannot train on one sample; a last batch of one is skipped like PyTorch's drop_last would.
         if b.Size >= 2 then
             use _ = torch.NewDisposeScope()
-            let x, y = toDevice s.Device b
+            let x, y = toDevice s.Engine s.Device b
             let results = iteration s (List.map snd active) x y
             let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Runtime.Scalars.scale (float b.Size))
             let correct = results |> List.last |> snd
