@@ -2,7 +2,7 @@
 // dataset and the ImageNet weights, builds the experiment (the paper's recipe, or a miniature for --smoke), trains
 // it with Run.train and prints the results beside the paper's number.
 //   dotnet fsi experiments/<dataset>.fsx [--smoke] [--root DIR] [--pretrained FILE] [--epochs N]
-//                                        [--device cpu|cuda] [--out DIR]
+//                                        [--device cpu|cuda] [--precision fp32|bf16] [--out DIR]
 // A dataset script loads Pmg.fsx itself, then this file: `#load "Pmg.fsx"` here, nested under another script,
 // fails in dotnet fsi 10 (FS0247: the script module `Pmg` of Pmg.fsx clashes with the library's namespace `Pmg`
 // when the load is not at the top level).
@@ -42,12 +42,14 @@ type Args =
       Pretrained: string option
       Epochs: int option
       Device: string
+      /// fp32, or bf16 mixed precision (bf16 compute, fp32 weights and optimizer state: for GPUs).
+      Precision: Experiment.Precision
       Out: string option }
 
 /// `--flag value` pairs and the bare `--smoke`; anything else stops the script with the usage.
 let parseArgs (argv: string list) : Args =
     let usage () =
-        eprintfn "usage: dotnet fsi <script> [--smoke] [--root DIR] [--pretrained FILE] [--epochs N] [--device cpu|cuda] [--out DIR]"
+        eprintfn "usage: dotnet fsi <script> [--smoke] [--root DIR] [--pretrained FILE] [--epochs N] [--device cpu|cuda] [--precision fp32|bf16] [--out DIR]"
         exit missingInputExit
     let rec go (a: Args) args =
         match args with
@@ -60,11 +62,13 @@ let parseArgs (argv: string list) : Args =
             | true, n when n >= 1 -> go { a with Epochs = Some n } rest
             | _ -> usage ()
         | "--device" :: v :: rest -> go { a with Device = v } rest
+        | "--precision" :: "fp32" :: rest -> go { a with Precision = Experiment.Fp32 } rest
+        | "--precision" :: "bf16" :: rest -> go { a with Precision = Experiment.Bf16 } rest
         | "--out" :: v :: rest -> go { a with Out = Some v } rest
         | other :: _ ->
             eprintfn "unknown argument: %s" other
             usage ()
-    go { Smoke = false; Root = None; Pretrained = None; Epochs = None; Device = "cpu"; Out = None } argv
+    go { Smoke = false; Root = None; Pretrained = None; Epochs = None; Device = "cpu"; Precision = Experiment.Fp32; Out = None } argv
 
 /// A command-line value, else a non-empty environment variable.
 let private orEnv (variable: string) (value: string option) =
@@ -142,7 +146,7 @@ let experiment (spec: DatasetSpec) (args: Args) : Experiment.Experiment =
     let pretrained = if args.Smoke then None else Some(resolvePretrained args)
     let data = Experiment.OnDisk { Kind = spec.Kind; Root = root; Level = None }
     let classes = (fst (Run.data (Experiment.paper 2 data))).Classes.Length
-    let paper = { Experiment.paper classes data with Pretrained = pretrained; Device = args.Device }
+    let paper = { Experiment.paper classes data with Pretrained = pretrained; Device = args.Device; Precision = args.Precision }
     let e = if args.Smoke then smoke paper else paper
     match args.Epochs with
     | Some n -> { e with Epochs = n; WarmupEpochs = min e.WarmupEpochs (n - 1) }

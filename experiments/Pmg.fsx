@@ -11,6 +11,7 @@
 #load "../src/Pmg.Fs/Runtime/Native.fs"
       "../src/Pmg.Fs/Runtime/Scalars.fs"
       "../src/Pmg.Fs/Runtime/Switches.fs"
+      "../src/Pmg.Fs/Model/Norm.fs"
       "../src/Pmg.Fs/Model/Backbone.fs"
       "../src/Pmg.Fs/Model/Heads.fs"
       "../src/Pmg.Fs/Model/Pmg.fs"

@@ -29,14 +29,20 @@ let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
     let nn = int64 n
     let ph, pw = h / nn, w / nn
     if n <= 1 || ph = 0L || pw = 0L then
-        x.clone ()
+        x.alias ()
     else
         use _ = torch.NewDisposeScope()
         let cells = nn * nn
         let core = x.narrow(2L, 0L, nn * ph).narrow(3L, 0L, nn * pw)
         // (B, C, n, ph, n, pw) -> (B*n*n, C, ph, pw): one row per patch, row-major over the grid.
         let patches = core.reshape(b, c, nn, ph, nn, pw).permute(0L, 2L, 4L, 1L, 3L, 5L).reshape(b * cells, c, ph, pw)
-        let perm = perm.``to``(x.device).to_type(ScalarType.Int64)
+        let perm =
+            if x.device.``type`` = DeviceType.CUDA then
+                // From pinned memory without blocking: a pageable copy would wait for the GPU's queue.
+                use pinned = perm.to_type(ScalarType.Int64).pin_memory ()
+                pinned.``to`` (x.device, non_blocking = true)
+            else
+                perm.to_type ScalarType.Int64
         let rows =
             if perm.shape.[0] = 1L then perm.expand(b, cells) else perm
         let starts = Runtime.Scalars.scalarInt cells (torch.arange(b, device = x.device).unsqueeze(1L)).mul
@@ -55,7 +61,7 @@ let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
 /// Jigsaw of `x` with n x n patches, permutations drawn from `gen`.
 let shuffle (gen: Generator) (mode: Permutation) (n: int) (x: Tensor) : Tensor =
     if n <= 1 then
-        x.clone ()
+        x.alias ()
     else
         use perm = permutations gen mode (int x.shape.[0]) n
         apply perm n x

@@ -81,13 +81,13 @@ let find (name: string) : Spec =
 type private BasicBlock(inC: int64, width: int64, stride: int64) as this =
     inherit Module<Tensor, Tensor>("BasicBlock")
     let conv1 = Conv2d(inC, width, 3L, stride = stride, padding = 1L, bias = false)
-    let bn1 = BatchNorm2d(width)
+    let bn1 = Norm.Norm.BatchNorm2d(width)
     let conv2 = Conv2d(width, width, 3L, stride = 1L, padding = 1L, bias = false)
-    let bn2 = BatchNorm2d(width)
+    let bn2 = Norm.Norm.BatchNorm2d(width)
     let relu = ReLU(true)
     let downsample: Module<Tensor, Tensor> =
         if stride <> 1L || inC <> width then
-            Sequential(Conv2d(inC, width, 1L, stride = stride, bias = false), BatchNorm2d(width))
+            Sequential(Conv2d(inC, width, 1L, stride = stride, bias = false), Norm.Norm.BatchNorm2d(width))
         else
             null
     do this.RegisterComponents()
@@ -106,16 +106,16 @@ type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
     inherit Module<Tensor, Tensor>("Bottleneck")
     let outC = width * 4L
     let conv1 = Conv2d(inC, width, 1L, bias = false)
-    let bn1 = BatchNorm2d(width)
+    let bn1 = Norm.Norm.BatchNorm2d(width)
     // torchvision's v1.5: the stride sits on the 3x3 conv.
     let conv2 = Conv2d(width, width, 3L, stride = stride, padding = 1L, bias = false)
-    let bn2 = BatchNorm2d(width)
+    let bn2 = Norm.Norm.BatchNorm2d(width)
     let conv3 = Conv2d(width, outC, 1L, bias = false)
-    let bn3 = BatchNorm2d(outC)
+    let bn3 = Norm.Norm.BatchNorm2d(outC)
     let relu = ReLU(true)
     let downsample: Module<Tensor, Tensor> =
         if stride <> 1L || inC <> outC then
-            Sequential(Conv2d(inC, outC, 1L, stride = stride, bias = false), BatchNorm2d(outC))
+            Sequential(Conv2d(inC, outC, 1L, stride = stride, bias = false), Norm.Norm.BatchNorm2d(outC))
         else
             null
     do this.RegisterComponents()
@@ -148,7 +148,7 @@ type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
     inherit Features(spec.Name)
     let stageList = stages spec
     let conv1 = Conv2d(3L, int64 stemChannels, 7L, stride = 2L, padding = 3L, bias = false)
-    let bn1 = BatchNorm2d(int64 stemChannels)
+    let bn1 = Norm.Norm.BatchNorm2d(int64 stemChannels)
     let relu = ReLU(true)
     let maxpool = MaxPool2d(3L, stride = 2L, padding = 1L)
 

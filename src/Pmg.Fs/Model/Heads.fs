@@ -23,7 +23,7 @@ type Config =
 type BasicConv(inC: int64, outC: int64, kernel: int64, padding: int64, momentum: float) as this =
     inherit Module<Tensor, Tensor>("BasicConv")
     let conv = Conv2d(inC, outC, kernel, stride = 1L, padding = padding, bias = false)
-    let bn = BatchNorm2d(outC, eps = 1e-5, momentum = momentum)
+    let bn = Norm.Norm.BatchNorm2d(outC, eps = 1e-5, momentum = momentum)
     let relu = ReLU()
     do this.RegisterComponents()
 
@@ -49,9 +49,9 @@ type Elu() =
 let classifier (config: Config) (inputs: int) (classes: int) : Module<Tensor, Tensor> =
     let f = int64 config.FeatureSize
     Sequential(
-        BatchNorm1d(int64 inputs) :> Module<Tensor, Tensor>,
+        Norm.Norm.BatchNorm1d(int64 inputs) :> Module<Tensor, Tensor>,
         Linear(int64 inputs, f),
-        BatchNorm1d(f),
+        Norm.Norm.BatchNorm1d(f),
         new Elu(),
         Linear(f, int64 classes)
     )

@@ -25,6 +25,9 @@ let private one = (1L).ToScalar()
 let add (a: torch.Tensor) (b: torch.Tensor) : torch.Tensor = a.add (b, one)
 let addInPlace (a: torch.Tensor) (b: torch.Tensor) : torch.Tensor = a.add_ (b, one)
 
+/// t += 1 (an integer counter such as BatchNorm's num_batches_tracked).
+let increment (t: torch.Tensor) = t.add_ (one, one) |> ignore
+
 /// t * k with a float factor.
 let scale (k: float) (t: torch.Tensor) = scalar k t.mul
 

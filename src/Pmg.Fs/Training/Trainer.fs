@@ -183,6 +183,9 @@ let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
     use sums = torch.zeros ([| int64 steps + 1L |], dtype = torch.float64, device = s.Device)
     let mutable images = 0
     let mutable skipped = []
+    // Each value goes to its step's column; the last column counts correct predictions. Made once: a per-batch
+    // host-to-device copy would wait for the GPU.
+    use positions = torch.tensor (Array.append [| for i, _ in active -> int64 i |] [| int64 steps |], device = s.Device)
     let clock = Stopwatch.StartNew()
     batchesOf e data.Train true epoch
     |> Seq.iteri (fun i b ->
@@ -194,8 +197,6 @@ let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
             let results = iteration s (List.map snd active) x y
             let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Runtime.Scalars.scale (float b.Size))
             let correct = results |> List.last |> snd
-            // Each value goes to its step's column; the last column counts correct predictions.
-            let positions = torch.tensor (Array.append [| for i, _ in active -> int64 i |] [| int64 steps |])
             let values = torch.stack (losses @ [ correct.to_type torch.float64 ])
             Runtime.Scalars.scalar 1.0 (fun one -> sums.index_add_ (0L, positions, values, one)) |> ignore
             images <- images + b.Size
