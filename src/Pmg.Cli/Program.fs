@@ -286,10 +286,11 @@ let private benchLadder (argv: string[]) =
         let field (prefix: string) =
             out.Split('\n') |> Array.tryFind (fun l -> l.StartsWith prefix) |> Option.map (fun l -> l.Substring(prefix.Length).Trim())
         let rate = out.Split('\n') |> Array.tryFindBack (fun l -> l.EndsWith " img/s") |> Option.map (fun l -> l.Replace(" img/s", "").Trim())
-        p.ExitCode, field "ms per iteration (median):", rate, field "peak GPU memory:"
+        let memory = field "peak GPU memory:" |> Option.orElse (field "peak host memory:" |> Option.map (sprintf "%s (host)"))
+        p.ExitCode, field "ms per iteration (median):", rate, memory
     let results = [ for name, engine, precision in ladder -> name, engine, precision, runRung engine precision ]
     printfn ""
-    printfn "| change | --engine | --precision | ms / iteration | img/s | speed-up | peak GPU memory |"
+    printfn "| change | --engine | --precision | ms / iteration | img/s | speed-up | peak memory |"
     printfn "| --- | --- | --- | --- | --- | --- | --- |"
     let baseRate =
         match results with

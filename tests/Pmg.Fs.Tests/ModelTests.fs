@@ -44,7 +44,7 @@ let tests =
               let bns =
                   net.named_modules ()
                   |> Seq.filter (fun struct (n, _) -> n.StartsWith "conv_block" && n.EndsWith ".bn")
-                  |> Seq.map (fun struct (_, m) -> (m :?> Modules.BatchNorm2d).momentum)
+                  |> Seq.map (fun struct (_, m) -> (m :?> Modules.BatchNorm).momentum)
                   |> List.ofSeq
               Expect.equal bns.Length 6 "two BNs per conv block"
               for m in bns do
