@@ -26,11 +26,16 @@ let private onDisk (name: string) (root: string option) (level: string option) :
     | None -> failwithf "--dataset %s needs --root DIR (the dataset's folder in its official layout)" name
     | Some r -> Experiment.OnDisk { Kind = name; Root = r; Level = level }
 
-let private precisionOf (p: string) =
-    match p.ToLowerInvariant() with
-    | "fp32" -> Experiment.Fp32
-    | "bf16" -> Experiment.Bf16
-    | other -> failwithf "--precision %s: use fp32 or bf16" other
+/// A flag's value among named choices; the fallback when the flag is absent.
+let private choose (flag: string) (choices: (string * 'T) list) (fallback: 'T) (given: string option) : 'T =
+    match given with
+    | None -> fallback
+    | Some v ->
+        match choices |> List.tryFind (fun (name, _) -> name = v.ToLowerInvariant()) with
+        | Some(_, x) -> x
+        | None -> failwithf "%s %s: use %s" flag v (choices |> List.map fst |> String.concat " or ")
+
+let private precisions = [ "fp32", Experiment.Fp32; "bf16", Experiment.Bf16 ]
 
 // ---------------------------------------------------------------------------------------------------
 
@@ -69,19 +74,9 @@ let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
         Model = model
         Schedule = schedule
         Permutation = (if a.Contains Per_Sample_Jigsaw then Jigsaw.PerSample else baseline.Permutation)
-        Forward =
-            match a.TryGetResult Forward with
-            | None -> baseline.Forward
-            | Some "full" -> Experiment.Full
-            | Some "truncated" -> Experiment.Truncated
-            | Some other -> failwithf "--forward %s: use full or truncated" other
-        Update =
-            match a.TryGetResult Update with
-            | None -> baseline.Update
-            | Some "progressive" -> Experiment.Progressive
-            | Some "joint" -> Experiment.Joint
-            | Some other -> failwithf "--update %s: use progressive or joint" other
-        Precision = (match a.TryGetResult TrainArgs.Precision with Some p -> precisionOf p | None -> baseline.Precision)
+        Forward = a.TryGetResult Forward |> choose "--forward" [ "full", Experiment.Full; "truncated", Experiment.Truncated ] baseline.Forward
+        Update = a.TryGetResult Update |> choose "--update" [ "progressive", Experiment.Progressive; "joint", Experiment.Joint ] baseline.Update
+        Precision = a.TryGetResult TrainArgs.Precision |> choose "--precision" precisions baseline.Precision
         Optimizer = { baseline.Optimizer with Lr = lr; BackboneLr = backboneLr }
         Epochs = a.GetResult(TrainArgs.Epochs, baseline.Epochs)
         WarmupEpochs = a.GetResult(Warmup_Epochs, (if a.Contains TrainArgs.Epochs then min baseline.WarmupEpochs (a.GetResult TrainArgs.Epochs - 1) else baseline.WarmupEpochs))
@@ -321,7 +316,7 @@ let private bench (argv: string[]) (a: ParseResults<BenchArgs>) =
             Model = { Pmg.Config.Paper classes with Backbone = a.GetResult(BenchArgs.Backbone, "resnet50") }
             BatchSize = batch
             Device = device
-            Precision = precisionOf (a.GetResult(BenchArgs.Precision, "fp32")) }
+            Precision = a.TryGetResult BenchArgs.Precision |> choose "--precision" precisions Experiment.Fp32 }
     let dev = torch.Device device
     let cuda = dev.``type`` = DeviceType.CUDA
     let sync () = if cuda then torch.cuda.synchronize ()

@@ -309,7 +309,11 @@ let export (symbol: string) : nativeint =
     | true, f -> f
     | false, _ -> fail (sprintf "libtorch_cpu exports no %s: this libtorch is not the 2.x this project was built for" symbol)
 
-/// Sets one of at::Context's boolean switches (e.g. "_ZN2at7Context17setBenchmarkCuDNNEb").
-let setContextFlag (setterSymbol: string) (value: bool) =
-    export setterSymbol |> ignore
-    setContextFlagIn (handle ()) setterSymbol value
+/// Sets one of at::Context's boolean switches (e.g. "_ZN2at7Context17setBenchmarkCuDNNEb"); false where this
+/// libtorch does not export that setter (another version: the switch is a speed option, not worth failing for).
+let trySetContextFlag (setterSymbol: string) (value: bool) : bool =
+    match NativeLibrary.TryGetExport(handle (), setterSymbol) with
+    | true, _ ->
+        setContextFlagIn (handle ()) setterSymbol value
+        true
+    | false, _ -> false

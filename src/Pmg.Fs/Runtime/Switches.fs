@@ -48,9 +48,12 @@ let autocastBf16 (device: torch.Device) : IDisposable =
             clearCache.Value.Invoke() }
 
 /// cuDNN tries its convolution algorithms once per shape and keeps the fastest (torch.backends.cudnn.benchmark).
-let setCudnnBenchmark (on: bool) = Native.setContextFlag "_ZN2at7Context17setBenchmarkCuDNNEb" on
+/// False where this libtorch has no such setter.
+let setCudnnBenchmark (on: bool) : bool = Native.trySetContextFlag "_ZN2at7Context17setBenchmarkCuDNNEb" on
 
 /// TF32 tensor-core math for fp32 convolutions (cuDNN) and matrix products (cuBLAS) on Ampere and later.
-let setTf32 (on: bool) =
-    Native.setContextFlag "_ZN2at7Context17setAllowTF32CuDNNEb" on
-    Native.setContextFlag "_ZN2at7Context18setAllowTF32CuBLASEb" on
+/// False where this libtorch lacks either setter.
+let setTf32 (on: bool) : bool =
+    let cudnn = Native.trySetContextFlag "_ZN2at7Context17setAllowTF32CuDNNEb" on
+    let cublas = Native.trySetContextFlag "_ZN2at7Context18setAllowTF32CuBLASEb" on
+    cudnn && cublas

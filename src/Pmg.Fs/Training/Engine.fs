@@ -39,11 +39,14 @@ let forDevice (device: torch.Device) =
         { plain with FlatParameters = true }
 
 /// Turns on the process-wide switches a CUDA engine asks for. Off leaves libtorch's defaults (TF32 convolutions,
-/// fp32 matrix products, no autotuning), which is also what the reference PyTorch code runs with.
-let applySwitches (engine: Engine) (device: torch.Device) =
+/// fp32 matrix products, no autotuning), which is also what the reference PyTorch code runs with. Returns the
+/// switches this libtorch could not set.
+let applySwitches (engine: Engine) (device: torch.Device) : string list =
     if isCuda device then
-        if engine.CudnnBenchmark then Pmg.Fs.Runtime.Switches.setCudnnBenchmark true
-        if engine.Tf32 then Pmg.Fs.Runtime.Switches.setTf32 true
+        [ if engine.CudnnBenchmark && not (Pmg.Fs.Runtime.Switches.setCudnnBenchmark true) then "cuDNN autotuning"
+          if engine.Tf32 && not (Pmg.Fs.Runtime.Switches.setTf32 true) then "TF32" ]
+    else
+        []
 
 /// NHWC strides for an NCHW tensor (same shape, same values).
 let channelsLast (x: torch.Tensor) : torch.Tensor =

@@ -89,7 +89,9 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
             Pmg.create e.Model)
     e.Pretrained |> Option.iter (Interop.StateDict.loadPretrainedBackbone net)
     net.``to`` device |> ignore
-    Engine.applySwitches engine device
+    for missing in Engine.applySwitches engine device do
+        // A speed option only: say so and go on.
+        eprintfn "warning: this libtorch cannot switch on %s; training goes on without it" missing
     // Before the optimizer: flat storage keeps the strides it finds.
     if engine.ChannelsLast then Engine.toChannelsLast net
     let storage = if engine.FlatParameters then Sgd.Flat else Sgd.PerParameter
