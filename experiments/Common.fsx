@@ -109,15 +109,19 @@ let private resolveRoot (spec: DatasetSpec) (args: Args) : string =
                   sprintf "Download it from %s, extract it (folder %s), then pass --root <folder> or set %s." spec.Download spec.Fixture spec.RootVariable
                   "(--smoke runs a one-minute check on the miniature fixture instead.)" ]
 
-let private resolvePretrained (args: Args) : string =
-    match orEnv pretrainedVariable args.Pretrained with
-    | Some file when File.Exists file -> file
-    | Some file ->
+/// The backbone and its weights: --pretrained (or PMG_PRETRAINED) as given, else the ImageNet weights that ship
+/// with the project, on their backbone (resnet18-mlnet), said aloud: the paper's numbers need ResNet50.
+let private resolveWeights (args: Args) : (string * Model.Backbone.Weights) option =
+    match orEnv pretrainedVariable args.Pretrained |> Option.map Model.Backbone.Weights.parse with
+    | Some(Model.Backbone.File file) when not (File.Exists file) ->
         missing [ sprintf "ImageNet weights %s do not exist." (Path.GetFullPath file)
                   sprintf "Download %s and pass --pretrained <file> or set %s." pretrainedDownload pretrainedVariable ]
+    | Some Model.Backbone.ImageNet
     | None ->
-        missing [ "The paper's recipe starts from ImageNet weights and none were given."
-                  sprintf "Download %s and pass --pretrained <file> or set %s." pretrainedDownload pretrainedVariable ]
+        eprintfn "no ResNet50 file given: starting from the ImageNet weights that ship (resnet18-mlnet); the paper's numbers need ResNet50 (download %s, pass --pretrained <file> or set %s)"
+            pretrainedDownload pretrainedVariable
+        Some("resnet18-mlnet", Model.Backbone.ImageNet)
+    | Some w -> Some("resnet50", w)
 
 /// The miniature that --smoke trains: the paper's method on a small ResNet with tiny images, so that the whole
 /// pipeline (reading the official layout, jigsaws, every head, evaluation, run directory) runs in about a minute.
@@ -137,16 +141,20 @@ let private smoke (e: Experiment.Experiment) : Experiment.Experiment =
         BatchSize = Smoke.batchSize
         Input = Smoke.input
         Workers = Smoke.workers
-        Pretrained = None }
+        Weights = Model.Backbone.Scratch }
 
 /// The experiment for a dataset: the paper's recipe, shrunk for --smoke. The class count comes from the dataset
 /// itself, so the fixture (a few classes) and the full dataset take the same path.
 let experiment (spec: DatasetSpec) (args: Args) : Experiment.Experiment =
     let root = resolveRoot spec args
-    let pretrained = if args.Smoke then None else Some(resolvePretrained args)
+    let weights = if args.Smoke then None else resolveWeights args
     let data = Experiment.OnDisk { Kind = spec.Kind; Root = root; Level = None }
     let classes = (fst (Run.data (Experiment.paper 2 data))).Classes.Length
-    let paper = { Experiment.paper classes data with Pretrained = pretrained; Device = args.Device; Precision = args.Precision }
+    let paper = { Experiment.paper classes data with Device = args.Device; Precision = args.Precision }
+    let paper =
+        match weights with
+        | Some(backbone, w) -> { paper with Model = { paper.Model with Backbone = backbone }; Weights = w }
+        | None -> paper
     let e = if args.Smoke then smoke paper else paper
     match args.Epochs with
     | Some n -> { e with Epochs = n; WarmupEpochs = min e.WarmupEpochs (n - 1) }
@@ -167,9 +175,10 @@ let private printResults (spec: DatasetSpec) (e: Experiment.Experiment) (summary
         | Some p -> sprintf "%.1f%% (ResNet50, combined)" p
         | None -> "not reported in the paper"
     printfn "top-1 combined: %.1f%%   paper: %s" (100.0 * last.Test.Combined) paper
-    if e.Epochs < (Experiment.paper 2 e.Data).Epochs || e.Pretrained.IsNone then
+    let paper = Experiment.paper 2 e.Data
+    if e.Epochs < paper.Epochs || e.Model.Backbone <> paper.Model.Backbone || e.Weights = Model.Backbone.Scratch then
         printfn "(not the paper's recipe: %d epochs, %s, %s; not comparable to the paper's number)"
-            e.Epochs e.Model.Backbone (if e.Pretrained.IsSome then "ImageNet weights" else "from scratch")
+            e.Epochs e.Model.Backbone (Model.Backbone.Weights.describe e.Weights)
 
 /// The whole script: arguments, experiment, training, results. Exits 2 when the dataset or weights are missing.
 let run (spec: DatasetSpec) =

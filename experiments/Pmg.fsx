@@ -7,6 +7,8 @@
 #r "nuget: TorchSharp.PyBridge, 1.4.4"
 #r "nuget: SixLabors.ImageSharp, 2.1.13"
 #r "nuget: ScottPlot, 5.1.59"
+// Not linked: restored for the ImageNet weights it ships (Interop/ImageNet.fs reads them from the package folder).
+#r "nuget: Microsoft.ML.DnnImageFeaturizer.ResNet18, 0.23.1"
 
 #load "../src/Pmg.Fs/Runtime/Native.fs"
       "../src/Pmg.Fs/Runtime/Scalars.fs"
@@ -27,6 +29,9 @@
       "../src/Pmg.Fs/Json.fs"
       "../src/Pmg.Fs/Experiment.fs"
       "../src/Pmg.Fs/Interop/StateDict.fs"
+      "../src/Pmg.Fs/Interop/Protobuf.fs"
+      "../src/Pmg.Fs/Interop/Onnx.fs"
+      "../src/Pmg.Fs/Interop/ImageNet.fs"
       "../src/Pmg.Fs/Training/Sgd.fs"
       "../src/Pmg.Fs/Training/Engine.fs"
       "../src/Pmg.Fs/Training/Evaluate.fs"

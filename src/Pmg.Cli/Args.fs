@@ -23,7 +23,7 @@ type TrainArgs =
     | Precision of p: string
     | Seed of n: int
     | Device of device: string
-    | Pretrained of file: string
+    | Pretrained of weights: string
     | Crop_To_Box
     | Workers of n: int
     | Out of dir: string
@@ -51,7 +51,7 @@ type TrainArgs =
             | Precision _ -> "fp32 (default) or bf16 (bf16 compute under libtorch's autocast, fp32 weights, gradients and optimizer state)."
             | Seed _ -> "random seed (default 0)."
             | Device _ -> "cpu (default) or cuda."
-            | Pretrained _ -> "torchvision ImageNet ResNet weights (.pth or .safetensors) for the backbone."
+            | Pretrained _ -> "the backbone's starting weights: imagenet (the ones that ship, for resnet18-mlnet; the embedded default), none (random), or a file: torchvision's ImageNet state_dict (.pth, .safetensors) or an ONNX ResNet."
             | Crop_To_Box -> "crop each image to its bounding box (CUB, Cars, Aircraft, Dogs)."
             | Workers _ -> "image decoding threads (default: cores - 1)."
             | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>)."

@@ -85,7 +85,7 @@ let private experimentOf (a: ParseResults<TrainArgs>) : Experiment.Experiment =
         Seed = a.GetResult(TrainArgs.Seed, baseline.Seed)
         Device = a.GetResult(TrainArgs.Device, baseline.Device)
         CropToBox = a.Contains Crop_To_Box || baseline.CropToBox
-        Pretrained = a.TryGetResult TrainArgs.Pretrained |> Option.orElse baseline.Pretrained
+        Weights = a.TryGetResult TrainArgs.Pretrained |> Option.map Backbone.Weights.parse |> Option.defaultValue baseline.Weights
         Workers = a.GetResult(TrainArgs.Workers, baseline.Workers) }
 
 let private train (a: ParseResults<TrainArgs>) =
@@ -383,6 +383,8 @@ let private errorText (e: exn) =
     | Checkpoint.CheckpointError m
     | Inference.LoadError m
     | Interop.StateDict.StateDictError m
+    | Interop.ImageNet.ImageNetError m
+    | Interop.Onnx.OnnxError m
     | DatasetError m
     | Backbone.UnknownBackbone m
     | Pmg.ConfigError m -> m

@@ -62,8 +62,8 @@ type Experiment =
       Precision: Precision
       Data: Data
       CropToBox: bool
-      /// torchvision ImageNet weights for the backbone (.pth or .safetensors).
-      Pretrained: string option
+      /// The backbone's starting weights.
+      Weights: Backbone.Weights
       Workers: int }
 
 /// The paper's recipe (ResNet50, 550 -> 448, batch 16, SGD 0.002 / 0.0002, cosine, 200 epochs).
@@ -83,7 +83,7 @@ let paper (classes: int) (data: Data) : Experiment =
       Precision = Fp32
       Data = data
       CropToBox = false
-      Pretrained = None
+      Weights = Backbone.Scratch
       Workers = max 1 (System.Environment.ProcessorCount - 1) }
 
 /// The main job: PMG on the embedded dataset, sized to train on two CPU cores in about three minutes. The method

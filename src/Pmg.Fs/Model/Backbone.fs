@@ -28,11 +28,32 @@ type Family =
     /// How many 3x3 convolutions each of the five blocks holds (each block ends with a 2x2 max pool).
     | Vgg of convs: int list
 
+/// A file inside a NuGet package that the project restores (paket.dependencies): weights that ship without a
+/// download.
+type Packaged =
+    { Package: string
+      Version: string
+      /// Path inside the package folder.
+      File: string }
+
 /// A backbone described as data.
 type Spec =
     { Name: string
       Family: Family
-      ImageNetClasses: int }
+      /// Classes of the ImageNet classifier kept beside the stages (torchvision's `fc`) so that ImageNet and
+      /// reference state_dicts load strictly; None where the weights' source has no classifier.
+      ImageNetClassifier: int option
+      /// ImageNet weights that ship with the project, if any.
+      ImageNet: Packaged option }
+
+/// Where a backbone's starting weights come from.
+type Weights =
+    /// Random initialisation from the seed.
+    | Scratch
+    /// The ImageNet weights that ship with the project for this backbone (Spec.ImageNet).
+    | ImageNet
+    /// A file: a torchvision state_dict (.pth, .safetensors), a PMG checkpoint's backbone, or an ONNX ResNet.
+    | File of path: string
 
 let private expansion =
     function
@@ -43,6 +64,21 @@ let private stemChannels = 64
 let private layerWidths = [ 64; 128; 256; 512 ]
 
 let private vggWidths = [ 64; 128; 256; 512; 512 ]
+
+[<RequireQualifiedAccess>]
+module Weights =
+    /// The command-line spelling: `imagenet`, `none` (random initialisation), or a file.
+    let parse (text: string) : Weights =
+        match text.Trim().ToLowerInvariant() with
+        | "imagenet" -> ImageNet
+        | "none" | "scratch" -> Scratch
+        | _ -> File text
+
+    let describe =
+        function
+        | Scratch -> "from scratch"
+        | ImageNet -> "ImageNet weights"
+        | File path -> sprintf "weights from %s" (System.IO.Path.GetFileName path)
 
 /// The five stages (L = 5). ResNet: the stem (conv1, bn1, relu, maxpool) then layer1..layer4. VGG: its five
 /// conv blocks, each ending with its max pool.
@@ -62,8 +98,20 @@ let registry: Map<string, Spec> =
       "resnet50", Bottleneck, [ 3; 4; 6; 3 ]
       "resnet101", Bottleneck, [ 3; 4; 23; 3 ]
       "resnet152", Bottleneck, [ 3; 8; 36; 3 ] ]
-    |> List.map (fun (n, b, l) -> n, { Name = n; Family = ResNet(b, l); ImageNetClasses = 1000 })
-    |> List.append [ ("vgg16", { Name = "vgg16"; Family = Vgg [ 2; 2; 3; 3; 3 ]; ImageNetClasses = 1000 }) ]
+    |> List.map (fun (n, b, l) -> n, { Name = n; Family = ResNet(b, l); ImageNetClassifier = Some 1000; ImageNet = None })
+    |> List.append
+        [ "vgg16", { Name = "vgg16"; Family = Vgg [ 2; 2; 3; 3; 3 ]; ImageNetClassifier = Some 1000; ImageNet = None }
+          // ML.NET's ImageNet "ResNet18" (exported from CNTK): basic blocks, but three in the last stage, so it is not
+          // torchvision's resnet18. Its weights ship on NuGet; Interop/ImageNet.fs converts them.
+          "resnet18-mlnet",
+          { Name = "resnet18-mlnet"
+            Family = ResNet(Basic, [ 2; 2; 2; 3 ])
+            ImageNetClassifier = None
+            ImageNet =
+              Some
+                  { Package = "Microsoft.ML.DnnImageFeaturizer.ResNet18"
+                    Version = "0.23.1"
+                    File = "tools/DnnImageModels/ResNet18Onnx/ResNet18.onnx" } } ]
     |> Map.ofList
 
 exception UnknownBackbone of string
@@ -172,7 +220,10 @@ type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
     let layer2 = layers.[1]
     let layer3 = layers.[2]
     let layer4 = layers.[3]
-    let fc = Linear(int64 (List.last stageList).Channels, int64 spec.ImageNetClasses)
+    let fc =
+        spec.ImageNetClassifier
+        |> Option.map (fun classes -> Linear(int64 (List.last stageList).Channels, int64 classes))
+        |> Option.toObj
     do this.RegisterComponents()
 
     override _.Stages = stageList
@@ -185,12 +236,13 @@ type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
         let rest = [ layer1; layer2; layer3; layer4 ] |> List.truncate (upTo - 1)
         (List.scan (fun (prev: Tensor) (layer: Module<Tensor, Tensor>) -> layer.forward prev) stem rest)
 
-    /// The ImageNet classifier path, for checking pretrained weights.
+    /// The ImageNet classifier path, for checking pretrained weights: logits, or the pooled features where the
+    /// backbone keeps no classifier.
     override this.forward(x) =
         use _ = NewDisposeScope()
         let last = this.ForwardStages x |> List.last
         let pooled = nn.functional.adaptive_avg_pool2d(last, [| 1L; 1L |]).flatten(1L)
-        (fc.forward pooled).MoveToOuterDisposeScope()
+        (if isNull fc then pooled else fc.forward pooled).MoveToOuterDisposeScope()
 
 /// torchvision's VGG without batch norm: `features` holds conv, relu (and a max pool closing each block) at the
 /// same indices as torchvision's, so its ImageNet weights load by name. Its fully connected classifier is left

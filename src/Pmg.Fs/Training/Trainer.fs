@@ -87,7 +87,7 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
         lock initLock (fun () ->
             torch.manual_seed (int64 e.Seed) |> ignore
             Pmg.create e.Model)
-    e.Pretrained |> Option.iter (Interop.StateDict.loadPretrainedBackbone net)
+    Interop.ImageNet.loadBackbone net e.Weights
     net.``to`` device |> ignore
     for missing in Engine.applySwitches engine device do
         // A speed option only: say so and go on.

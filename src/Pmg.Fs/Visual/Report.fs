@@ -63,7 +63,7 @@ let private settings (e: Experiment) : (string * string) list =
     let heads = Pmg.headNames e.Model
     [ "data", dataText e
       "classes", string e.Model.Classes
-      "backbone", e.Model.Backbone + (if e.Pretrained.IsSome then " (ImageNet weights)" else " (from scratch)")
+      "backbone", sprintf "%s (%s)" e.Model.Backbone (Backbone.Weights.describe e.Weights)
       "heads", sprintf "%d (%s)" e.Model.Heads (String.concat ", " heads)
       "schedule", e.Schedule |> List.map (stepText heads) |> String.concat "; "
       "jigsaw permutation", sprintf "%A" e.Permutation
@@ -197,7 +197,7 @@ let compare (runDirs: string list) (outFile: string) : unit =
         |> List.map (fun (name, (dir, e, _)) ->
             [ link name dir
               dataText e
-              e.Model.Backbone + (if e.Pretrained.IsSome then " (ImageNet)" else "")
+              sprintf "%s (%s)" e.Model.Backbone (Backbone.Weights.describe e.Weights)
               e.Schedule |> List.map (fun s -> if s.Grid <= 1 then "1" else string s.Grid) |> String.concat "/"
               sprintf "%A" e.Forward
               string e.Epochs

