@@ -1,4 +1,5 @@
-// The main job through the library: PMG on the embedded dataset, then the results table.
+// The main job through the library: PMG fine-tuned from ImageNet weights on the embedded dataset, then the
+// results table.
 //   dotnet fsi experiments/quickstart.fsx [epochs]
 #load "Pmg.fsx"
 
@@ -6,19 +7,16 @@ open System
 open Pmg.Fs
 open Pmg.Fs.Training
 
-Runtime.Native.init Runtime.Native.Cpu |> ignore
-
-// The experiment is a record: change any field here (backbone, schedule, sizes, learning rates...).
+// The experiment is a record: change any field here, or use Experiment's functions for the settings that follow
+// from others (withBackbone, withHeads, withGrids, withImageSize, withLr, withEpochs).
 let experiment =
     match fsi.CommandLineArgs |> Array.tryItem 1 with
-    | Some epochs ->
-        let n = int epochs
-        { Experiment.embedded with Epochs = n; WarmupEpochs = min Experiment.embedded.WarmupEpochs (n - 1) }
+    | Some epochs -> Experiment.embedded |> Experiment.withEpochs (int epochs)
     | None -> Experiment.embedded
 
 let runDir = IO.Path.Combine("runs", "quickstart-" + DateTime.Now.ToString "yyyyMMdd-HHmmss")
 
-let report (r: Trainer.EpochRecord) =
+let report (_: Trainer.Progress) (r: Trainer.EpochRecord) =
     printfn "epoch %d/%d  losses %s  test combined %.1f%%  (%.1f img/s)"
         (r.Epoch + 1) experiment.Epochs (r.StepLosses |> List.map (sprintf "%.3f") |> String.concat " ")
         (100.0 * r.Test.Combined) r.ImagesPerSecond

@@ -1,7 +1,38 @@
-/// The command line, declared with Argu: one union per subcommand.
+/// The command line, declared with Argu: one union per subcommand, and the parsing of flag values.
 module Pmg.Cli.Args
 
+open System
 open Argu
+
+/// A flag with a value it cannot take: exit code 2, like Argu's own usage errors.
+exception BadFlag of string
+
+/// A flag's value among named choices (case-insensitive).
+let choose (flag: string) (choices: (string * 'T) list) (value: string) : 'T =
+    match choices |> List.tryFind (fun (name, _) -> name = value.Trim().ToLowerInvariant()) with
+    | Some(_, x) -> x
+    | None -> raise (BadFlag(sprintf "%s %s: use %s" flag value (choices |> List.map fst |> String.concat " or ")))
+
+/// A comma list of positive integers, e.g. `--grids 8,4,2`.
+let positiveInts (flag: string) (value: string) : int list =
+    value.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+    |> Array.map (fun s ->
+        match Int32.TryParse s with
+        | true, n when n >= 1 -> n
+        | _ -> raise (BadFlag(sprintf "%s %s: give positive integers separated by commas, e.g. 8,4,2" flag value)))
+    |> List.ofArray
+
+/// An integer flag within bounds.
+let within (flag: string) (lo: int) (hi: int) (value: int) : int =
+    if value < lo || value > hi then raise (BadFlag(sprintf "%s %d: must be %d..%d" flag value lo hi))
+    value
+
+/// The device flag's value.
+let device (value: string) : Pmg.Fs.Runtime.Device =
+    try
+        Pmg.Fs.Runtime.Device.parse value
+    with Pmg.Fs.Runtime.DeviceError m ->
+        raise (BadFlag("--" + m))
 
 type TrainArgs =
     | Dataset of name: string
@@ -31,31 +62,40 @@ type TrainArgs =
 
     interface IArgParserTemplate with
         member a.Usage =
+            // Defaults are read from the recipes, so the help cannot drift from them.
+            let p = Pmg.Fs.Experiment.paper 2 Pmg.Fs.Experiment.embedded.Data
+            let m = Pmg.Fs.Experiment.embedded
             match a with
             | Dataset _ -> "embedded (default), cub, cars, aircraft, dogs or folder."
             | Root _ -> "dataset root folder (its official layout)."
             | Level _ -> "FGVC-Aircraft label level: variant (default), family or manufacturer."
-            | Backbone _ -> "resnet18/34/50/101/152 or vgg16 (default resnet50; resnet18 on the embedded dataset)."
-            | Epochs _ -> "epochs (default 200; 12 on the embedded dataset)."
-            | Warmup_Epochs _ -> "first epochs train only the concat classifier on whole images (default 0; 4 on the embedded dataset)."
-            | Batch_Size _ -> "batch size (default 16)."
-            | Image_Size _ -> "crop size in pixels (default 448)."
-            | Resize _ -> "resize before cropping (default 550, or image size * 550/448)."
-            | Lr _ -> "learning rate of the new layers (default 0.002)."
-            | Backbone_Lr _ -> "learning rate of the backbone (default lr / 10)."
-            | Heads _ -> "number of granularity heads S (default 3)."
+            | Backbone _ ->
+                sprintf "%s (default %s; %s on the embedded dataset)."
+                    (Pmg.Fs.Model.Backbone.registry.Keys |> String.concat ", ") p.Model.Backbone m.Model.Backbone
+            | Epochs _ -> sprintf "epochs (default %d; %d on the embedded dataset)." p.Epochs m.Epochs
+            | Warmup_Epochs _ -> sprintf "first epochs train only the concat classifier on whole images (default %d)." p.WarmupEpochs
+            | Batch_Size _ -> sprintf "batch size (default %d)." p.BatchSize
+            | Image_Size _ ->
+                sprintf "crop size in pixels (default %d; %d on the embedded dataset); the resize keeps the recipe's ratio (%d/%d)."
+                    p.Input.Crop m.Input.Crop p.Input.Resize p.Input.Crop
+            | Resize _ -> "resize before cropping (default: from the image size, see --image-size)."
+            | Lr _ ->
+                sprintf "learning rate of the new layers (default %g; %g on the embedded dataset); the backbone's follows at x%g."
+                    p.Optimizer.Lr m.Optimizer.Lr Pmg.Fs.Experiment.backboneLrFactor
+            | Backbone_Lr _ -> sprintf "learning rate of the backbone (default %g, or --lr x %g)." p.Optimizer.BackboneLr Pmg.Fs.Experiment.backboneLrFactor
+            | Heads _ -> sprintf "number of granularity heads S (default %d)." p.Model.Heads
             | Grids _ -> "jigsaw grid per head, finest first, e.g. 8,4,2 (default 2^(L-l+1))."
             | Per_Sample_Jigsaw -> "one patch permutation per sample (default: one per batch, like the reference)."
-            | Forward _ -> "full (every step runs the whole network, as the reference; default) or truncated (granularity steps run the backbone only up to their stage: faster, BN statistics differ; default on the embedded dataset)."
+            | Forward _ -> "full (every step runs the whole network, as the reference; the paper recipe's) or truncated (granularity steps run the backbone only up to their stage: same gradients, less work; the embedded default)."
             | Update _ -> "progressive (one optimizer step per schedule step, as the paper; default) or joint (all steps' losses summed, one optimizer step per iteration: the paper's ablation)."
             | Precision _ -> "fp32 (default) or bf16 (bf16 compute under libtorch's autocast, fp32 weights, gradients and optimizer state)."
-            | Seed _ -> "random seed (default 0)."
-            | Device _ -> "cpu (default) or cuda."
-            | Pretrained _ -> "the backbone's starting weights: imagenet (the ones that ship, for resnet18-mlnet; the embedded default), none (random), or a file: torchvision's ImageNet state_dict (.pth, .safetensors) or an ONNX ResNet."
+            | Seed _ -> sprintf "random seed (default %d)." p.Seed
+            | Device _ -> "cpu (default), cuda or cuda:N."
+            | Pretrained _ -> "the backbone's starting weights: imagenet (the ones that ship: resnet18-mlnet, the embedded default), none (random), or a file: torchvision's ImageNet state_dict (resnet50-19c8e357.pth, .safetensors) or an ONNX ResNet."
             | Crop_To_Box -> "crop each image to its bounding box (CUB, Cars, Aircraft, Dogs)."
             | Workers _ -> "image decoding threads (default: cores - 1)."
-            | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>)."
-            | Resume -> "continue the run in --out from its last.ckpt."
+            | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>); never overwritten."
+            | Resume -> "continue the run in --out from its last.ckpt (the same settings)."
 
 type EvalArgs =
     | [<Mandatory>] Checkpoint of file: string
@@ -167,6 +207,58 @@ type DataArgs =
             | Level _ -> "FGVC-Aircraft label level."
             | Json -> "print one JSON object."
 
+type CamArgs =
+    | [<Mandatory>] Checkpoint of file: string
+    | [<Mandatory>] Out of dir: string
+    | Class of k: int
+    | Class_Names of file: string
+    | Backbone of name: string
+    | Classes of n: int
+    | Image_Size of px: int
+    | Device of device: string
+    | [<MainCommand; Mandatory>] Images of image: string list
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth)."
+            | Out _ -> "folder for the montages (<image>-cam.png)."
+            | Class _ -> "class to explain (default: the class the combined logits predict)."
+            | Class_Names _ -> "class names, one a line (default: classes.txt beside the checkpoint)."
+            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
+            | Classes _ -> "class count (checked against the checkpoint)."
+            | Image_Size _ -> "crop size (default: the checkpoint's)."
+            | Device _ -> "cpu (default) or cuda."
+            | Images _ -> "image files."
+
+type JigsawArgs =
+    | [<MainCommand; Mandatory>] Image of image: string
+    | [<Mandatory>] Out of file: string
+    | Heads of s: int
+    | Grids of list: string
+    | Image_Size of px: int
+    | Seed of n: int
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Image _ -> "image file."
+            | Out _ -> "PNG to write."
+            | Heads _ -> "granularity steps S, with the paper's grids for them (default 3: 8, 4, 2, then the whole image)."
+            | Grids _ -> "jigsaw grid per granularity step instead, finest first, e.g. 8,4,2 (the whole image is added)."
+            | Image_Size _ -> "crop size (default 448)."
+            | Seed _ -> "seed of the patch permutations (default 0)."
+
+type ReportArgs =
+    | [<MainCommand; Mandatory>] Runs of dir: string list
+    | Out of file: string
+
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Runs _ -> "run directories (each with config.json and metrics.csv)."
+            | Out _ -> "Markdown file to write (default report.md); the plot goes beside it."
+
 type Command =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
@@ -174,9 +266,9 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
-    | [<CliPrefix(CliPrefix.None)>] Cam of ParseResults<VisualCommands.CamArgs>
-    | [<CliPrefix(CliPrefix.None)>] Jigsaw of ParseResults<VisualCommands.JigsawArgs>
-    | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<VisualCommands.ReportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Cam of ParseResults<CamArgs>
+    | [<CliPrefix(CliPrefix.None)>] Jigsaw of ParseResults<JigsawArgs>
+    | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportArgs>
 
     interface IArgParserTemplate with
         member a.Usage =

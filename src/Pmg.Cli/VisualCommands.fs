@@ -9,71 +9,11 @@ open Pmg.Fs
 open Pmg.Fs.Model
 open Pmg.Fs.Data
 open Pmg.Fs.Visual
+open Pmg.Cli.Args
 
-type CamArgs =
-    | [<Mandatory>] Checkpoint of file: string
-    | [<Mandatory>] Out of dir: string
-    | Class of k: int
-    | Class_Names of file: string
-    | Backbone of name: string
-    | Classes of n: int
-    | Image_Size of px: int
-    | Device of device: string
-    | [<MainCommand; Mandatory>] Images of image: string list
-
-    interface IArgParserTemplate with
-        member a.Usage =
-            match a with
-            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth)."
-            | Out _ -> "folder for the montages (<image>-cam.png)."
-            | Class _ -> "class to explain (default: the class the combined logits predict)."
-            | Class_Names _ -> "class names, one a line (default: classes.txt beside the checkpoint)."
-            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
-            | Classes _ -> "class count (checked against the checkpoint)."
-            | Image_Size _ -> "crop size (default: the checkpoint's)."
-            | Device _ -> "cpu (default) or cuda."
-            | Images _ -> "image files."
-
-type JigsawArgs =
-    | [<MainCommand; Mandatory>] Image of image: string
-    | [<Mandatory>] Out of file: string
-    | N of n: int
-    | Grids of list: string
-    | Image_Size of px: int
-    | Seed of n: int
-
-    interface IArgParserTemplate with
-        member a.Usage =
-            match a with
-            | Image _ -> "image file."
-            | Out _ -> "PNG to write."
-            | N _ -> "finest jigsaw grid; the steps halve it down to 2, then the whole image (default 8: 8, 4, 2, 1)."
-            | Grids _ -> "jigsaw grid per granularity step instead, finest first, e.g. 8,4,2 (the whole image is added)."
-            | Image_Size _ -> "crop size (default 448)."
-            | Seed _ -> "seed of the patch permutations (default 0)."
-
-type ReportArgs =
-    | [<MainCommand; Mandatory>] Runs of dir: string list
-    | Out of file: string
-
-    interface IArgParserTemplate with
-        member a.Usage =
-            match a with
-            | Runs _ -> "run directories (each with config.json and metrics.csv)."
-            | Out _ -> "Markdown file to write (default report.md); the plot goes beside it."
-
-let private backendOf (device: string) =
-    if device.StartsWith "cuda" then Runtime.Native.Cuda else Runtime.Native.Cpu
-
-let private classesTxt = "classes.txt"
-let private defaultFinestGrid = 8
 let private defaultReport = "report.md"
 
 let private loadImage = Inputs.loadImage
-
-/// The resize that keeps the paper's 550/448 ratio for a crop size.
-let private resizeFor (crop: int) =
-    int (Math.Round(float crop * float Transforms.Spec.paperResize / float Transforms.Spec.paperCrop))
 
 /// One preprocessed image (1, 3, crop, crop) on `device`.
 let private inputOf (spec: Transforms.Spec) (device: torch.Device) (path: string) : torch.Tensor =
@@ -87,7 +27,7 @@ let private warnWithoutFont () =
         eprintfn "warning: no usable font found, so the montage has no captions (set PMG_FONT to a .ttf file)"
 
 let private classNamesFor (a: ParseResults<CamArgs>) (checkpoint: string) : string[] =
-    let beside = Path.Combine(Path.GetDirectoryName(Path.GetFullPath checkpoint), classesTxt)
+    let beside = Path.Combine(Path.GetDirectoryName(Path.GetFullPath checkpoint), Run.classesName)
     match a.TryGetResult Class_Names with
     | Some f -> File.ReadAllLines f
     | None when File.Exists beside -> File.ReadAllLines beside
@@ -95,8 +35,7 @@ let private classNamesFor (a: ParseResults<CamArgs>) (checkpoint: string) : stri
     |> Array.filter (fun l -> l.Trim() <> "")
 
 let cam (a: ParseResults<CamArgs>) : int =
-    let device = a.GetResult(CamArgs.Device, "cpu")
-    Runtime.Native.init (backendOf device) |> ignore
+    let device = a.GetResult(CamArgs.Device, "cpu") |> Args.device
     let checkpoint = a.GetResult CamArgs.Checkpoint
     let overrides: Inference.Overrides =
         { Backbone = a.TryGetResult CamArgs.Backbone
@@ -124,31 +63,24 @@ let cam (a: ParseResults<CamArgs>) : int =
     warnWithoutFont ()
     0
 
-/// The grids of the granularity steps: --grids, or --n halved down to 2.
-let private gridsOf (a: ParseResults<JigsawArgs>) : int list =
-    match a.TryGetResult Grids with
-    | Some g -> g.Split(',', StringSplitOptions.RemoveEmptyEntries) |> Array.map (fun s -> int (s.Trim())) |> List.ofArray
-    | None ->
-        let n = a.GetResult(N, defaultFinestGrid)
-        if n < 2 then failwithf "--n %d: the finest grid must be at least 2" n
-        List.unfold (fun g -> if g >= 2 then Some(g, g / 2) else None) n
-
+/// The schedule the picture shows: the paper's for --heads, or --grids; the crop size keeps the recipe's resize.
 let jigsaw (a: ParseResults<JigsawArgs>) : int =
-    Runtime.Native.init Runtime.Native.Cpu |> ignore
-    let grids = gridsOf a
-    let crop = a.GetResult(JigsawArgs.Image_Size, Transforms.Spec.paperCrop)
-    let spec = Transforms.Spec.test (resizeFor crop) crop
-    let heads =
-        // Stage names of a ResNet with one head per grid, where that fits (at most 4 heads on 5 stages).
-        let resnetStages = 5
-        if grids.Length < resnetStages then Pmg.headNames { Pmg.Config.Paper 2 with Heads = grids.Length }
-        else [ for i in 1 .. grids.Length -> sprintf "head%d" i ]
+    let apply f v e = match v with Some x -> f x e | None -> e
+    let e =
+        Experiment.paper 2 Experiment.embedded.Data
+        |> apply Experiment.withHeads (a.TryGetResult JigsawArgs.Heads)
+        |> apply (fun (g: int list) -> Experiment.withHeads g.Length >> Experiment.withGrids g) (a.TryGetResult Grids |> Option.map (Args.positiveInts "--grids"))
+        |> apply Experiment.withImageSize (a.TryGetResult JigsawArgs.Image_Size |> Option.map (Args.within "--image-size" 8 4096))
+    let spec = Transforms.Spec.test e.Input.Resize e.Input.Crop
+    let names = Pmg.headNames e.Model
     let steps =
-        (List.zip heads grids |> List.mapi (fun i (h, n) -> sprintf "step %d: %s" (i + 1) h, n))
-        @ [ sprintf "step %d: concat" (grids.Length + 1), 1 ]
+        e.Schedule
+        |> List.mapi (fun i s ->
+            let head = match s.Head with Pmg.Granularity h -> names.[h] | Pmg.Concat -> "concat"
+            sprintf "step %d: %s" (i + 1) head, s.Grid)
     let path = a.GetResult Image
     use _ = torch.NewDisposeScope()
-    let x = inputOf spec torch.CPU path
+    let x = inputOf spec (Runtime.Device.torch Runtime.Cpu) path
     let out = a.GetResult JigsawArgs.Out
     let title = sprintf "%s: the inputs of one progressive training iteration" (Path.GetFileName path)
     Render.jigsawMontage title spec.Mean spec.Std x steps (int64 (a.GetResult(Seed, 0))) out

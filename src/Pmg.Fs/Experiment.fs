@@ -1,7 +1,13 @@
-/// An experiment is a record: everything that decides a run, written to config.json and into checkpoints.
+/// An experiment is a record: everything that decides a run, written to config.json and into checkpoints. This
+/// module is the one place recipes live: the paper's, the embedded main job's, and the rules that derive one
+/// setting from another (the backbone's learning rate from the heads', the resize from the crop, the schedule from
+/// the backbone and S). The CLI and the scripts only parse, call these and print.
 module Pmg.Fs.Experiment
 
+open System
 open Pmg.Fs.Model
+open Pmg.Fs.Runtime
+open Pmg.Fs.Data
 
 type Precision =
     | Fp32
@@ -25,13 +31,12 @@ type Update =
 
 type Data =
     /// The embedded procedural dataset: no files needed.
-    | Embedded of Data.Synthetic.Config
+    | Embedded of Synthetic.Config
     /// A dataset on disk in its official layout.
     | OnDisk of OnDisk
 
-/// A dataset on disk: its kind (cub, cars, aircraft, dogs, folder), root folder, and label level (FGVC-Aircraft:
-/// variant, family or manufacturer).
-and OnDisk = { Kind: string; Root: string; Level: string option }
+/// A dataset on disk: its kind (with FGVC-Aircraft's label level) and root folder.
+and OnDisk = { Kind: Dataset.Kind; Root: string }
 
 type Input =
     { Resize: int
@@ -58,7 +63,7 @@ type Experiment =
       BatchSize: int
       Input: Input
       Seed: int
-      Device: string
+      Device: Device
       Precision: Precision
       Data: Data
       CropToBox: bool
@@ -66,67 +71,150 @@ type Experiment =
       Weights: Backbone.Weights
       Workers: int }
 
-/// The paper's recipe (ResNet50, 550 -> 448, batch 16, SGD 0.002 / 0.0002, cosine, 200 epochs).
+/// The paper's backbone learning rate is a tenth of the new layers' (0.0002 and 0.002).
+let backboneLrFactor = 0.1
+
+/// The paper resizes to 550 and crops 448.
+let private paperInput = { Resize = 550; Crop = 448; Padding = 8 }
+
+/// The paper's recipe (ResNet50 from ImageNet weights, 550 -> 448, batch 16, SGD 0.002 / 0.0002, cosine, 200
+/// epochs).
 let paper (classes: int) (data: Data) : Experiment =
     { Model = Pmg.Config.Paper classes
       Schedule = Schedule.paper
       Permutation = Jigsaw.PerBatch
       Forward = Full
       Update = Progressive
-      Optimizer = { Lr = 0.002; BackboneLr = 0.0002; Momentum = 0.9; WeightDecay = 5e-4 }
+      Optimizer = { Lr = 0.002; BackboneLr = 0.002 * backboneLrFactor; Momentum = 0.9; WeightDecay = 5e-4 }
       Epochs = 200
       WarmupEpochs = 0
       BatchSize = 16
-      Input = { Resize = 550; Crop = 448; Padding = 8 }
+      Input = paperInput
       Seed = 0
-      Device = "cpu"
+      Device = Cpu
       Precision = Fp32
       Data = data
       CropToBox = false
-      Weights = Backbone.Scratch
-      Workers = max 1 (System.Environment.ProcessorCount - 1) }
+      // For ResNet50 no ImageNet weights ship: a run must name torchvision's file or say `none` (Weights.parse).
+      Weights = Backbone.ImageNet
+      Workers = max 1 (Environment.ProcessorCount - 1) }
 
-/// The main job: PMG on the embedded dataset, sized to train on two CPU cores in about three minutes. The method
-/// is the paper's (three heads on the last three stages, 8/4/2 jigsaws then concat x2, one SGD step per step,
-/// cosine per epoch); what differs is sized for a from-scratch CPU run: ResNet18, 48 px crops, heads a quarter as
-/// wide, BN momentum 0.1 in the conv blocks (0.01 lags behind over a few hundred iterations), one learning rate for
-/// backbone and heads, four warm-up epochs of plain classification standing in for the ImageNet weights the paper
-/// starts from (jigsaw steps on random features barely learn), and granularity steps that run the backbone only up
-/// to their head (same gradients, a third less work).
+/// The main job: PMG as published (three heads on the last three stages, 8/4/2 jigsaws then concat x2, one SGD
+/// step per step, cosine per epoch) fine-tuned from the ImageNet weights that ship with the project, on the
+/// embedded dataset, sized for two CPU cores: resnet18-mlnet, 64 px crops, heads a quarter as wide (128/256),
+/// BN momentum 0.1 in the conv blocks (0.01 lags behind over a hundred iterations), granularity steps that run the
+/// backbone only up to their head (same gradients, less work), six epochs.
 let embedded: Experiment =
-    let data = Data.Synthetic.Config.Default
+    let crop = 64
+    let data = { Synthetic.Config.Default with ImageSize = crop + crop / 8 }
     { paper data.Classes (Embedded data) with
         Model =
             { Pmg.Config.Paper data.Classes with
-                Backbone = "resnet18"
+                Backbone = "resnet18-mlnet"
                 Head = { Heads.Config.Paper with FeatureSize = 128; BlockChannels = 256; BlockBnMomentum = 0.1 } }
+        Schedule = Schedule.progressive (Backbone.find "resnet18-mlnet") 3
         Forward = Truncated
-        Optimizer = { Lr = 0.01; BackboneLr = 0.01; Momentum = 0.9; WeightDecay = 5e-4 }
-        Epochs = 12
-        WarmupEpochs = 4
-        Input = { Resize = 56; Crop = 48; Padding = 4 } }
+        Optimizer = { Lr = 0.02; BackboneLr = 0.005; Momentum = 0.9; WeightDecay = 5e-4 }
+        Epochs = 6
+        Input = { Resize = data.ImageSize; Crop = crop; Padding = 4 }
+        Weights = Backbone.ImageNet }
+
+/// The recipe for a dataset: the embedded main job, or the paper's for the classes a dataset on disk has.
+let forData (data: Data) (classes: int) : Experiment =
+    match data with
+    | Embedded d -> { embedded with Data = data; Model = { embedded.Model with Classes = d.Classes } }
+    | OnDisk _ -> paper classes data
+
+// ---- Changing a recipe: each rule that ties one setting to another lives here. ----------------------------
+
+/// Another backbone: the progressive schedule follows its stage list.
+let withBackbone (name: string) (e: Experiment) : Experiment =
+    let spec = Backbone.find name
+    { e with Model = { e.Model with Backbone = spec.Name }; Schedule = Schedule.progressive spec e.Model.Heads }
+
+/// S granularity heads on the last S stages, with the paper's grids for them.
+let withHeads (heads: int) (e: Experiment) : Experiment =
+    { e with Model = { e.Model with Heads = heads }; Schedule = Schedule.progressive (Backbone.find e.Model.Backbone) heads }
 
 exception InvalidExperiment of string list
 
-/// Every impossible setting at once, or the experiment unchanged.
+/// Chosen jigsaw grids for the heads, finest first; concat keeps its step and weight.
+let withGrids (grids: int list) (e: Experiment) : Experiment =
+    if grids.Length <> e.Model.Heads then
+        raise (InvalidExperiment [ sprintf "%d grids for %d heads: give one grid per head, finest first" grids.Length e.Model.Heads ])
+    let concatWeight =
+        e.Schedule |> List.tryFind (fun s -> s.Head = Pmg.Concat) |> Option.map _.LossWeight |> Option.defaultValue 2.0
+    { e with Schedule = Schedule.withGrids grids concatWeight }
+
+/// Crop size in pixels; the resize keeps the recipe's ratio (550/448 in the paper's).
+let withImageSize (crop: int) (e: Experiment) : Experiment =
+    let resize = int (Math.Round(float crop * float e.Input.Resize / float e.Input.Crop))
+    { e with Input = { e.Input with Crop = crop; Resize = resize } }
+
+let withResize (resize: int) (e: Experiment) : Experiment = { e with Input = { e.Input with Resize = resize } }
+
+/// The new layers' learning rate; the backbone's follows at the paper's ratio.
+let withLr (lr: float) (e: Experiment) : Experiment =
+    { e with Optimizer = { e.Optimizer with Lr = lr; BackboneLr = lr * backboneLrFactor } }
+
+let withBackboneLr (lr: float) (e: Experiment) : Experiment = { e with Optimizer = { e.Optimizer with BackboneLr = lr } }
+
+/// Epochs; warm-up epochs are kept fewer than the epochs.
+let withEpochs (epochs: int) (e: Experiment) : Experiment =
+    { e with Epochs = epochs; WarmupEpochs = max 0 (min e.WarmupEpochs (epochs - 1)) }
+
+/// The dataset's name: embedded, cub, cars, aircraft, dogs or folder.
+let dataName (e: Experiment) : string =
+    match e.Data with
+    | Embedded _ -> "embedded"
+    | OnDisk d -> Dataset.name d.Kind
+
+/// The name a run folder starts with: the dataset and the backbone.
+let runName (e: Experiment) : string = sprintf "%s-%s" (dataName e) e.Model.Backbone
+
+// ---- Checking --------------------------------------------------------------------------------------------
+
+/// Every impossible setting at once (empty when there is none).
+let problems (e: Experiment) : string list =
+    let stages = Backbone.find e.Model.Backbone |> Backbone.stages |> List.length
+    [ if e.Epochs < 1 then "epochs must be at least 1"
+      if e.WarmupEpochs < 0 || e.WarmupEpochs >= e.Epochs then "warm-up epochs must be 0 or more and fewer than the epochs"
+      if e.BatchSize < 2 then "batch size must be at least 2 (the classifiers' BatchNorm needs two samples)"
+      if e.Input.Crop < 1 || e.Input.Resize < 1 then "image sizes must be positive"
+      if e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then
+          sprintf "crop %d is larger than resize %d plus padding" e.Input.Crop e.Input.Resize
+      if e.Model.Classes < 2 then "a classifier needs at least 2 classes"
+      if e.Model.Heads < 1 || e.Model.Heads > stages - 1 then
+          sprintf "heads must be 1..%d for %s, got %d" (stages - 1) e.Model.Backbone e.Model.Heads
+      if e.Schedule.IsEmpty then "the schedule has no steps"
+      for s in e.Schedule do
+          if s.Grid < 1 then sprintf "jigsaw grid %d: must be at least 1" s.Grid
+          match s.Head with
+          | Pmg.Granularity i when i < 0 || i >= e.Model.Heads ->
+              sprintf "a step trains head %d but the model has %d heads" i e.Model.Heads
+          | _ -> ()
+      if e.Optimizer.Lr <= 0.0 || e.Optimizer.BackboneLr < 0.0 then "learning rates must be positive"
+      if e.Workers < 1 then "workers must be at least 1" ]
+
+/// The experiment unchanged, or InvalidExperiment with every problem.
 let validate (e: Experiment) : Experiment =
-    let problems =
-        [ if e.Epochs < 1 then "epochs must be at least 1"
-          if e.WarmupEpochs < 0 || e.WarmupEpochs >= e.Epochs then "warm-up epochs must be 0 or more and fewer than the epochs"
-          if e.BatchSize < 2 then "batch size must be at least 2 (the classifiers' BatchNorm needs two samples)"
-          if e.Input.Crop < 1 || e.Input.Resize < 1 then "image sizes must be positive"
-          if e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then
-              sprintf "crop %d is larger than resize %d plus padding" e.Input.Crop e.Input.Resize
-          if e.Model.Classes < 2 then "a classifier needs at least 2 classes"
-          if e.Schedule.IsEmpty then "the schedule has no steps"
-          for s in e.Schedule do
-              if s.Grid < 1 then sprintf "jigsaw grid %d: must be at least 1" s.Grid
-              match s.Head with
-              | Pmg.Granularity i when i < 0 || i >= e.Model.Heads ->
-                  sprintf "a step trains head %d but the model has %d heads" i e.Model.Heads
-              | _ -> ()
-          if e.Optimizer.Lr <= 0.0 || e.Optimizer.BackboneLr < 0.0 then "learning rates must be positive"
-          if e.Device <> "cpu" && e.Device <> "cuda" && not (e.Device.StartsWith "cuda:") then
-              sprintf "device '%s': use cpu or cuda" e.Device
-          if e.Workers < 1 then "workers must be at least 1" ]
-    if problems.IsEmpty then e else raise (InvalidExperiment problems)
+    match problems e with
+    | [] -> e
+    | ps -> raise (InvalidExperiment ps)
+
+/// Fields that change how fast a run goes, not what it learns: a resumed run may change them.
+let private speedOnly = set [ "Workers"; "Device" ]
+
+/// The fields (dotted paths into nested records) whose values differ, ignoring the speed-only ones.
+let differences (a: Experiment) (b: Experiment) : string list =
+    let rec diff (path: string) (t: Type) (x: obj) (y: obj) =
+        if Reflection.FSharpType.IsRecord t then
+            Reflection.FSharpType.GetRecordFields t
+            |> Array.toList
+            |> List.collect (fun f ->
+                let name = if path = "" then f.Name else path + "." + f.Name
+                if path = "" && speedOnly.Contains f.Name then []
+                else diff name f.PropertyType (f.GetValue x) (f.GetValue y))
+        elif Json.line x = Json.line y then []
+        else [ path ]
+    diff "" typeof<Experiment> (box a) (box b)

@@ -31,7 +31,9 @@ exception LoadError of string
 let private classesKey = "classifier_concat.4.weight"
 
 /// Builds the network a checkpoint describes and loads its weights (strictly).
-let load (path: string) (o: Overrides) (device: string) : Model =
+let load (path: string) (o: Overrides) (device: Pmg.Fs.Runtime.Device) : Model =
+    if Directory.Exists path then
+        raise (LoadError(sprintf "%s is a folder: give the checkpoint file in it (best.ckpt or last.ckpt)" path))
     if not (File.Exists path) then
         raise (LoadError(sprintf "checkpoint %s does not exist" path))
     let config, weights, input =
@@ -60,7 +62,7 @@ let load (path: string) (o: Overrides) (device: string) : Model =
             config, entries, (size, defaultArg o.Resize (if o.ImageSize.IsSome then size else Transforms.Spec.paperResize))
     let net = Pmg.create config
     Interop.StateDict.loadInto net weights true
-    let dev = torch.Device device
+    let dev = Pmg.Fs.Runtime.Device.torch device
     net.``to`` dev |> ignore
     net.eval ()
     let crop, resize = input

@@ -9,6 +9,7 @@ open TorchSharp
 open type TorchSharp.torch
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
+open Pmg.Fs.Runtime
 
 /// One permutation shared by the whole batch (as the reference code does) or one per sample.
 type Permutation =
@@ -45,8 +46,8 @@ let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
                 perm.to_type ScalarType.Int64
         let rows =
             if perm.shape.[0] = 1L then perm.expand(b, cells) else perm
-        let starts = Runtime.Scalars.scalarInt cells (torch.arange(b, device = x.device).unsqueeze(1L)).mul
-        let flat = (Pmg.Fs.Runtime.Scalars.add rows starts).flatten()
+        let starts = Ops.scalarInt cells (torch.arange(b, device = x.device).unsqueeze(1L)).mul
+        let flat = (Ops.add rows starts).flatten()
         let shuffled =
             patches.index_select(0L, flat).reshape(b, nn, nn, c, ph, pw).permute(0L, 3L, 1L, 4L, 2L, 5L).reshape(b, c, nn * ph, nn * pw)
         let result =

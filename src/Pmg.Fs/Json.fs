@@ -5,7 +5,8 @@ open System.Text.Json
 open System.Text.Json.Serialization
 
 let private make (indented: bool) =
-    let o = JsonSerializerOptions(WriteIndented = indented)
+    // NaN and infinities (a diverged model's scores) are written as "NaN"/"Infinity" rather than failing.
+    let o = JsonSerializerOptions(WriteIndented = indented, NumberHandling = JsonNumberHandling.AllowNamedFloatingPointLiterals)
     // FSharpLu-like: fieldless cases as strings ("Fp32"), others as {"Case": fields}, options unwrapped.
     o.Converters.Add(JsonFSharpConverter(JsonUnionEncoding.FSharpLuLike))
     o

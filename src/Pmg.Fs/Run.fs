@@ -1,5 +1,7 @@
-/// A training run on disk: resolves the data, trains, and leaves a record in the run directory
-/// (config.json, manifest.json, metrics.csv, last.ckpt, best.ckpt). The imperative shell around the Trainer.
+/// A training run on disk: resolves the data, trains, and leaves a record in the run directory (config.json,
+/// manifest.json, classes.txt, metrics.csv, last.ckpt, best.ckpt, the report). The imperative shell around the
+/// Trainer. A run folder is never overwritten: a new run needs an empty or new folder, and `resume` continues
+/// only the run that folder holds, with the same experiment.
 module Pmg.Fs.Run
 
 open System
@@ -7,28 +9,47 @@ open System.IO
 open System.Globalization
 open Pmg.Fs.Data
 open Pmg.Fs.Experiment
+open Pmg.Fs.Runtime
 open Pmg.Fs.Training
 
-/// Dataset kind from the experiment (with FGVC-Aircraft's level).
-let kindOf (d: Experiment.OnDisk) =
-    match Dataset.parse d.Kind, d.Level with
-    | Dataset.Kind.Aircraft _, Some level -> Dataset.Kind.Aircraft level
-    | kind, _ -> kind
+/// Something about the run folder or the data that stops a run before anything is written.
+exception RunError of string
 
-/// The images and class names an experiment trains on, and the dataset's unusable files.
-let data (e: Experiment) : Trainer.Data * Problem list =
-    match e.Data with
-    | Embedded config ->
-        let d = Synthetic.create config
-        { Classes = d.Classes; Train = d.Train; Test = d.Test }, []
-    | OnDisk d ->
-        let index = Dataset.load (kindOf d) d.Root
-        { Classes = index.Classes
-          Train = Loader.fromSamples index.Train e.CropToBox
-          Test = Loader.fromSamples index.Test e.CropToBox },
-        index.Problems
+let lastName = "last.ckpt"
+let bestName = "best.ckpt"
+let configName = "config.json"
+let manifestName = "manifest.json"
+let metricsName = "metrics.csv"
+let classesName = "classes.txt"
 
-let private inv (x: float) = x.ToString("0.######", CultureInfo.InvariantCulture)
+/// The images and class names of an experiment's data, and the dataset's unusable files; the dataset is indexed
+/// once here. A split without images, or a class without training images, is an error naming the class.
+let openData (e: Experiment) : Trainer.Data * Problem list =
+    let d, problems =
+        match e.Data with
+        | Embedded config ->
+            let d = Synthetic.create config
+            ({ Classes = d.Classes; Train = d.Train; Test = d.Test }: Trainer.Data), []
+        | OnDisk d ->
+            let index = Dataset.load d.Kind d.Root
+            let empty = index.Classes |> Array.indexed |> Array.filter (fun (i, _) -> index.Train |> Array.forall (fun s -> s.Label <> i))
+            if index.Train.Length > 0 && not (Array.isEmpty empty) then
+                raise (
+                    RunError(
+                        sprintf "%s: class %s has no usable training images (%d classes without any); fix or remove its folder"
+                            d.Root (snd empty.[0]) empty.Length
+                    )
+                )
+            { Classes = index.Classes
+              Train = Loader.fromSamples index.Train e.CropToBox
+              Test = Loader.fromSamples index.Test e.CropToBox },
+            index.Problems
+    let where = match e.Data with Embedded _ -> "the embedded dataset" | OnDisk o -> o.Root
+    for split, source in [ "training", d.Train; "test", d.Test ] do
+        if source.Count = 0 then
+            let first = problems |> List.tryHead |> Option.map (fun p -> sprintf "; e.g. %s: %s" p.File p.Problem) |> Option.defaultValue ""
+            raise (RunError(sprintf "%s has no usable %s images (%d unusable files%s): check it with `pmg data`" where split problems.Length first))
+    d, problems
 
 /// metrics.csv's header for an experiment (one loss column per schedule step, one accuracy per head).
 let metricsHeader (e: Experiment) =
@@ -41,11 +62,11 @@ let metricsHeader (e: Experiment) =
 
 let metricsRow (r: Trainer.EpochRecord) =
     [ string (r.Epoch + 1)
-      yield! r.StepLosses |> List.map inv
-      inv r.TrainAccuracy
-      yield! r.Test.Heads |> List.map inv
-      inv r.Test.Concat; inv r.Test.Combined; inv r.Test.CombinedTop5
-      inv r.Lr; inv r.BackboneLr; inv r.ImagesPerSecond; string r.Skipped.Length; inv r.Seconds ]
+      yield! r.StepLosses |> List.map Format.number
+      Format.number r.TrainAccuracy
+      yield! r.Test.Heads |> List.map Format.number
+      Format.number r.Test.Concat; Format.number r.Test.Combined; Format.number r.Test.CombinedTop5
+      Format.number r.Lr; Format.number r.BackboneLr; Format.number r.ImagesPerSecond; string r.Skipped.Length; Format.number r.Seconds ]
     |> String.concat ","
 
 let private gitCommit () =
@@ -59,58 +80,121 @@ let private gitCommit () =
 
 let private versionOf (t: Type) = t.Assembly.GetName().Version.ToString()
 
-/// Trains `e` in `outDir` (created), continuing a killed run there when `resume`.
-let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Trainer.Summary =
+type Summary =
+    { History: Trainer.EpochRecord list
+      BestEpoch: int
+      BestCombined: float
+      LastCheckpoint: string
+      BestCheckpoint: string }
+
+/// Whether a folder holds results of a run (a folder where a run stopped before its first epoch holds none).
+let private holdsRun (dir: string) =
+    [ lastName; bestName; metricsName ] |> List.exists (fun f -> File.Exists(Path.Combine(dir, f)))
+
+/// Where to start: a fresh run needs a folder without a run; a resumed one needs its last.ckpt, made by the same
+/// experiment (speed-only settings aside). Checked before anything is written.
+let private startOf (e: Experiment) (outDir: string) (resume: bool) : Checkpoint.Checkpoint option =
+    let last = Path.Combine(outDir, lastName)
+    match resume, holdsRun outDir with
+    | false, false -> None
+    | false, true ->
+        raise (RunError(sprintf "%s already holds a run: continue it with --resume, or give a new --out folder" outDir))
+    | true, _ when not (File.Exists last) ->
+        raise (
+            RunError(
+                sprintf "--resume: %s has no %s to continue (%s); drop --resume to start a new run there, or give the run's folder"
+                    outDir lastName (if Directory.Exists outDir then "no finished epoch" else "the folder does not exist")
+            )
+        )
+    | true, _ ->
+        let c = Checkpoint.load last
+        match Experiment.differences c.Experiment e with
+        | [] -> Some c
+        | fields ->
+            Checkpoint.dispose c
+            raise (
+                RunError(
+                    sprintf "--resume: %s was trained with other settings (%s); resume with the same flags, or start a new run in another folder"
+                        last (String.concat ", " fields)
+                )
+            )
+
+/// Trains `e` on data opened by `openData`, in `outDir`, continuing the run there when `resume`.
+let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e = validate e
-    Directory.CreateDirectory outDir |> ignore
-    let native = Runtime.Native.init (if e.Device.StartsWith "cuda" then Runtime.Native.Cuda else Runtime.Native.Cpu)
-    let d, problems = data e
+    let d, problems = data
     if d.Classes.Length <> e.Model.Classes then
         raise (InvalidExperiment [ sprintf "the dataset has %d classes but the model is built for %d" d.Classes.Length e.Model.Classes ])
+    let start = startOf e outDir resume
+    let native = Native.ensure (Device.backend e.Device)
+    let s = Trainer.createSession e
+    let progress =
+        match start with
+        | Some c ->
+            Checkpoint.restore s c
+            Checkpoint.dispose c
+            for f in Files.removeStaleTemps outDir do
+                eprintfn "removed %s, left by an interrupted write" f
+            c.Progress
+        | None -> Trainer.Progress.Start
+    let path name = Path.Combine(outDir, name)
     let started = DateTimeOffset.Now
-    File.WriteAllText(Path.Combine(outDir, "config.json"), Json.serialize e)
-    File.WriteAllText(Path.Combine(outDir, "classes.txt"), String.concat "\n" d.Classes + "\n")
+    if start.IsNone then
+        Files.writeTextAtomically (path configName) (Json.serialize e)
+        Files.writeTextAtomically (path classesName) (String.concat "\n" d.Classes + "\n")
     let manifest (ended: DateTimeOffset option) =
-        Json.serialize
-            {| seed = e.Seed
-               project = versionOf typeof<Trainer.Session>
-               torchsharp = versionOf typeof<TorchSharp.torch>
-               libtorch = TorchSharp.torch.__version__
-               device = e.Device
-               libtorchDir = native.LibTorchDir
-               patchedGlibcxx = native.PatchedGlibcxx
-               mkldnnDisabled = native.MkldnnDisabled
-               gitCommit = gitCommit ()
-               started = started
-               ended = ended
-               datasetProblems = problems.Length |}
-    Checkpoint.writeTextAtomically (Path.Combine(outDir, "manifest.json")) (manifest None)
-    let metrics = Path.Combine(outDir, "metrics.csv")
-    // A resumed run keeps the rows of the epochs it already has; a fresh run starts the file.
-    let keep =
-        if resume && File.Exists metrics then
-            File.ReadAllLines metrics |> Array.skip 1 |> Array.filter (fun l -> l <> "") |> List.ofArray
+        Files.writeTextAtomically (path manifestName) (
+            Json.serialize
+                {| seed = e.Seed
+                   project = versionOf typeof<Trainer.Session>
+                   torchsharp = versionOf typeof<TorchSharp.torch>
+                   libtorch = TorchSharp.torch.__version__
+                   device = Device.text e.Device
+                   libtorchDir = native.LibTorchDir
+                   patchedGlibcxx = native.PatchedGlibcxx
+                   mkldnnDisabled = native.MkldnnDisabled
+                   gitCommit = gitCommit ()
+                   started = started
+                   resumedAtEpoch = (if start.IsSome then Some progress.EpochsDone else None)
+                   ended = ended
+                   datasetProblems = problems.Length |}
+        )
+    manifest None
+    // A resumed run keeps the rows of the epochs its checkpoint holds.
+    let kept =
+        if File.Exists(path metricsName) then
+            File.ReadAllLines(path metricsName) |> Array.skip 1 |> Array.filter (fun l -> l <> "") |> List.ofArray
+            |> List.filter (fun l -> int (l.Split(',').[0]) <= progress.EpochsDone)
         else []
+    let rows = ref kept
     let header = metricsHeader e
-    let rows = ref keep
-    let writeMetrics () =
-        Checkpoint.writeTextAtomically metrics (String.concat "\n" (header :: rows.Value) + "\n")
-    let epochHook (r: Trainer.EpochRecord) =
-        // Drop rows of epochs that are being redone after a resume from an older checkpoint.
-        rows.Value <- (rows.Value |> List.filter (fun l -> int (l.Split(',').[0]) <= r.Epoch)) @ [ metricsRow r ]
-        writeMetrics ()
-        hooks.Epoch r
-    let summary = Trainer.run e d outDir resume { hooks with Epoch = epochHook }
-    Checkpoint.writeTextAtomically (Path.Combine(outDir, "manifest.json")) (manifest (Some DateTimeOffset.Now))
+    let epochHook (p: Trainer.Progress) (r: Trainer.EpochRecord) =
+        rows.Value <- rows.Value @ [ metricsRow r ]
+        Files.writeTextAtomically (path metricsName) (String.concat "\n" (header :: rows.Value) + "\n")
+        let c = Checkpoint.ofSession s p
+        Checkpoint.save (path lastName) c
+        if p.BestEpoch = r.Epoch then Checkpoint.save (path bestName) c
+        hooks.Epoch p r
+    let final, history = Trainer.run s d progress { hooks with Epoch = epochHook }
+    manifest (Some DateTimeOffset.Now)
     // Plots, confusion matrix and report.md for the best checkpoint.
     let bestEval =
-        match summary.History |> List.tryFind (fun r -> r.Epoch = summary.BestEpoch) with
+        match history |> List.tryFind (fun r -> r.Epoch = final.BestEpoch) with
         | Some r -> Some r.Test
-        | None when File.Exists summary.BestCheckpoint ->
+        | None when File.Exists(path bestName) ->
             // Resumed after the best epoch: evaluate best.ckpt again.
-            let s = Trainer.createSession e
-            Trainer.restore s (Checkpoint.load summary.BestCheckpoint)
+            let c = Checkpoint.load (path bestName)
+            Checkpoint.restore s c
+            Checkpoint.dispose c
             Some(Trainer.evaluate s d.Classes.Length d.Test)
         | None -> None
     bestEval |> Option.iter (Visual.Report.writeRun outDir d.Classes)
-    summary
+    { History = history
+      BestEpoch = final.BestEpoch
+      BestCombined = final.BestCombined
+      LastCheckpoint = path lastName
+      BestCheckpoint = path bestName }
+
+/// Opens the experiment's data and trains it in `outDir` (see trainOn).
+let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
+    trainOn (openData e) e outDir resume hooks

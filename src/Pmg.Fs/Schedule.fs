@@ -2,6 +2,7 @@
 module Pmg.Fs.Schedule
 
 open System
+open Pmg.Fs.Model
 open Pmg.Fs.Model.Pmg
 
 /// One step of an iteration: which output is trained, on a jigsaw of Grid x Grid patches, with what loss weight.
@@ -11,18 +12,16 @@ type Step =
       Grid: int
       LossWeight: float }
 
-/// The paper's schedule for a backbone of `stages` stages (L) with heads on the last `heads` (S): step l (of the
-/// heads, l = L-S+1..L) sees n = 2^(L-l+1) patches a side; then concat sees the whole image with weight 2.
-let progressive (stages: int) (heads: int) : Step list =
-    [ for i in 0 .. heads - 1 ->
-          let l = stages - heads + 1 + i
-          { Head = Granularity i
-            Grid = 1 <<< (stages - l + 1)
-            LossWeight = 1.0 } ]
+/// The paper's schedule for heads on the last `heads` stages of a backbone of L stages: the head on stage l sees
+/// n = 2^(L-l+1) patches a side; then concat sees the whole image with weight 2.
+let progressive (spec: Backbone.Spec) (heads: int) : Step list =
+    let stages = Backbone.stages spec |> List.length
+    (Backbone.headStages spec heads
+     |> List.mapi (fun i (l, _) -> { Head = Granularity i; Grid = 1 <<< (stages - l + 1); LossWeight = 1.0 }))
     @ [ { Head = Concat; Grid = 1; LossWeight = 2.0 } ]
 
-/// PMG as published: ResNet's five stages, three heads (8, 4, 2, then concat x2).
-let paper = progressive 5 3
+/// PMG as published: ResNet50's five stages, three heads (8, 4, 2, then concat x2).
+let paper = progressive (Backbone.find "resnet50") 3
 
 /// A schedule with chosen grids for the heads (finest head first), then concat with `concatWeight`.
 let withGrids (grids: int list) (concatWeight: float) : Step list =

@@ -27,16 +27,6 @@ type Batch =
       Width: int
       Skipped: (string * string) list }
 
-/// SplitMix64's finaliser: turns structured inputs (seed, epoch, index) into unrelated seeds.
-let private mix (x: uint64) =
-    let mutable z = x + 0x9E3779B97F4A7C15UL
-    z <- (z ^^^ (z >>> 30)) * 0xBF58476D1CE4E5B9UL
-    z <- (z ^^^ (z >>> 27)) * 0x94D049BB133111EBUL
-    z ^^^ (z >>> 31)
-
-let private seedOf (parts: int list) : int =
-    parts |> List.fold (fun acc p -> mix (acc ^^^ uint64 (uint32 p))) 0UL |> fun h -> int (h >>> 33)
-
 /// Tags keep the permutation's stream apart from every per-sample stream.
 let private orderTag = -1
 
@@ -44,7 +34,7 @@ let private orderTag = -1
 let private order (count: int) (shuffle: bool) (seed: int) (epoch: int) : int[] =
     let idx = Array.init count id
     if shuffle then
-        let rng = Random(seedOf [ seed; epoch; orderTag ])
+        let rng = Random(Seeds.seed [ seed; epoch; orderTag ])
         for i in count - 1 .. -1 .. 1 do
             let j = rng.Next(i + 1)
             let t = idx[i]
@@ -53,7 +43,7 @@ let private order (count: int) (shuffle: bool) (seed: int) (epoch: int) : int[] 
     idx
 
 /// The random stream of one sample in one epoch; independent of which thread runs it, and when.
-let private sampleRng (seed: int) (epoch: int) (index: int) = Random(seedOf [ seed; epoch; index ])
+let private sampleRng (seed: int) (epoch: int) (index: int) = Random(Seeds.seed [ seed; epoch; index ])
 
 /// One batch being filled by the workers.
 type private Slot(indices: int[], sampleLength: int) =

@@ -129,14 +129,6 @@ let private shade (factor: float) (c: Rgb) =
     let f x = min 255.0 (x * factor)
     { R = f c.R; G = f c.G; B = f c.B }
 
-let private mix (x: uint64) =
-    let mutable z = x + 0x9E3779B97F4A7C15UL
-    z <- (z ^^^ (z >>> 30)) * 0xBF58476D1CE4E5B9UL
-    z <- (z ^^^ (z >>> 27)) * 0x94D049BB133111EBUL
-    z ^^^ (z >>> 31)
-
-let private hashOf (parts: int list) =
-    parts |> List.fold (fun acc p -> mix (acc ^^^ uint64 (uint32 p))) 0UL
 
 /// Draws every random choice, in a fixed order, from the nuisance seed alone.
 let private nuisance (size: int) (seed: int) : Nuisance =
@@ -248,7 +240,7 @@ let private background (n: Nuisance) (size: float) x y : Rgb =
 
 /// Sensor-like noise that depends only on the pixel and the nuisance, never on drawing order.
 let private noise (n: Nuisance) px py channel =
-    let h = mix (n.NoiseKey ^^^ hashOf [ px; py; channel ])
+    let h = Seeds.mix (n.NoiseKey ^^^ Seeds.hash [ px; py; channel ])
     (float (h >>> 11) / float (1UL <<< 53) * 2.0 - 1.0) * noiseAmplitude
 
 let private toByte (v: float) = byte (max 0.0 (min 255.0 (Math.Round v)))
@@ -286,7 +278,7 @@ let private validate (config: Config) =
 /// Image `index` of a split; labels cycle through the classes so every prefix is balanced.
 let render (config: Config) (split: Split) (index: int) : Image<Rgb24> =
     validate config
-    renderClass config.ImageSize (index % config.Classes) (int (hashOf [ config.Seed; splitTag split; index ] >>> 33))
+    renderClass config.ImageSize (index % config.Classes) (Seeds.seed [ config.Seed; splitTag split; index ])
 
 let private source (config: Config) (split: Split) (perClass: int) : Loader.Source =
     let tag = match split with Train -> "train" | Test -> "test"

@@ -10,6 +10,7 @@ open type TorchSharp.torch
 open type TorchSharp.torch.nn
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
+open Pmg.Fs.Runtime
 
 /// What one stage of a backbone outputs.
 type Stage =
@@ -91,6 +92,18 @@ let stages (spec: Spec) : Stage list =
             |> List.mapi (fun i w -> { Name = sprintf "layer%d" (i + 1); Channels = w * e; Reduction = 4 <<< max 0 i }))
     | Vgg _ -> vggWidths |> List.mapi (fun i w -> { Name = sprintf "block%d" (i + 1); Channels = w; Reduction = 2 <<< i })
 
+exception HeadError of string
+
+/// The stages PMG's granularity heads read: the last `heads` of the backbone's (S of L), each with its 1-based
+/// position l, finest first. The network, the schedule, Grad-CAM, the jigsaw view and the optimizer groups all
+/// take the heads from here.
+let headStages (spec: Spec) (heads: int) : (int * Stage) list =
+    let all = stages spec
+    let l = List.length all
+    if heads < 1 || heads > l - 1 then
+        raise (HeadError(sprintf "heads must be 1..%d for %s (heads sit on the last stages, never the stem), got %d" (l - 1) spec.Name heads))
+    all |> List.indexed |> List.skip (l - heads) |> List.map (fun (i, st) -> i + 1, st)
+
 /// The registry: every backbone this project knows, by name.
 let registry: Map<string, Spec> =
     [ "resnet18", Basic, [ 2; 2; 2; 2 ]
@@ -129,13 +142,13 @@ let find (name: string) : Spec =
 type private BasicBlock(inC: int64, width: int64, stride: int64) as this =
     inherit Module<Tensor, Tensor>("BasicBlock")
     let conv1 = Conv2d(inC, width, 3L, stride = stride, padding = 1L, bias = false)
-    let bn1 = Norm.Norm.BatchNorm2d(width)
+    let bn1 = Layers.batchNorm2d width Layers.defaultMomentum
     let conv2 = Conv2d(width, width, 3L, stride = 1L, padding = 1L, bias = false)
-    let bn2 = Norm.Norm.BatchNorm2d(width)
+    let bn2 = Layers.batchNorm2d width Layers.defaultMomentum
     let relu = ReLU(true)
     let downsample: Module<Tensor, Tensor> =
         if stride <> 1L || inC <> width then
-            Sequential(Conv2d(inC, width, 1L, stride = stride, bias = false), Norm.Norm.BatchNorm2d(width))
+            Sequential(Conv2d(inC, width, 1L, stride = stride, bias = false), Layers.batchNorm2d width Layers.defaultMomentum)
         else
             null
     do this.RegisterComponents()
@@ -147,23 +160,23 @@ type private BasicBlock(inC: int64, width: int64, stride: int64) as this =
         use y = conv2.forward y
         let y = bn2.forward y
         use identity = if isNull downsample then x.alias () else downsample.forward x
-        let y = Pmg.Fs.Runtime.Scalars.addInPlace y identity
+        let y = Ops.addInPlace y identity
         relu.forward y
 
 type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
     inherit Module<Tensor, Tensor>("Bottleneck")
     let outC = width * 4L
     let conv1 = Conv2d(inC, width, 1L, bias = false)
-    let bn1 = Norm.Norm.BatchNorm2d(width)
+    let bn1 = Layers.batchNorm2d width Layers.defaultMomentum
     // torchvision's v1.5: the stride sits on the 3x3 conv.
     let conv2 = Conv2d(width, width, 3L, stride = stride, padding = 1L, bias = false)
-    let bn2 = Norm.Norm.BatchNorm2d(width)
+    let bn2 = Layers.batchNorm2d width Layers.defaultMomentum
     let conv3 = Conv2d(width, outC, 1L, bias = false)
-    let bn3 = Norm.Norm.BatchNorm2d(outC)
+    let bn3 = Layers.batchNorm2d outC Layers.defaultMomentum
     let relu = ReLU(true)
     let downsample: Module<Tensor, Tensor> =
         if stride <> 1L || inC <> outC then
-            Sequential(Conv2d(inC, outC, 1L, stride = stride, bias = false), Norm.Norm.BatchNorm2d(outC))
+            Sequential(Conv2d(inC, outC, 1L, stride = stride, bias = false), Layers.batchNorm2d outC Layers.defaultMomentum)
         else
             null
     do this.RegisterComponents()
@@ -178,7 +191,7 @@ type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
         use y = conv3.forward y
         let y = bn3.forward y
         use identity = if isNull downsample then x.alias () else downsample.forward x
-        let y = Pmg.Fs.Runtime.Scalars.addInPlace y identity
+        let y = Ops.addInPlace y identity
         relu.forward y
 
 /// A backbone as PMG uses it: its stages, and their outputs for an input.
@@ -196,7 +209,7 @@ type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
     inherit Features(spec.Name)
     let stageList = stages spec
     let conv1 = Conv2d(3L, int64 stemChannels, 7L, stride = 2L, padding = 3L, bias = false)
-    let bn1 = Norm.Norm.BatchNorm2d(int64 stemChannels)
+    let bn1 = Layers.batchNorm2d (int64 stemChannels) Layers.defaultMomentum
     let relu = ReLU(true)
     let maxpool = MaxPool2d(3L, stride = 2L, padding = 1L)
 

@@ -23,7 +23,7 @@ type Config =
 type BasicConv(inC: int64, outC: int64, kernel: int64, padding: int64, momentum: float) as this =
     inherit Module<Tensor, Tensor>("BasicConv")
     let conv = Conv2d(inC, outC, kernel, stride = 1L, padding = padding, bias = false)
-    let bn = Norm.Norm.BatchNorm2d(outC, eps = 1e-5, momentum = momentum)
+    let bn = Layers.batchNorm2d outC momentum
     let relu = ReLU()
     do this.RegisterComponents()
 
@@ -40,19 +40,14 @@ let convBlock (config: Config) (stageChannels: int) : Module<Tensor, Tensor> =
         new BasicConv(f, c, 3L, 1L, config.BlockBnMomentum) :> Module<Tensor, Tensor>
     )
 
-/// ELU as a module (the reference's nn.ELU), built from Scalar-free ops: see Runtime.Scalars.
-type Elu() =
-    inherit Module<Tensor, Tensor>("ELU")
-    override _.forward(x) = Pmg.Fs.Runtime.Scalars.elu x
-
 /// BN1d, Linear to FeatureSize, BN1d, ELU, Linear to classes; indices 0..4 as in the reference.
 let classifier (config: Config) (inputs: int) (classes: int) : Module<Tensor, Tensor> =
     let f = int64 config.FeatureSize
     Sequential(
-        Norm.Norm.BatchNorm1d(int64 inputs) :> Module<Tensor, Tensor>,
+        Layers.batchNorm1d (int64 inputs) Layers.defaultMomentum :> Module<Tensor, Tensor>,
         Linear(int64 inputs, f),
-        Norm.Norm.BatchNorm1d(f),
-        new Elu(),
+        Layers.batchNorm1d f Layers.defaultMomentum,
+        new Layers.Elu(),
         Linear(f, int64 classes)
     )
 

@@ -4,6 +4,7 @@ module Pmg.Fs.Model.Pmg
 
 open TorchSharp
 open type TorchSharp.torch
+open Pmg.Fs.Runtime
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
 
@@ -26,17 +27,19 @@ type Config =
 
 exception ConfigError of string
 
-/// Names of the heads' outputs by the backbone stage they read ("stage3", "stage4", "stage5" for PMG-ResNet).
-let headNames (config: Config) : string list =
-    let stages = Backbone.stages (Backbone.find config.Backbone) |> List.length
-    [ for k in stages - config.Heads + 1 .. stages -> sprintf "stage%d" k ]
+/// The stages the heads read, with their positions (Backbone.headStages for the config).
+let headStages (config: Config) = Backbone.headStages (Backbone.find config.Backbone) config.Heads
+
+/// Names of the heads' outputs by the position of the stage they read ("stage3", "stage4", "stage5" for PMG-ResNet,
+/// the paper's conv3_x..conv5_x).
+let headNames (config: Config) : string list = headStages config |> List.map (fun (l, _) -> sprintf "stage%d" l)
 
 /// Logits of every head, then concat. `Combined` is the sum of all of them (the paper's ensemble).
 type Outputs =
     { Heads: Tensor list
       Concat: Tensor }
 
-    member o.Combined = o.Heads @ [ o.Concat ] |> List.reduce Pmg.Fs.Runtime.Scalars.add
+    member o.Combined = o.Heads @ [ o.Concat ] |> List.reduce Ops.add
     member o.Of(id: HeadId) =
         match id with
         | Granularity i -> o.Heads.[i]
@@ -45,21 +48,15 @@ type Outputs =
 type Network(config: Config) as this =
     inherit nn.Module<Tensor, Outputs>("PMG")
     let spec = Backbone.find config.Backbone
-    let allStages = Backbone.stages spec
     do
-        if config.Heads < 1 || config.Heads > List.length allStages - 1 then
-            raise (ConfigError(sprintf "Heads must be 1..%d for %s, got %d" (List.length allStages - 1) spec.Name config.Heads))
         if config.Classes < 1 then
             raise (ConfigError(sprintf "Classes must be positive, got %d" config.Classes))
-
-    // Stage positions (1-based) of the heads: the last S of L.
-    let headStages = [ List.length allStages - config.Heads + 1 .. List.length allStages ]
-    let stageOf k = allStages.[k - 1]
+    let heads = headStages config
     let features = Backbone.create spec
     let blockOut = config.Head.BlockChannels
     let concatClassifier = Heads.classifier config.Head (blockOut * config.Heads) config.Classes
-    let blocks = headStages |> List.map (fun k -> Heads.convBlock config.Head (stageOf k).Channels)
-    let classifiers = headStages |> List.map (fun _ -> Heads.classifier config.Head blockOut config.Classes)
+    let blocks = heads |> List.map (fun (_, stage) -> Heads.convBlock config.Head stage.Channels)
+    let classifiers = heads |> List.map (fun _ -> Heads.classifier config.Head blockOut config.Classes)
 
     do
         // Registration order and names follow the reference implementation's state_dict.
@@ -72,12 +69,12 @@ type Network(config: Config) as this =
 
     member _.Config = config
     member _.Backbone = features
-    /// The stages the heads read, in head order.
-    member _.HeadStages = headStages |> List.map stageOf
+    /// The stages the heads read, in head order, with their positions.
+    member _.HeadStages = heads
 
     /// Pooled features of each head from the backbone's stage outputs.
     member _.Pooled(stagesOut: Tensor list) : Tensor list =
-        List.map2 (fun k (block: nn.Module<Tensor, Tensor>) -> block.forward stagesOut.[k - 1] |> Heads.globalMaxPool) headStages blocks
+        List.map2 (fun (l, _) (block: nn.Module<Tensor, Tensor>) -> block.forward stagesOut.[l - 1] |> Heads.globalMaxPool) heads blocks
 
     /// All heads' logits and concat's, from the stage outputs.
     member this.FromStages(stagesOut: Tensor list) : Outputs =
@@ -89,17 +86,17 @@ type Network(config: Config) as this =
 
     /// Only what head `i` needs: the backbone up to its stage, its block and its classifier.
     member _.ForwardHead(x: Tensor, i: int) : Tensor =
-        let k = headStages.[i]
-        let stagesOut = features.ForwardStages(x, k)
-        blocks.[i].forward stagesOut.[k - 1] |> Heads.globalMaxPool |> classifiers.[i].forward
+        let l = fst heads.[i]
+        let stagesOut = features.ForwardStages(x, l)
+        blocks.[i].forward stagesOut.[l - 1] |> Heads.globalMaxPool |> classifiers.[i].forward
 
-    /// Parameters of the backbone and of everything else (the new layers), for the two learning rates.
-    member _.BackboneParameters() = features.parameters ()
-    member _.HeadParameters() =
-        seq {
-            yield! concatClassifier.parameters ()
-            for b in blocks do yield! b.parameters ()
-            for c in classifiers do yield! c.parameters ()
-        }
+    /// Parameters of the backbone and of everything else (the new layers), for the two learning rates, by name.
+    member _.BackboneParameters() : (string * Modules.Parameter) list =
+        [ for struct (n, p) in features.named_parameters () -> "features." + n, p ]
+
+    member this.HeadParameters() : (string * Modules.Parameter) list =
+        let backbone = this.BackboneParameters() |> List.map fst |> set
+        [ for struct (n, p) in this.named_parameters () do
+              if not (backbone.Contains n) then n, p ]
 
 let create (config: Config) = new Network(config)

@@ -13,7 +13,7 @@ type Backend =
     | Cpu
     | Cuda
 
-/// What `init` found and did, for logs and the run manifest.
+/// What `ensure` found and did, for logs and the run manifest.
 type Loaded =
     { Backend: Backend
       LibTorchDir: string
@@ -125,10 +125,7 @@ let private patchedCopy (original: string) =
         match markVersionWeak glibcxxVersion bytes with
         | None -> fail (sprintf "%s failed to load but does not require %s" original glibcxxVersion)
         | Some patched ->
-            Directory.CreateDirectory dir |> ignore
-            let tmp = target + "." + string Environment.ProcessId + ".tmp"
-            File.WriteAllBytes(tmp, patched)
-            File.Move(tmp, target, true)
+            Files.writeBytesAtomically target patched
     target
 
 // ---------------------------------------------------------------------------------------------------
@@ -285,7 +282,7 @@ let private bringUp (backend: Backend) =
 
 /// Brings the native backend up once per process; later calls return what the first did (a CPU process may
 /// still be upgraded to CUDA when nothing else was loaded). Call before any TorchSharp function.
-let init (backend: Backend) : Loaded =
+let ensure (backend: Backend) : Loaded =
     lock gate (fun () ->
         match loaded with
         | Some l when l.Backend = backend || backend = Cpu -> l
@@ -295,11 +292,11 @@ let init (backend: Backend) : Loaded =
             loaded <- Some l
             l)
 
-/// What `init` did, if it ran.
+/// What `ensure` did, if it ran.
 let current () = loaded
 
 let private handle () =
-    if torchCpuHandle = 0n then fail "libtorch is not loaded yet: call Runtime.Native.init first"
+    if torchCpuHandle = 0n then fail "libtorch is not loaded yet: call Runtime.Native.ensure first"
     torchCpuHandle
 
 /// The address of a function exported by the loaded libtorch_cpu, by its C++ mangled name: for the switches

@@ -1,54 +1,49 @@
-/// Checkpoints: one zip file holding the experiment, the progress counters, the model's state, the optimizer's
-/// momentum buffers and the RNG state. Written to a temporary file beside the target and renamed over it, so a
-/// kill during the write leaves the previous checkpoint whole.
+/// Checkpoints: one zip file holding the experiment, the progress counters, the model's state and the optimizer's
+/// momentum buffers, with a SHA-256 of every part so that a damaged file is refused rather than half-loaded.
+/// Written atomically (Runtime.Files): a kill during the write leaves the previous checkpoint whole. The jigsaw
+/// generator is reseeded at every epoch start, so no generator state needs keeping.
 module Pmg.Fs.Training.Checkpoint
 
 open System
 open System.IO
 open System.IO.Compression
+open System.Security.Cryptography
 open TorchSharp
 open Pmg.Fs
+open Pmg.Fs.Runtime
 
 let private formatName = "pmg-fs-checkpoint"
-let private formatVersion = 1
-
-/// Where training stands after a completed epoch.
-type Progress =
-    { /// Epochs completed (the next epoch to run, 0-based).
-      EpochsDone: int
-      BestCombined: float
-      BestEpoch: int
-      Seed: int }
+let private formatVersion = 2
 
 type Checkpoint =
     { Experiment: Experiment.Experiment
-      Progress: Progress
+      Progress: Trainer.Progress
       Model: (string * torch.Tensor) list
-      Optimizer: (string * torch.Tensor) list
-      /// State of the jigsaw generator.
-      Rng: torch.Tensor }
+      Optimizer: (string * torch.Tensor) list }
 
 exception CheckpointError of string
 
 // ---------------------------------------------------------------------------------------------------
 // Named tensors: name, dtype, shape, raw little-endian bytes.
 
-let private writeTensors (stream: Stream) (entries: (string * torch.Tensor) list) =
-    use w = new BinaryWriter(stream, Text.Encoding.UTF8, true)
-    w.Write(List.length entries)
-    for name, t in entries do
-        use c = t.detach().cpu().contiguous ()
-        w.Write name
-        w.Write(int c.dtype)
-        w.Write c.shape.Length
-        for d in c.shape do
-            w.Write d
-        let bytes = c.bytes.ToArray()
-        w.Write bytes.Length
-        w.Write bytes
+let private tensorBytes (entries: (string * torch.Tensor) list) : byte[] =
+    use m = new MemoryStream()
+    (use w = new BinaryWriter(m, Text.Encoding.UTF8, true)
+     w.Write(List.length entries)
+     for name, t in entries do
+         use c = t.detach().cpu().contiguous ()
+         w.Write name
+         w.Write(int c.dtype)
+         w.Write c.shape.Length
+         for d in c.shape do
+             w.Write d
+         let bytes = c.bytes.ToArray()
+         w.Write bytes.Length
+         w.Write bytes)
+    m.ToArray()
 
-let private readTensors (stream: Stream) : (string * torch.Tensor) list =
-    use r = new BinaryReader(stream, Text.Encoding.UTF8, true)
+let private readTensors (bytes: byte[]) : (string * torch.Tensor) list =
+    use r = new BinaryReader(new MemoryStream(bytes))
     let n = r.ReadInt32()
     [ for _ in 1..n ->
           let name = r.ReadString()
@@ -61,43 +56,26 @@ let private readTensors (stream: Stream) : (string * torch.Tensor) list =
 
 // ---------------------------------------------------------------------------------------------------
 
-let private entry (zip: ZipArchive) (name: string) (write: Stream -> unit) =
-    use s = zip.CreateEntry(name, CompressionLevel.NoCompression).Open()
-    write s
+let private utf8 (s: string) = Text.Encoding.UTF8.GetBytes s
+let private sha256 (bytes: byte[]) = Convert.ToHexString(SHA256.HashData bytes).ToLowerInvariant()
 
-let private text (s: string) (stream: Stream) =
-    let b = Text.Encoding.UTF8.GetBytes s
-    stream.Write(b, 0, b.Length)
+/// The parts of a checkpoint, by entry name, in the order they are written.
+let private parts (c: Checkpoint) =
+    [ "experiment.json", utf8 (Json.serialize c.Experiment)
+      "progress.json", utf8 (Json.serialize c.Progress)
+      "model.bin", tensorBytes c.Model
+      "optimizer.bin", tensorBytes c.Optimizer ]
 
-/// Writes atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
-let writeAtomically (path: string) (write: Stream -> unit) =
-    let full = Path.GetFullPath path
-    Directory.CreateDirectory(Path.GetDirectoryName full) |> ignore
-    let tmp = sprintf "%s.tmp-%d" full Environment.ProcessId
-    try
-        (use fs = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None)
-         write fs
-         fs.Flush true)
-        File.Move(tmp, full, true)
-    with _ ->
-        if File.Exists tmp then File.Delete tmp
-        reraise ()
-
-/// A text file, written atomically.
-let writeTextAtomically (path: string) (text: string) =
-    writeAtomically path (fun s ->
-        let b = Text.Encoding.UTF8.GetBytes text
-        s.Write(b, 0, b.Length))
+type private Format = { format: string; version: int; sha256: Map<string, string> }
 
 let save (path: string) (c: Checkpoint) =
-    writeAtomically path (fun fs ->
+    let ps = parts c
+    let format = { format = formatName; version = formatVersion; sha256 = ps |> List.map (fun (n, b) -> n, sha256 b) |> Map.ofList }
+    Files.writeAtomically path (fun fs ->
         use zip = new ZipArchive(fs, ZipArchiveMode.Create, true)
-        entry zip "format.json" (text (Json.serialize {| format = formatName; version = formatVersion |}))
-        entry zip "experiment.json" (text (Json.serialize c.Experiment))
-        entry zip "progress.json" (text (Json.serialize c.Progress))
-        entry zip "model.bin" (fun s -> writeTensors s c.Model)
-        entry zip "optimizer.bin" (fun s -> writeTensors s c.Optimizer)
-        entry zip "rng.bin" (fun s -> writeTensors s [ ("jigsaw", c.Rng) ]))
+        for name, bytes in ("format.json", utf8 (Json.serialize format)) :: ps do
+            use s = zip.CreateEntry(name, CompressionLevel.NoCompression).Open()
+            s.Write(ReadOnlySpan bytes))
 
 /// True for files this module writes (a zip with our format entry); false for anything else.
 let isCheckpoint (path: string) =
@@ -107,30 +85,74 @@ let isCheckpoint (path: string) =
     with _ ->
         false
 
+let private damaged (path: string) (what: string) =
+    CheckpointError(
+        sprintf "%s is damaged (%s): it cannot be used; resume from or evaluate another checkpoint (the run's best.ckpt or last.ckpt), or train again" path what
+    )
+
 let load (path: string) : Checkpoint =
+    if Directory.Exists path then
+        raise (CheckpointError(sprintf "%s is a folder: give the checkpoint file in it (last.ckpt or best.ckpt)" path))
     if not (File.Exists path) then
         raise (CheckpointError(sprintf "checkpoint %s does not exist" path))
     let zip =
         try
             ZipFile.OpenRead path
-        with e ->
-            raise (CheckpointError(sprintf "%s is not a Pmg.Fs checkpoint (%s)" path e.Message))
+        with
+        | :? InvalidDataException -> raise (damaged path "not a complete zip archive: cut off while being copied, or not a checkpoint")
+        | e -> raise (CheckpointError(sprintf "%s cannot be read: %s" path e.Message))
     use zip = zip
-    let part (name: string) (read: Stream -> 'T) : 'T =
+    let bytes (name: string) : byte[] =
         match zip.GetEntry name with
         | null -> raise (CheckpointError(sprintf "checkpoint %s has no %s: it is incomplete or not a Pmg.Fs checkpoint" path name))
         | e ->
-            use s = e.Open()
-            use m = new MemoryStream()
-            s.CopyTo m
-            m.Position <- 0L
-            read m
-    let json (s: Stream) = (new StreamReader(s)).ReadToEnd()
-    let format = part "format.json" json |> Json.deserialize<{| format: string; version: int |}>
-    if format.format <> formatName || format.version > formatVersion then
-        raise (CheckpointError(sprintf "%s: format %s v%d is not readable by this version" path format.format format.version))
-    { Experiment = part "experiment.json" json |> Json.deserialize<Experiment.Experiment>
-      Progress = part "progress.json" json |> Json.deserialize<Progress>
-      Model = part "model.bin" readTensors
-      Optimizer = part "optimizer.bin" readTensors
-      Rng = part "rng.bin" readTensors |> List.head |> snd }
+            try
+                use s = e.Open()
+                use m = new MemoryStream()
+                s.CopyTo m
+                m.ToArray()
+            with :? InvalidDataException as ex ->
+                raise (damaged path (sprintf "%s: %s" name ex.Message))
+    let text name = Text.Encoding.UTF8.GetString(bytes name)
+    let format =
+        try
+            Json.deserialize<Format> (text "format.json")
+        with :? Text.Json.JsonException ->
+            raise (damaged path "format.json is not readable")
+    if format.format <> formatName then
+        raise (CheckpointError(sprintf "%s is not a Pmg.Fs checkpoint (format %s)" path format.format))
+    if format.version <> formatVersion then
+        raise (
+            CheckpointError(
+                sprintf "%s is a version %d checkpoint; this Pmg.Fs reads version %d: use the Pmg.Fs that wrote it, or `pmg export --to pytorch` there and load the .pth"
+                    path format.version formatVersion
+            )
+        )
+    let verified (name: string) =
+        let b = bytes name
+        match Map.tryFind name format.sha256 with
+        | Some h when h = sha256 b -> b
+        | Some _ -> raise (damaged path (sprintf "the checksum of %s does not match" name))
+        | None -> raise (damaged path (sprintf "no checksum for %s" name))
+    let json name = Text.Encoding.UTF8.GetString(verified name)
+    { Experiment = json "experiment.json" |> Json.deserialize<Experiment.Experiment>
+      Progress = json "progress.json" |> Json.deserialize<Trainer.Progress>
+      Model = verified "model.bin" |> readTensors
+      Optimizer = verified "optimizer.bin" |> readTensors }
+
+/// A session's state after `progress`.
+let ofSession (s: Trainer.Session) (progress: Trainer.Progress) : Checkpoint =
+    { Experiment = s.Experiment
+      Progress = progress
+      Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
+      Optimizer = Sgd.state s.Optimizer }
+
+/// Puts a checkpoint's model and optimizer state into a session.
+let restore (s: Trainer.Session) (c: Checkpoint) =
+    Interop.StateDict.loadInto s.Net c.Model true
+    Sgd.restore s.Optimizer c.Optimizer
+
+/// The checkpoint's tensors freed.
+let dispose (c: Checkpoint) =
+    for _, t in c.Model @ c.Optimizer do
+        t.Dispose()

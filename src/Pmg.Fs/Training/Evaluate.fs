@@ -2,7 +2,7 @@
 module Pmg.Fs.Training.Evaluate
 
 open TorchSharp
-open Pmg.Fs.Runtime.Scalars
+open Pmg.Fs.Runtime
 open Pmg.Fs.Model
 
 /// Accuracies in [0, 1].
@@ -54,10 +54,10 @@ let run (precision: Pmg.Fs.Experiment.Precision) (net: Pmg.Network) (classes: in
                correctTopK 1 out.Concat y
                correctTopK 1 combined y
                correctTopK 5 combined y |]
-        addInPlace counts (torch.stack correct) |> ignore
+        Ops.addInPlace counts (torch.stack correct) |> ignore
         let pred = combined.argmax 1L
-        let cell = add (scalarInt (int64 classes) (fun (k: Scalar) -> y.mul k)) pred
-        scalarInt 1L (fun one -> confusion.index_add_ (0L, cell, torch.ones_like pred, one)) |> ignore
+        let cell = Ops.add (Ops.scalarInt (int64 classes) (fun (k: Scalar) -> y.mul k)) pred
+        Ops.scalarInt 1L (fun one -> confusion.index_add_ (0L, cell, torch.ones_like pred, one)) |> ignore
         images <- images + int x.shape.[0]
     let c = counts.cpu().data<int64>().ToArray()
     let m = confusion.cpu().data<int64>().ToArray()
@@ -80,7 +80,7 @@ let meanPerClass (a: Accuracy) : float =
 
 /// The results table in Markdown: every head by name, concat, combined (with top-5).
 let table (headNames: string list) (a: Accuracy) : string =
-    let pct (x: float) = sprintf "%5.1f%%" (100.0 * x)
+    let pct = Pmg.Fs.Format.percent
     let rows =
         [ yield! List.zip headNames a.Heads |> List.map (fun (name, acc) -> name, pct acc, "")
           "concat", pct a.Concat, ""

@@ -14,14 +14,13 @@ module Pmg.Fs.Training.Sgd
 
 open System.Collections.Generic
 open TorchSharp
-open Pmg.Fs.Runtime.Scalars
+open Pmg.Fs.Runtime
 
-/// A set of parameters sharing one learning rate. `Lr` is mutable so the schedule can set it per epoch.
+/// A set of parameters sharing one learning rate schedule; the rate of each step is an argument of `step`.
 type Group =
     { Name: string
       Parameters: (string * Modules.Parameter) list
-      BaseLr: float
-      mutable Lr: float }
+      BaseLr: float }
 
 type Settings = { Momentum: float; WeightDecay: float }
 
@@ -108,50 +107,45 @@ let private momentumOf (s: Settings) (existing: torch.Tensor option) (d: torch.T
         d.alias ()
     else
         match existing with
-        | Some buf -> scalar s.Momentum (fun m -> (addInPlace (buf.mul_ m) d).alias ())
+        | Some buf -> Ops.scalar s.Momentum (fun m -> (Ops.addInPlace (buf.mul_ m) d).alias ())
         | None ->
             // Lives across batches: not owned by the caller's per-batch dispose scope.
             let buf = d.detach().clone().DetachFromDisposeScope()
             keep buf
             buf.alias ()
 
-let private stepPerParameter (opt: Optimizer) =
+let private stepPerParameter (lr: Group -> float) (opt: Optimizer) =
     let s = opt.Settings
     for g in opt.Groups do
         for name, p in g.Parameters do
             let grad = p.grad
             use grad = if isNull grad then torch.zeros_like p else grad.alias ()
-            use d = if s.WeightDecay <> 0.0 then scalar s.WeightDecay (fun wd -> grad.add (p, wd)) else grad.alias ()
+            use d = if s.WeightDecay <> 0.0 then Ops.scalar s.WeightDecay (fun wd -> grad.add (p, wd)) else grad.alias ()
             let existing = match opt.Buffers.TryGetValue name with | true, b -> Some b | _ -> None
             use update = momentumOf s existing d (fun buf -> opt.Buffers.[name] <- buf)
-            scalar -g.Lr (fun lr -> p.add_ (update, lr)) |> ignore
+            Ops.scalar -(lr g) (fun rate -> p.add_ (update, rate)) |> ignore
 
 let private nameViews (opt: Optimizer) (slab: Slab) (buf: torch.Tensor) =
     for name, offset, sizes, strides in slab.Slices do
         // Kept across batches: not owned by the caller's per-batch dispose scope.
         opt.Buffers.[name] <- (viewAt buf offset sizes strides).DetachFromDisposeScope()
 
-let private stepFlat (opt: Optimizer) =
+let private stepFlat (lr: Group -> float) (opt: Optimizer) =
     let s = opt.Settings
     for g, slab in List.zip opt.Groups opt.Slabs do
         // The gradient tensor is rewritten by the next zeroGrad, so weight decay may go into it in place.
         if s.WeightDecay <> 0.0 then
-            scalar s.WeightDecay (fun wd -> slab.Grads.add_ (slab.Values, wd)) |> ignore
+            Ops.scalar s.WeightDecay (fun wd -> slab.Grads.add_ (slab.Values, wd)) |> ignore
         use update =
             momentumOf s slab.Momentum slab.Grads (fun buf ->
                 slab.Momentum <- Some buf
                 nameViews opt slab buf)
-        scalar -g.Lr (fun lr -> slab.Values.add_ (update, lr)) |> ignore
+        Ops.scalar -(lr g) (fun rate -> slab.Values.add_ (update, rate)) |> ignore
 
-/// One update of every parameter (no gradient = zero gradient).
-let step (opt: Optimizer) =
+/// One update of every parameter (no gradient = zero gradient), each group at the learning rate `lr` gives it.
+let step (lr: Group -> float) (opt: Optimizer) =
     use _ = torch.no_grad ()
-    if opt.Slabs.IsEmpty then stepPerParameter opt else stepFlat opt
-
-/// Sets every group's learning rate from its base rate.
-let setLr (schedule: float -> float) (opt: Optimizer) =
-    for g in opt.Groups do
-        g.Lr <- schedule g.BaseLr
+    if opt.Slabs.IsEmpty then stepPerParameter lr opt else stepFlat lr opt
 
 /// The momentum buffers by parameter name, for a checkpoint.
 let state (opt: Optimizer) : (string * torch.Tensor) list =

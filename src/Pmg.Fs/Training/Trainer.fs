@@ -1,15 +1,16 @@
-/// The progressive trainer. An iteration folds over the schedule's steps; each step is one jigsaw, forward, loss,
-/// backward and optimizer step. Epochs fold over iterations. Files and console are reached only through hooks
-/// and the checkpoint calls at the epoch boundary.
+/// The progressive trainer: a step function and a fold. An iteration folds over the schedule's steps; each step is
+/// one jigsaw, forward, loss, backward and optimizer step. An epoch folds over iterations and returns a record;
+/// `run` folds epochs over the progress. Files and console are reached only through the hooks that Run and the
+/// CLI install.
 module Pmg.Fs.Training.Trainer
 
 open System
-open System.IO
 open System.Diagnostics
 open TorchSharp
 open Pmg.Fs
 open Pmg.Fs.Model
 open Pmg.Fs.Data
+open Pmg.Fs.Runtime
 open Pmg.Fs.Experiment
 
 /// Images and class names of a run.
@@ -20,32 +21,36 @@ type Data =
 
 type EpochRecord =
     { Epoch: int
-      /// Mean loss of each schedule step (weighted as trained).
+      /// Mean loss of each schedule step (weighted as trained); NaN for steps that did not run (warm-up).
       StepLosses: float list
-      /// Top-1 of the concat step on the (unshuffled) training images.
+      /// Top-1 of the last step on the training images it saw (concat on whole images).
       TrainAccuracy: float
       Test: Evaluate.Accuracy
       Lr: float
       BackboneLr: float
       ImagesPerSecond: float
+      /// Images that could not be read this epoch: file and reason.
       Skipped: (string * string) list
       Seconds: float }
+
+/// Where training stands after a completed epoch.
+type Progress =
+    { /// Epochs completed (the next epoch to run, 0-based).
+      EpochsDone: int
+      BestCombined: float
+      BestEpoch: int }
+
+    static member Start = { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1 }
 
 type Hooks =
     { /// epoch, batches done, batches in the epoch.
       Batch: int -> int -> int -> unit
       /// Start of evaluation after an epoch.
       Evaluating: int -> unit
-      Epoch: EpochRecord -> unit }
+      /// After each epoch, with the progress that includes it (BestEpoch = record's epoch when it improved).
+      Epoch: Progress -> EpochRecord -> unit }
 
-    static member None = { Batch = (fun _ _ _ -> ()); Evaluating = ignore; Epoch = ignore }
-
-type Summary =
-    { History: EpochRecord list
-      BestEpoch: int
-      BestCombined: float
-      LastCheckpoint: string
-      BestCheckpoint: string }
+    static member None = { Batch = (fun _ _ _ -> ()); Evaluating = ignore; Epoch = fun _ _ -> () }
 
 /// The live objects of a run.
 type Session =
@@ -56,31 +61,19 @@ type Session =
       Device: torch.Device
       Engine: Engine.Engine }
 
-let lastName = "last.ckpt"
-let bestName = "best.ckpt"
+/// A loss that is not a finite number: training stops before anything of that epoch is kept.
+exception Diverged of string
 
 /// The jigsaw generator's seed for an epoch: the data order and crops use (seed, epoch) too, so an epoch's
-/// randomness does not depend on how the run got there (resume gives the same numbers).
+/// randomness does not depend on how the run got there; a resumed run draws what an uninterrupted one would, and
+/// a checkpoint needs no generator state.
 let private epochSeed (seed: int) (epoch: int) = int64 seed * 1_000_003L + int64 epoch
-
-let private groups (e: Experiment) (net: Pmg.Network) : Sgd.Group list =
-    let named (prefix: string) = net.named_parameters () |> Seq.filter (fun struct (n, _) -> n.StartsWith prefix) |> Seq.map (fun struct (n, p) -> n, p) |> List.ofSeq
-    let backbone = named "features."
-    let heads =
-        net.named_parameters ()
-        |> Seq.filter (fun struct (n, _) -> not (n.StartsWith "features."))
-        |> Seq.map (fun struct (n, p) -> n, p)
-        |> List.ofSeq
-    [ { Name = "heads"; Parameters = heads; BaseLr = e.Optimizer.Lr; Lr = e.Optimizer.Lr }
-      { Name = "backbone"; Parameters = backbone; BaseLr = e.Optimizer.BackboneLr; Lr = e.Optimizer.BackboneLr } ]
 
 let private initLock = obj ()
 
-/// Builds the network, optimizer and generator of an experiment (weights from the seed, or ImageNet weights),
-/// laid out and stepped as `engine` says.
+/// Builds the network, optimizer and generator of a (validated) experiment, laid out and stepped as `engine` says.
 let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
-    let e = validate e
-    let device = torch.Device e.Device
+    let device = Device.torch e.Device
     // Seeding and drawing the initial weights from libtorch's global generator must not interleave with
     // another session's.
     let net =
@@ -95,17 +88,22 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
     // Before the optimizer: flat storage keeps the strides it finds.
     if engine.ChannelsLast then Engine.toChannelsLast net
     let storage = if engine.FlatParameters then Sgd.Flat else Sgd.PerParameter
-    let opt = Sgd.create storage { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } (groups e net)
+    let groups: Sgd.Group list =
+        [ { Name = "heads"; Parameters = net.HeadParameters(); BaseLr = e.Optimizer.Lr }
+          { Name = "backbone"; Parameters = net.BackboneParameters(); BaseLr = e.Optimizer.BackboneLr } ]
     { Experiment = e
       Net = net
-      Optimizer = opt
+      Optimizer = Sgd.create storage { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } groups
       Jigsaw = new torch.Generator(uint64 e.Seed)
       Device = device
       Engine = engine }
 
 /// A session with the engine chosen for the experiment's device (Engine.forDevice).
 let createSession (e: Experiment) : Session =
-    createSessionWith (Engine.forDevice (torch.Device (validate e).Device)) e
+    createSessionWith (Engine.forDevice (Device.torch e.Device)) e
+
+/// The learning rate of a group in an epoch: cosine annealing from its base rate.
+let lrAt (e: Experiment) (epoch: int) (g: Sgd.Group) = Schedule.cosine e.Epochs g.BaseLr epoch
 
 /// The logits (fp32) of one step's output on its jigsaw of x; the forward runs in bf16 under autocast when the
 /// experiment says so, the loss after it in fp32.
@@ -119,29 +117,29 @@ let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : to
     logits.to_type torch.float32
 
 let private lossOf (step: Schedule.Step) (logits: torch.Tensor) (y: torch.Tensor) =
-    torch.nn.functional.cross_entropy (logits, y) |> Runtime.Scalars.scale step.LossWeight
+    torch.nn.functional.cross_entropy (logits, y) |> Ops.scale step.LossWeight
 
-/// One progressive step: jigsaw, forward, weighted cross-entropy, backward, SGD step. Returns the loss and the
-/// number of correct top-1 predictions, both still on the device.
-let trainStep (s: Session) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Tensor) : torch.Tensor * torch.Tensor =
+/// One progressive step: jigsaw, forward, weighted cross-entropy, backward, SGD step at the rates `lr` gives.
+/// Returns the loss and the number of correct top-1 predictions, both still on the device.
+let trainStep (s: Session) (lr: Sgd.Group -> float) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Tensor) =
     Sgd.zeroGrad s.Optimizer
     let logits = stepLogits s step x
     let loss = lossOf step logits y
     loss.backward ()
-    Sgd.step s.Optimizer
+    Sgd.step lr s.Optimizer
     loss.detach (), Evaluate.correctTopK 1 logits y
 
 /// One iteration on one batch: the given steps in order, each with its own update (Progressive), or all their
 /// weighted losses summed into one backward and one update (Joint). Returns each step's loss and correct count.
-let iteration (s: Session) (steps: Schedule.Step list) (x: torch.Tensor) (y: torch.Tensor) : (torch.Tensor * torch.Tensor) list =
+let iteration (s: Session) (lr: Sgd.Group -> float) (steps: Schedule.Step list) (x: torch.Tensor) (y: torch.Tensor) =
     match s.Experiment.Update with
-    | Progressive -> steps |> List.map (fun step -> trainStep s step x y)
+    | Progressive -> steps |> List.map (fun step -> trainStep s lr step x y)
     | Joint ->
         Sgd.zeroGrad s.Optimizer
         let outputs = steps |> List.map (fun step -> let logits = stepLogits s step x in lossOf step logits y, logits)
-        let total = outputs |> List.map fst |> List.reduce Runtime.Scalars.add
+        let total = outputs |> List.map fst |> List.reduce Ops.add
         total.backward ()
-        Sgd.step s.Optimizer
+        Sgd.step lr s.Optimizer
         outputs |> List.map (fun (loss, logits) -> loss.detach (), Evaluate.correctTopK 1 logits y)
 
 /// A loader batch on the device; the host copies are freed here.
@@ -173,99 +171,102 @@ let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (class
 let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
     evaluateWith s.Engine s.Experiment s.Net s.Device classes source
 
+/// What an epoch of training gives, before evaluation.
+type private Trained =
+    { StepLosses: float list
+      TrainAccuracy: float
+      ImagesPerSecond: float
+      Skipped: (string * string) list
+      Seconds: float }
+
 /// One epoch of training. Losses and accuracy are summed on the device and read once at the end.
-let trainEpoch (s: Session) (data: Data) (epoch: int) (hooks: Hooks) =
+let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> int -> unit) : Trained =
     let e = s.Experiment
     let steps = List.length e.Schedule
     let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule
+    let lr = lrAt e epoch
     s.Jigsaw.manual_seed (epochSeed e.Seed epoch) |> ignore
-    Sgd.setLr (fun baseLr -> Schedule.cosine e.Epochs baseLr epoch) s.Optimizer
     s.Net.train ()
     let total = (data.Train.Count + e.BatchSize - 1) / e.BatchSize
     use sums = torch.zeros ([| int64 steps + 1L |], dtype = torch.float64, device = s.Device)
-    let mutable images = 0
-    let mutable skipped = []
     // Each value goes to its step's column; the last column counts correct predictions. Made once: a per-batch
     // host-to-device copy would wait for the GPU.
     use positions = torch.tensor (Array.append [| for i, _ in active -> int64 i |] [| int64 steps |], device = s.Device)
     let clock = Stopwatch.StartNew()
-    batchesOf e data.Train true epoch
-    |> Seq.iteri (fun i b ->
-        skipped <- skipped @ b.Skipped
-        // BatchNorm cannot train on one sample; a last batch of one is skipped like PyTorch's drop_last would.
-        if b.Size >= 2 then
-            use _ = torch.NewDisposeScope()
-            let x, y = toDevice s.Engine s.Device b
-            let results = iteration s (List.map snd active) x y
-            let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Runtime.Scalars.scale (float b.Size))
-            let correct = results |> List.last |> snd
-            let values = torch.stack (losses @ [ correct.to_type torch.float64 ])
-            Runtime.Scalars.scalar 1.0 (fun one -> sums.index_add_ (0L, positions, values, one)) |> ignore
-            images <- images + b.Size
-        hooks.Batch epoch (i + 1) total)
+    let images, skipped =
+        batchesOf e data.Train true epoch
+        |> Seq.indexed
+        |> Seq.fold
+            (fun (images, skipped) (i, b) ->
+                // BatchNorm cannot train on one sample: a last batch of one is never trained.
+                let trained =
+                    if b.Size >= 2 then
+                        use _ = torch.NewDisposeScope()
+                        let x, y = toDevice s.Engine s.Device b
+                        let results = iteration s lr (List.map snd active) x y
+                        let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Ops.scale (float b.Size))
+                        let correct = results |> List.last |> snd
+                        let values = torch.stack (losses @ [ correct.to_type torch.float64 ])
+                        Ops.scalar 1.0 (fun one -> sums.index_add_ (0L, positions, values, one)) |> ignore
+                        b.Size
+                    else
+                        0
+                onBatch (i + 1) total
+                images + trained, skipped @ b.Skipped)
+            (0, [])
     let seconds = clock.Elapsed.TotalSeconds
     let v = sums.cpu().data<float>().ToArray()
     let n = float (max images 1)
     // Steps that did not run this epoch (warm-up) have no loss.
     let ran = active |> List.map fst |> Set.ofList
-    [ for i in 0 .. steps - 1 -> if ran.Contains i then v.[i] / n else nan ], v.[steps] / n, float images / seconds, skipped, seconds
+    { StepLosses = [ for i in 0 .. steps - 1 -> if ran.Contains i then v.[i] / n else nan ]
+      TrainAccuracy = v.[steps] / n
+      ImagesPerSecond = float images / seconds
+      Skipped = skipped
+      Seconds = seconds }
 
-let private checkpointOf (s: Session) (progress: Checkpoint.Progress) : Checkpoint.Checkpoint =
-    { Experiment = s.Experiment
-      Progress = progress
-      Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
-      Optimizer = Sgd.state s.Optimizer
-      Rng = s.Jigsaw.get_state () }
+/// The step of the fold: trains and evaluates one epoch and says where training stands after it. Raises Diverged,
+/// before any hook runs, when a step's loss is not finite.
+let epoch (s: Session) (data: Data) (hooks: Hooks) (progress: Progress) (epoch: int) : Progress * EpochRecord =
+    let e = s.Experiment
+    let t = trainEpoch s data epoch (hooks.Batch epoch)
+    let lrOf name = s.Optimizer.Groups |> List.find (fun g -> g.Name = name) |> lrAt e epoch
+    let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule |> List.map fst
+    match active |> List.tryFind (fun i -> not (Double.IsFinite t.StepLosses.[i])) with
+    | Some i ->
+        raise (
+            Diverged(
+                sprintf "training diverged in epoch %d: step %d (%A, n=%d) has loss %g at learning rates %g (new layers) and %g (backbone); lower --lr"
+                    (epoch + 1) (i + 1) e.Schedule.[i].Head e.Schedule.[i].Grid t.StepLosses.[i] (lrOf "heads") (lrOf "backbone")
+            )
+        )
+    | None -> ()
+    hooks.Evaluating epoch
+    let test = evaluate s data.Classes.Length data.Test
+    let record =
+        { Epoch = epoch
+          StepLosses = t.StepLosses
+          TrainAccuracy = t.TrainAccuracy
+          Test = test
+          Lr = lrOf "heads"
+          BackboneLr = lrOf "backbone"
+          ImagesPerSecond = t.ImagesPerSecond
+          Skipped = t.Skipped
+          Seconds = t.Seconds }
+    let improved = test.Combined > progress.BestCombined
+    { EpochsDone = epoch + 1
+      BestCombined = (if improved then test.Combined else progress.BestCombined)
+      BestEpoch = (if improved then epoch else progress.BestEpoch) },
+    record
 
-/// Puts a checkpoint's model, optimizer and generator state into a session.
-let restore (s: Session) (c: Checkpoint.Checkpoint) =
-    Interop.StateDict.loadInto s.Net c.Model true
-    Sgd.restore s.Optimizer c.Optimizer
-    s.Jigsaw.set_state c.Rng |> ignore
-
-/// Trains the experiment, writing last.ckpt every epoch and best.ckpt when combined accuracy improves.
-/// With `resume`, continues from outDir/last.ckpt when it exists.
-let run (e: Experiment) (data: Data) (outDir: string) (resume: bool) (hooks: Hooks) : Summary =
-    let s = createSession e
-    let last = Path.Combine(outDir, lastName)
-    let best = Path.Combine(outDir, bestName)
-    let start =
-        if resume && File.Exists last then
-            let c = Checkpoint.load last
-            if c.Experiment.Model <> e.Model then
-                raise (Checkpoint.CheckpointError(sprintf "%s was trained with a different model (%A); start a new run directory or use the same settings" last c.Experiment.Model))
-            restore s c
-            c.Progress
-        else
-            { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1; Seed = e.Seed }
-    let folder (progress: Checkpoint.Progress, history) epoch =
-        let stepLosses, trainAcc, speed, skipped, seconds = trainEpoch s data epoch hooks
-        hooks.Evaluating epoch
-        let test = evaluate s data.Classes.Length data.Test
-        let record =
-            { Epoch = epoch
-              StepLosses = stepLosses
-              TrainAccuracy = trainAcc
-              Test = test
-              Lr = s.Optimizer.Groups.[0].Lr
-              BackboneLr = s.Optimizer.Groups.[1].Lr
-              ImagesPerSecond = speed
-              Skipped = skipped
-              Seconds = seconds }
-        let improved = test.Combined > progress.BestCombined
-        let progress =
-            { progress with
-                EpochsDone = epoch + 1
-                BestCombined = (if improved then test.Combined else progress.BestCombined)
-                BestEpoch = (if improved then epoch else progress.BestEpoch) }
-        let c = checkpointOf s progress
-        Checkpoint.save last c
-        if improved then Checkpoint.save best c
-        hooks.Epoch record
-        progress, history @ [ record ]
-    let final, history = List.fold folder (start, []) [ start.EpochsDone .. e.Epochs - 1 ]
-    { History = history
-      BestEpoch = final.BestEpoch
-      BestCombined = final.BestCombined
-      LastCheckpoint = last
-      BestCheckpoint = best }
+/// Trains from `start` to the experiment's last epoch: a fold of `epoch`, calling the Epoch hook after each.
+let run (s: Session) (data: Data) (start: Progress) (hooks: Hooks) : Progress * EpochRecord list =
+    let final, history =
+        [ start.EpochsDone .. s.Experiment.Epochs - 1 ]
+        |> List.fold
+            (fun (progress, history) n ->
+                let progress, record = epoch s data hooks progress n
+                hooks.Epoch progress record
+                progress, record :: history)
+            (start, [])
+    final, List.rev history

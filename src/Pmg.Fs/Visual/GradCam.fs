@@ -82,9 +82,6 @@ let forNetwork (net: Pmg.Network) (x: Tensor) (cls: int option) : Explanation =
     let classes = net.Config.Classes
     if cls < 0 || cls >= classes then
         invalidArg (nameof cls) (sprintf "class %d is outside 0..%d" cls (classes - 1))
-    // The head on stage k reads stagesOut.[k - 1]; heads sit on the last S of the L stages.
-    let stages = List.length stagesOut
-    let firstHeadStage = stages - net.Config.Heads
     let replaced (index: int) (leaf: Tensor) = stagesOut |> List.mapi (fun j s -> if j = index then leaf else s)
     let rows, cols = x.shape.[2], x.shape.[3]
     let explain (name: string) (index: int) (pick: Pmg.Outputs -> Tensor) (logits: Tensor) =
@@ -94,8 +91,9 @@ let forNetwork (net: Pmg.Network) (x: Tensor) (cls: int option) : Explanation =
           Score = probability logits cls
           Map = toImage rows cols cam
           Cells = int cam.shape.[2], int cam.shape.[3] }
+    // The head on stage l reads stagesOut.[l - 1]; concat is explained on the last stage.
     let heads =
-        Pmg.headNames net.Config
-        |> List.mapi (fun i name -> explain name (firstHeadStage + i) (fun o -> o.Heads.[i]) outputs.Heads.[i])
-    let concat = explain "concat" (stages - 1) (fun o -> o.Concat) outputs.Concat
+        List.zip (Pmg.headNames net.Config) net.HeadStages
+        |> List.mapi (fun i (name, (l, _)) -> explain name (l - 1) (fun o -> o.Heads.[i]) outputs.Heads.[i])
+    let concat = explain "concat" (List.length stagesOut - 1) (fun o -> o.Concat) outputs.Concat
     { Class = cls; Combined = probability outputs.Combined cls; Maps = heads @ [ concat ] }

@@ -23,8 +23,8 @@ let private metricsCsv = "metrics.csv"
 /// Worst classes listed in report.md (all of them are in the CSV).
 let private worstListed = 10
 
-let private inv (x: float) = x.ToString("0.######", CultureInfo.InvariantCulture)
-let private pct (x: float) = if Double.IsNaN x then "-" else (100.0 * x).ToString("0.0", CultureInfo.InvariantCulture) + "%"
+let private inv = Format.number
+let private pct (x: float) = (Format.percent x).Trim()
 
 /// Per class: name, test images, correct combined predictions, accuracy (NaN without images).
 let perClass (classes: string[]) (confusion: int[,]) : (string * int * int * float) list =
@@ -57,7 +57,9 @@ let private stepLabels (e: Experiment) =
 let private dataText (e: Experiment) =
     match e.Data with
     | Embedded d -> sprintf "embedded synthetic (%d classes, %d px)" d.Classes d.ImageSize
-    | OnDisk d -> sprintf "%s%s at %s" d.Kind (d.Level |> Option.map (sprintf " (%s)") |> Option.defaultValue "") d.Root
+    | OnDisk d ->
+        let level = match d.Kind with Data.Dataset.Kind.Aircraft l -> sprintf " (%s)" l | _ -> ""
+        sprintf "%s%s at %s" (Data.Dataset.name d.Kind) level d.Root
 
 let private settings (e: Experiment) : (string * string) list =
     let heads = Pmg.headNames e.Model
@@ -74,7 +76,7 @@ let private settings (e: Experiment) : (string * string) list =
       "momentum, weight decay", sprintf "%s, %s" (inv e.Optimizer.Momentum) (inv e.Optimizer.WeightDecay)
       "input", sprintf "resize %d, crop %d, padding %d" e.Input.Resize e.Input.Crop e.Input.Padding
       "seed", string e.Seed
-      "device", e.Device ]
+      "device", Runtime.Device.text e.Device ]
 
 let private table (header: string list) (rows: string list list) =
     let line (cells: string list) = "| " + String.concat " | " cells + " |"

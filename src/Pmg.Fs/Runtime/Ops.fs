@@ -1,8 +1,10 @@
+/// Tensor arithmetic that is safe from TorchSharp's Scalar lifetime bug, the one home of that workaround.
 /// TorchSharp hands a Scalar's raw handle to native code without keeping the Scalar alive, so a temporary
-/// Scalar can be finalised by the GC in the middle of the call (seen here as "Expected false to be true" from
+/// Scalar can be finalised by the GC in the middle of the call (seen as "Expected false to be true" from
 /// Scalar::toFloat after minutes of training). Every Scalar this project passes goes through `scalar`, which
-/// holds it until the call returns.
-module Pmg.Fs.Runtime.Scalars
+/// holds it until the call returns; `a + b`, `t.add_(1)` and `t.mul(0.5)` are not written anywhere else (a test
+/// scans the sources for them).
+module Pmg.Fs.Runtime.Ops
 
 open TorchSharp
 
@@ -31,7 +33,8 @@ let increment (t: torch.Tensor) = t.add_ (one, one) |> ignore
 /// t * k with a float factor.
 let scale (k: float) (t: torch.Tensor) = scalar k t.mul
 
-/// ELU from unary tensor ops (no Scalar arguments): relu(x) + expm1(-relu(-x)), i.e. x for x > 0, e^x - 1 else.
+/// ELU (alpha 1) from unary tensor ops, since TorchSharp's elu passes its alpha as temporary Scalars:
+/// relu(x) + expm1(-relu(-x)), i.e. x for x > 0, e^x - 1 else.
 let elu (x: torch.Tensor) : torch.Tensor =
     // Not in place: relu's backward needs its output.
     use pos = x.relu ()

@@ -1,7 +1,7 @@
 /// Device memory in use, from the CUDA runtime (TorchSharp exposes no allocator statistics). libtorch's caching
 /// allocator keeps what it reserved, so the growth over a run is the peak it reserved: an upper bound of
 /// PyTorch's max_memory_allocated.
-module Pmg.Cli.GpuMemory
+module Pmg.Fs.Runtime.GpuMemory
 
 open System.Runtime.InteropServices
 

@@ -1,0 +1,113 @@
+/// `pmg eval`, `pmg predict`, `pmg export` and `pmg data`: trained models and datasets, looked at.
+module Pmg.Cli.ModelCommands
+
+open System
+open System.IO
+open Argu
+open Pmg.Fs
+open Pmg.Fs.Data
+open Pmg.Fs.Model
+open Pmg.Fs.Training
+open Pmg.Cli.Args
+open Pmg.Cli.TrainCommand
+
+let private overrides backbone classes size resize : Inference.Overrides =
+    let positive flag = Option.map (within flag 1 Int32.MaxValue)
+    { Backbone = backbone
+      Classes = positive "--classes" classes
+      ImageSize = positive "--image-size" size
+      Resize = positive "--resize" resize }
+
+let eval (a: ParseResults<EvalArgs>) =
+    let device = a.GetResult(EvalArgs.Device, "cpu") |> device
+    let path = a.GetResult EvalArgs.Checkpoint
+    let batch = a.GetResult(EvalArgs.Batch_Size, 16) |> within "--batch-size" 2 4096
+    let o = overrides (a.TryGetResult EvalArgs.Backbone) (a.TryGetResult EvalArgs.Classes) (a.TryGetResult EvalArgs.Image_Size) (a.TryGetResult EvalArgs.Resize)
+    let m = Inference.load path o device
+    let data =
+        match a.TryGetResult EvalArgs.Dataset with
+        | Some _ as name -> dataOf name (a.TryGetResult EvalArgs.Root) (a.TryGetResult EvalArgs.Level)
+        | None when Checkpoint.isCheckpoint path -> (Checkpoint.load path).Experiment.Data
+        | None -> raise (BadFlag(sprintf "%s is a PyTorch state_dict, which says nothing about its data: pass --dataset and --root" path))
+    let e =
+        { Experiment.paper m.Net.Config.Classes data with
+            Model = m.Net.Config
+            BatchSize = batch
+            Input = { Resize = m.Resize; Crop = m.Crop; Padding = 0 }
+            Device = device }
+    let d, _ = Run.openData e
+    if d.Classes.Length <> m.Net.Config.Classes then
+        failwithf "the dataset has %d classes but the checkpoint %s has %d" d.Classes.Length path m.Net.Config.Classes
+    let acc = Trainer.evaluateNet e m.Net m.Device d.Classes.Length d.Test
+    printfn "%s: %d test images" path acc.Images
+    printfn "%s" (Evaluate.table (Pmg.headNames m.Net.Config) acc)
+    printfn "mean per-class accuracy (combined): %s" (pct (Evaluate.meanPerClass acc))
+    0
+
+/// Prints one image's prediction; an image that cannot be read is reported and the others still classified.
+let predict (a: ParseResults<PredictArgs>) =
+    let device = a.GetResult(PredictArgs.Device, "cpu") |> device
+    let o = overrides (a.TryGetResult PredictArgs.Backbone) (a.TryGetResult PredictArgs.Classes) (a.TryGetResult PredictArgs.Image_Size) (a.TryGetResult PredictArgs.Resize)
+    let m = Inference.load (a.GetResult PredictArgs.Checkpoint) o device
+    let k = a.GetResult(PredictArgs.Top_K, 5) |> within "--top-k" 1 m.Net.Config.Classes
+    let failures =
+        [ for path in a.GetResult PredictArgs.Images do
+              match (try Ok(Inputs.loadImage path) with Inputs.ImageError msg -> Error msg) with
+              | Error msg ->
+                  eprintfn "pmg: %s" msg
+                  yield path
+              | Ok image ->
+                  use image = image
+                  let p = Inference.predict m image
+                  let top = p.Probabilities |> Array.mapi (fun i s -> i, s) |> Array.sortByDescending snd |> Array.truncate k
+                  let logits = p.Heads @ [ "concat", p.Concat; "combined", p.Combined ]
+                  if a.Contains PredictArgs.Json then
+                      let topJson = [ for i, s in top -> {| ``class`` = i; score = float s |} ]
+                      if a.Contains PredictArgs.Logits then printfn "%s" (Json.line {| image = path; top = topJson; logits = dict logits |})
+                      else printfn "%s" (Json.line {| image = path; top = topJson |})
+                  else
+                      printfn "%s" path
+                      for i, s in top do
+                          printfn "  class %d  %.4f" i s
+                      if a.Contains PredictArgs.Logits then
+                          for name, l in logits do
+                              printfn "  %-8s %s" name (l |> Array.map (sprintf "%.3f") |> String.concat " ") ]
+    if failures.IsEmpty then 0 else 1
+
+let export (a: ParseResults<ExportArgs>) =
+    let path = a.GetResult ExportArgs.Checkpoint
+    if File.Exists path && not (Checkpoint.isCheckpoint path) then
+        raise (BadFlag(sprintf "--checkpoint %s: export takes a Pmg.Fs checkpoint (.ckpt); a PyTorch state_dict needs no export" path))
+    let format = a.GetResult ExportArgs.To |> choose "--to" [ "pytorch", "pytorch" ]
+    let m = Inference.load path Inference.Overrides.None Runtime.Cpu
+    let out = a.GetResult ExportArgs.Out
+    match format with
+    | _ ->
+        Interop.StateDict.export m.Net out
+        printfn "wrote %s (%d entries, reference PMG key names)" out (m.Net.state_dict().Count)
+    0
+
+let data (a: ParseResults<DataArgs>) =
+    let root = a.GetResult DataArgs.Root
+    let kind =
+        try
+            Dataset.parseWithLevel (a.GetResult DataArgs.Dataset) (a.TryGetResult DataArgs.Level)
+        with DatasetError m ->
+            raise (BadFlag("--dataset: " + m))
+    let index = Dataset.load kind root
+    let report = Inspect.inspect index
+    if a.Contains DataArgs.Json then
+        printfn "%s" (Inspect.toJson report)
+    else
+        printfn "%s at %s" index.Name index.Root
+        printfn "classes %d, train %d, test %d usable images (grayscale %d, CMYK %d: converted to RGB)"
+            report.Classes report.Train report.Test report.Grayscale report.Cmyk
+        printfn "%d unusable:" report.Problems.Length
+        for p in report.Problems do
+            printfn "  %s: %s" p.File p.Problem
+    // A dataset that cannot train is not a success.
+    if report.Train = 0 || report.Test = 0 then
+        eprintfn "pmg: %s has no usable %s images" root (if report.Train = 0 then "training" else "test")
+        1
+    else
+        0

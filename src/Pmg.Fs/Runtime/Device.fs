@@ -1,0 +1,38 @@
+namespace Pmg.Fs.Runtime
+
+/// Where tensors live.
+type Device =
+    | Cpu
+    /// A CUDA GPU: the current one, or the one with this index.
+    | Cuda of index: int option
+
+exception DeviceError of string
+
+[<RequireQualifiedAccess>]
+module Device =
+    /// `cpu`, `cuda` or `cuda:N`.
+    let parse (text: string) : Device =
+        match text.Trim().ToLowerInvariant() with
+        | "cpu" -> Cpu
+        | "cuda" -> Cuda None
+        | t when t.StartsWith "cuda:" ->
+            match System.Int32.TryParse(t.Substring 5) with
+            | true, i when i >= 0 -> Cuda(Some i)
+            | _ -> raise (DeviceError(sprintf "device '%s': use cpu, cuda or cuda:N" text))
+        | _ -> raise (DeviceError(sprintf "device '%s': use cpu, cuda or cuda:N" text))
+
+    let text =
+        function
+        | Cpu -> "cpu"
+        | Cuda None -> "cuda"
+        | Cuda(Some i) -> sprintf "cuda:%d" i
+
+    let backend =
+        function
+        | Cpu -> Native.Cpu
+        | Cuda _ -> Native.Cuda
+
+    /// The torch device, with the native runtime it needs loaded first (so no caller has to remember to).
+    let torch (d: Device) : TorchSharp.torch.Device =
+        Native.ensure (backend d) |> ignore
+        TorchSharp.torch.Device(text d)
