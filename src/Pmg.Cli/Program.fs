@@ -387,7 +387,11 @@ let private errorText (e: exn) =
     | Backbone.UnknownBackbone m
     | Pmg.ConfigError m -> m
     | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
-    | e -> e.Message
+    | e ->
+        // Not one of ours: often libtorch's own error, so say which libtorch was loaded.
+        match Runtime.Native.current () with
+        | Some l -> sprintf "%s\n(libtorch %s from %s)" e.Message (Runtime.Native.libTorchVersion ()) l.LibTorchDir
+        | None -> e.Message
 
 [<EntryPoint>]
 let main argv =

@@ -75,7 +75,9 @@ let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks)
             {| seed = e.Seed
                project = versionOf typeof<Trainer.Session>
                torchsharp = versionOf typeof<TorchSharp.torch>
-               libtorch = TorchSharp.torch.__version__
+               // The libtorch actually loaded; TorchSharp's own figure is the version it was built against.
+               libtorch = Runtime.Native.libTorchVersion ()
+               torchsharpBuiltFor = TorchSharp.torch.__version__
                device = e.Device
                libtorchDir = native.LibTorchDir
                patchedGlibcxx = native.PatchedGlibcxx
