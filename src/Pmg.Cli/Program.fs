@@ -281,7 +281,11 @@ let private benchLadder (argv: string[]) =
         let field (prefix: string) =
             out.Split('\n') |> Array.tryFind (fun l -> l.StartsWith prefix) |> Option.map (fun l -> l.Substring(prefix.Length).Trim())
         let rate = out.Split('\n') |> Array.tryFindBack (fun l -> l.EndsWith " img/s") |> Option.map (fun l -> l.Replace(" img/s", "").Trim())
-        let memory = field "peak GPU memory:" |> Option.orElse (field "peak host memory:" |> Option.map (sprintf "%s (host)"))
+        let figure (prefix: string) = field prefix |> Option.filter (fun v -> not (v.StartsWith "n/a"))
+        let memory =
+            figure "peak GPU memory allocated:" |> Option.map (sprintf "%s allocated")
+            |> Option.orElse (figure "peak GPU memory growth:" |> Option.map (sprintf "%s growth"))
+            |> Option.orElse (field "peak host memory:" |> Option.map (sprintf "%s (host)"))
         p.ExitCode, field "ms per iteration (median):", rate, memory
     let results = [ for name, engine, precision in ladder -> name, engine, precision, runRung engine precision ]
     printfn ""
@@ -351,10 +355,16 @@ let private bench (argv: string[]) (a: ParseResults<BenchArgs>) =
         mode e.Model.Backbone device (a.GetResult(BenchArgs.Precision, "fp32")) batch size size
         (if mode = "train" then e.Schedule.Length else 1) iters warm engine
     printfn "ms per iteration (median): %.1f" ms
-    match before, (if cuda then GpuMemory.used () else None) with
-    | Some b, Some after -> printfn "peak GPU memory: %.2f GiB" (float (after - b) / 1073741824.0)
-    | _ when cuda -> printfn "peak GPU memory: unavailable (no CUDA runtime answered cudaMemGetInfo)"
-    | _ -> printfn "peak host memory: %.2f GiB" (float (Process.GetCurrentProcess().PeakWorkingSet64) / 1073741824.0)
+    // The same memory lines as scripts/ref_bench.py, so that the two compare like with like.
+    let gib (bytes: int64) = float bytes / 1073741824.0
+    if cuda then
+        match GpuMemory.peakAllocated (max 0 dev.index) with
+        | Some p -> printfn "peak GPU memory allocated: %.2f GiB" (gib p.PeakAllocated)
+        | None -> printfn "peak GPU memory allocated: n/a (%s)" (GpuMemory.unavailableReason ())
+        match before, GpuMemory.used () with
+        | Some b, Some after -> printfn "peak GPU memory growth: %.2f GiB" (gib (after - b))
+        | _ -> printfn "peak GPU memory growth: n/a (no CUDA runtime answered cudaMemGetInfo)"
+    printfn "peak host memory: %.2f GiB" (gib (Process.GetCurrentProcess().PeakWorkingSet64))
     printfn "%.1f img/s" (float batch * 1000.0 / ms)
     0
 
