@@ -93,19 +93,31 @@ def read(name):
     def num(prefix):
         m = re.search(r"^" + re.escape(prefix) + r"\s*([0-9.]+)", text, re.M)
         return float(m.group(1)) if m else None
+    ms = num("ms per iteration (median):")
+    batch = re.search(r" batch (\d+) ", text)
     rate = re.findall(r"^([0-9.]+) img/s\s*$", text, re.M)
+    # img/s from the median ms where both are printed: the printed figure has one decimal, too few on a CPU.
+    rate = int(batch.group(1)) * 1000.0 / ms if ms and batch else (float(rate[-1]) if rate else None)
+    first = text.strip().splitlines()[:1]
     return {
-        "ms": num("ms per iteration (median):"),
-        "rate": float(rate[-1]) if rate else None,
+        "ms": ms,
+        "rate": rate,
         "alloc": num("peak GPU memory allocated:"),
         "growth": num("peak GPU memory growth:"),
+        "config": first[0].split(", engine")[0] if first else "",
     }
 
-fmt = lambda v, f="%.1f": "-" if v is None else f % v
+def fmt(v, f="%.1f"):
+    if v is None:
+        return "-"
+    return "%.3f" % v if f == "%.1f" and v < 10 else f % v  # CPU rates are below 1 img/s
 ratio = lambda a, b: "-" if a is None or b is None or b == 0 else "%.2fx" % (a / b)
 card = open(os.path.join(d, "card.txt")).read().strip().splitlines() if os.path.exists(os.path.join(d, "card.txt")) else []
-print("PMG-ResNet50 training iteration (4 progressive steps), batch 16, 448x448, 200 classes, one call, same card:")
-print(" / ".join(l for l in card[1:2]) or "(card unknown)")
+print("Device: " + (" / ".join(card[1:2]) or "(no nvidia-smi output)"))
+for name in ("ref-published-1", "ours-fp32-1", "ref-tuned-1", "ours-bf16-1"):
+    r = read(name)
+    if r and r["config"]:
+        print("- `%s`: %s" % (name, r["config"]))
 print()
 print("| round | reference | ref img/s | Pmg.Fs | ours img/s | speed ratio | ref peak alloc GiB | ours peak alloc GiB | alloc ratio | ref growth GiB | ours growth GiB | growth ratio |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -238,7 +250,7 @@ for s in sys.stdin.read().split():
         if grep -qxF "$s" <<<"$defined"; then echo "found    $s"; else echo "MISSING  $s"; missing=$((missing + 1)); fi
     done
     echo "getDeviceStats symbols in these libraries (for the allocator figure):"
-    grep -i getDeviceStats <<<"$defined" | head -20
+    grep -i getDeviceStats <<<"$defined" | head -20 | while read -r s; do echo "  $s  $(c++filt "$s" 2>/dev/null)"; done
     echo "$missing missing (the GpuMemory ones are optional: pmg bench then prints n/a for peak allocated)"
 }
 step preflight-symbols check_symbols
