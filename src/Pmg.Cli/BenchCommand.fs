@@ -28,10 +28,14 @@ let private single (a: ParseResults<BenchArgs>) =
               Warmup = a.GetResult(Warmup, 3) |> within "--warmup" 0 100000 }
     printfn "%s" r.Description
     printfn "ms per iteration (median): %.1f" r.Milliseconds
-    match r.Memory with
-    | Bench.DeviceGrowth b -> printfn "peak GPU memory: %.2f GiB" (gib b)
-    | Bench.Host b -> printfn "peak host memory: %.2f GiB" (gib b)
-    | Bench.Unknown -> printfn "peak GPU memory: unavailable (no CUDA runtime answered cudaMemGetInfo)"
+    // The same memory lines as scripts/ref_bench.py, so that the two compare like with like.
+    let figure label =
+        Option.iter (function
+            | Ok b -> printfn "%s: %.2f GiB" label (gib b)
+            | Error why -> printfn "%s: n/a (%s)" label why)
+    figure "peak GPU memory allocated" r.Memory.Allocated
+    figure "peak GPU memory growth" r.Memory.Growth
+    printfn "peak host memory: %.2f GiB" (gib r.Memory.Host)
     printfn "%.1f img/s" r.ImagesPerSecond
     0
 
@@ -78,7 +82,11 @@ let private runLadder (argv: string[]) =
         let field (prefix: string) =
             lines |> Array.tryFind (fun l -> l.StartsWith prefix) |> Option.map (fun l -> l.Substring(prefix.Length).Trim())
         let rate = lines |> Array.tryFindBack (fun l -> l.EndsWith " img/s") |> Option.map (fun l -> l.Replace(" img/s", "").Trim())
-        let memory = field "peak GPU memory:" |> Option.orElse (field "peak host memory:" |> Option.map (sprintf "%s (host)"))
+        let figure (prefix: string) = field prefix |> Option.filter (fun v -> not (v.StartsWith "n/a"))
+        let memory =
+            figure "peak GPU memory allocated:" |> Option.map (sprintf "%s allocated")
+            |> Option.orElse (figure "peak GPU memory growth:" |> Option.map (sprintf "%s growth"))
+            |> Option.orElse (field "peak host memory:" |> Option.map (sprintf "%s (host)"))
         p.ExitCode, field "ms per iteration (median):", rate, memory
     let results = [ for name, engine, precision in ladder -> name, engine, precision, runRung engine precision ]
     printfn ""

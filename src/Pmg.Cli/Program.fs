@@ -30,7 +30,11 @@ let private errorText (e: exn) =
     | Pmg.ConfigError m -> m
     | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
     | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size"
-    | e -> e.Message
+    | e ->
+        // Not one of ours: often libtorch's own error, so say which libtorch was loaded.
+        match Runtime.Native.current () with
+        | Some l -> sprintf "%s (libtorch %s from %s)" e.Message (Runtime.Native.libTorchVersion ()) l.LibTorchDir
+        | None -> e.Message
 
 /// The device a command line asks for, so that the native runtime for it loads before anything else.
 let private deviceIn (argv: string[]) =

@@ -148,7 +148,9 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
                 {| seed = e.Seed
                    project = versionOf typeof<Trainer.Session>
                    torchsharp = versionOf typeof<TorchSharp.torch>
-                   libtorch = TorchSharp.torch.__version__
+                   // The libtorch actually loaded; TorchSharp's own figure is the version it was built against.
+                   libtorch = Native.libTorchVersion ()
+                   torchsharpBuiltFor = TorchSharp.torch.__version__
                    device = Device.text e.Device
                    libtorchDir = native.LibTorchDir
                    patchedGlibcxx = native.PatchedGlibcxx

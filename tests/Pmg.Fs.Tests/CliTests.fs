@@ -128,6 +128,9 @@ let tests =
               let config = File.ReadAllText(Path.Combine(dir, "config.json"))
               Expect.stringContains config "\"Forward\": \"Truncated\"" "embedded recipe's forward mode kept"
               Expect.stringContains config "\"Backbone\": \"resnet18\"" "embedded recipe's backbone kept"
+              // The libtorch read from the loaded binary (x.y.z), not TorchSharp's four-part build figure.
+              let manifest = File.ReadAllText(Path.Combine(dir, "manifest.json"))
+              Expect.isMatch manifest "\"libtorch\": \"\\d+\\.\\d+\\.\\d+(\\+[^\"]+)?\"" "manifest names the loaded libtorch's version"
           } ]
 
 /// `pmg data` and a one-epoch `pmg train` on each miniature benchmark, in its official layout.

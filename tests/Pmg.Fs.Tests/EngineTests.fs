@@ -74,6 +74,20 @@ let tests =
                       let q = b.named_parameters () |> Seq.find (fun struct (m, _) -> m = n) |> fun struct (_, q) -> q
                       Expect.isTrue (p.allclose (q, rtol = 1e-5, atol = 1e-7)) n
               }
+          test "flat storage: every parameter and .grad view starts at a multiple of 64 elements" {
+              use _ = torch.NewDisposeScope()
+              // 3 classes: the heads' Linear(512, 3) weights and biases are not multiples of 4 elements, so packed
+              // end to end they would misalign every parameter after them.
+              let s = Trainer.createSessionWith { Engine.plain with FlatParameters = true } { tiny with Model = { tiny.Model with Classes = 3 } }
+              let ps = [ for struct (n, p) in s.Net.named_parameters () -> n, p ]
+              let misaligned =
+                  ps |> List.filter (fun (_, p) -> p.storage_offset () % Sgd.slabAlignment <> 0L || p.grad.storage_offset () % Sgd.slabAlignment <> 0L)
+              Expect.isEmpty (misaligned |> List.map fst) "parameters at an offset that is not a multiple of 64 elements"
+              let slabs = s.Optimizer.Slabs |> List.sumBy (fun slab -> slab.Values.numel ())
+              let used = ps |> List.sumBy (fun (_, p) -> p.numel ())
+              Expect.isGreaterThan slabs used "the slabs hold padding (else this test checks nothing)"
+              Expect.equal (Sgd.slabOffsets [ 1L; 64L; 65L; 3L ]) [ 0L; 64L; 128L; 256L; 320L ] "offsets round up to 64"
+          }
           test "flat storage: .grad of every parameter is a view of the group's gradient tensor" {
               use _ = torch.NewDisposeScope()
               let s = Trainer.createSessionWith { Engine.plain with FlatParameters = true } tiny

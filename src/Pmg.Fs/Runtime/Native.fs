@@ -183,35 +183,119 @@ let private mkldnnWanted () =
 // ---------------------------------------------------------------------------------------------------
 // CUDA libtorch: PMG_LIBTORCH, else the torch/lib folder of a Python PyTorch install.
 
-let private pythonTorchLib () =
+/// Pythons that may hold a CUDA PyTorch: `python3` on PATH first, then the active virtual environment, then venvs
+/// under /opt, /srv and the home folder (a GPU machine often has PyTorch only in such a venv, e.g.
+/// /opt/torch/.venv, while the system python3 has none).
+let private pythonCandidates () =
+    let venvsUnder (root: string) =
+        try
+            if Directory.Exists root then
+                Directory.GetDirectories root
+                |> Array.sort
+                |> Array.collect (fun d -> [| Path.Combine(d, ".venv", "bin", "python3"); Path.Combine(d, "venv", "bin", "python3") |])
+                |> List.ofArray
+            else []
+        with _ -> []
+    let home = Environment.GetFolderPath Environment.SpecialFolder.UserProfile
+    [ yield "python3"
+      match Environment.GetEnvironmentVariable "VIRTUAL_ENV" with
+      | null | "" -> ()
+      | v -> yield Path.Combine(v, "bin", "python3")
+      for root in [ "/opt"; "/srv"; home ] do
+          if not (String.IsNullOrEmpty root) then
+              yield Path.Combine(root, ".venv", "bin", "python3")
+              yield! venvsUnder root ]
+    |> List.distinct
+    |> List.filter (fun p -> p = "python3" || File.Exists p)
+
+/// Asks one python for its torch/lib folder: Ok folder (holding libtorch_cuda.so), or Error with what it said.
+let private askPython (python: string) : Result<string, string> =
     try
         let psi =
             Diagnostics.ProcessStartInfo(
-                "python3",
+                python,
                 "-c \"import torch,os;print(os.path.join(os.path.dirname(torch.__file__),'lib'))\"",
                 RedirectStandardOutput = true,
                 RedirectStandardError = true
             )
         use p = Diagnostics.Process.Start psi
+        // Both streams at once: reading one to its end while the other fills its pipe would hang.
+        let err = p.StandardError.ReadToEndAsync()
         let out = p.StandardOutput.ReadToEnd().Trim()
-        if p.WaitForExit 60000 && p.ExitCode = 0 && Directory.Exists out then Some out else None
-    with _ ->
-        None
+        if not (p.WaitForExit 60000) then
+            Error(sprintf "%s: no answer within 60 s" python)
+        elif p.ExitCode <> 0 then
+            // The last line of a traceback says why (ModuleNotFoundError: No module named 'torch', ...).
+            let last = err.Result.Trim().Split('\n') |> Array.last
+            Error(sprintf "%s: %s" python last)
+        elif not (File.Exists(Path.Combine(out, "libtorch_cuda.so"))) then
+            Error(sprintf "%s: its torch (%s) is not a CUDA build (no libtorch_cuda.so)" python out)
+        else
+            Ok out
+    with e ->
+        Error(sprintf "%s: %s" python e.Message)
+
+/// The first candidate python's CUDA torch/lib folder, or what each one said.
+let private pythonTorchLib () : Result<string, string list> =
+    let rec first tried = function
+        | [] -> Error(List.rev tried)
+        | python :: rest ->
+            match askPython python with
+            | Ok dir -> Ok dir
+            | Error why -> first (why :: tried) rest
+    first [] (pythonCandidates ())
 
 let private cudaLibTorchDir () =
     match Environment.GetEnvironmentVariable "PMG_LIBTORCH" with
     | null
     | "" ->
         match pythonTorchLib () with
-        | Some d -> d
-        | None ->
-            fail
-                "--device cuda needs a CUDA build of libtorch 2.10 (the CUDA TorchSharp packages are not used here). \
-                 Set PMG_LIBTORCH to its lib folder (the one holding libtorch_cuda.so), or install PyTorch with CUDA \
-                 for python3 so that its torch/lib folder can be found."
+        | Ok d -> d
+        | Error tried ->
+            fail (
+                "--device cuda needs a CUDA build of libtorch 2.10 or later (the CUDA TorchSharp packages are not used \
+                 here). Set PMG_LIBTORCH to its lib folder (the one holding libtorch_cuda.so), or install PyTorch with \
+                 CUDA for python3 or in a venv so that its torch/lib folder can be found. Pythons tried:\n  "
+                + String.concat "\n  " tried
+            )
     | d when not (File.Exists(Path.Combine(d, "libtorch_cuda.so"))) ->
         fail (sprintf "PMG_LIBTORCH=%s holds no libtorch_cuda.so: point it at the lib folder of a CUDA libtorch." d)
     | d -> d
+
+// ---------------------------------------------------------------------------------------------------
+// The version of the libtorch actually loaded: TorchSharp reports the 2.10.0.0 it was built against, whatever
+// PMG_LIBTORCH or a PyTorch install brought in.
+
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type private ShowConfigFn = delegate of result: nativeint -> nativeint
+
+/// TORCH_VERSION from at::show_config(), the build summary libtorch keeps of itself (as torch.__config__.show()).
+/// It returns a std::string, which the x86-64 ABI returns through a buffer the caller passes; libstdc++'s string
+/// starts with its character pointer and length. The string's heap buffer is left to the process (read once).
+let private versionFromShowConfig (torchCpu: nativeint) =
+    match NativeLibrary.TryGetExport(torchCpu, "_ZN2at11show_configB5cxx11Ev") with
+    | false, _ -> None
+    | true, f ->
+        let buffer = Marshal.AllocHGlobal 64
+        try
+            Marshal.GetDelegateForFunctionPointer<ShowConfigFn>(f).Invoke buffer |> ignore
+            let text = Marshal.PtrToStringUTF8(Marshal.ReadIntPtr buffer, int (Marshal.ReadInt64(buffer, 8)))
+            let m = Text.RegularExpressions.Regex.Match(text, @"TORCH_VERSION=([^,\s]+)")
+            if m.Success then Some m.Groups.[1].Value else None
+        finally
+            Marshal.FreeHGlobal buffer
+
+/// The full version with its local tag (2.11.0+cu130) where the lib folder is a Python install's torch/lib
+/// (torch/version.py) or a libtorch archive's lib (libtorch/build-version).
+let private versionFromFiles (libDir: string) =
+    let parent = Path.GetDirectoryName(Path.GetFullPath(libDir).TrimEnd(Path.DirectorySeparatorChar))
+    let read (file: string) = if File.Exists file then Some(File.ReadAllText file) else None
+    let fromPy =
+        read (Path.Combine(parent, "version.py"))
+        |> Option.bind (fun t ->
+            let m = Text.RegularExpressions.Regex.Match(t, @"__version__\s*=\s*['""]([^'""]+)['""]")
+            if m.Success then Some m.Groups.[1].Value else None)
+    fromPy |> Option.orElse (read (Path.Combine(parent, "build-version")) |> Option.map (fun t -> t.Trim()))
 
 // ---------------------------------------------------------------------------------------------------
 
@@ -272,7 +356,8 @@ let private bringUp (backend: Backend) =
     if backend = Cuda then
         TorchSharp.torch.InitializeDeviceType TorchSharp.DeviceType.CUDA
         if not (TorchSharp.torch.cuda.is_available ()) then
-            fail (sprintf "libtorch from %s loaded, but it sees no CUDA device." libDir)
+            let v = (try versionFromShowConfig torchCpu with _ -> None) |> Option.orElse (versionFromFiles libDir)
+            fail (sprintf "libtorch %s from %s loaded, but it sees no CUDA device." (defaultArg v "(version unknown)") libDir)
 
     { Backend = backend
       LibTorchDir = libDir
@@ -299,12 +384,38 @@ let private handle () =
     if torchCpuHandle = 0n then fail "libtorch is not loaded yet: call Runtime.Native.ensure first"
     torchCpuHandle
 
+// Read once, after ensure.
+let mutable private version: string option = None
+
+/// The loaded libtorch's version, e.g. "2.11.0+cu130" or "2.10.0"; "unknown" where it cannot be read, "not loaded"
+/// before `ensure`.
+let libTorchVersion () : string =
+    lock gate (fun () ->
+        match version, loaded with
+        | Some v, _ -> v
+        | None, None -> "not loaded"
+        | None, Some l ->
+            let fromBinary = try versionFromShowConfig torchCpuHandle with _ -> None
+            let v =
+                match versionFromFiles l.LibTorchDir, fromBinary with
+                // The file's tag adds the CUDA flavour; the binary's own figure wins where they disagree.
+                | Some f, Some b when f.StartsWith b -> f
+                | _, Some b -> b
+                | Some f, None -> f
+                | None, None -> "unknown"
+            version <- Some v
+            v)
+
 /// The address of a function exported by the loaded libtorch_cpu, by its C++ mangled name: for the switches
 /// TorchSharp does not expose (see Runtime.Switches).
 let export (symbol: string) : nativeint =
     match NativeLibrary.TryGetExport(handle (), symbol) with
     | true, f -> f
-    | false, _ -> fail (sprintf "libtorch_cpu exports no %s: this libtorch is not the 2.x this project was built for" symbol)
+    | false, _ ->
+        fail (
+            sprintf "libtorch_cpu exports no %s: libtorch %s from %s is not a version this project knows"
+                symbol (libTorchVersion ()) (loaded |> Option.map (fun l -> l.LibTorchDir) |> Option.defaultValue "?")
+        )
 
 /// Sets one of at::Context's boolean switches (e.g. "_ZN2at7Context17setBenchmarkCuDNNEb"); false where this
 /// libtorch does not export that setter (another version: the switch is a speed option, not worth failing for).

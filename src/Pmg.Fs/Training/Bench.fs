@@ -25,11 +25,13 @@ type Options =
       Iterations: int
       Warmup: int }
 
-/// Peak memory of the run: the device's (growth of memory in use, from the CUDA runtime) or the process's.
+/// Peak memory of the run, as scripts/ref_bench.py reports it for PyTorch: on CUDA the caching allocator's peak
+/// allocated bytes (max_memory_allocated; Error says why it is not available) and the growth of device memory in
+/// use (cudaMemGetInfo); always the process's peak host memory.
 type Memory =
-    | DeviceGrowth of bytes: int64
-    | Host of bytes: int64
-    | Unknown
+    { Allocated: Result<int64, string> option
+      Growth: Result<int64, string> option
+      Host: int64 }
 
 type Result =
     { Milliseconds: float
@@ -101,10 +103,19 @@ let run (o: Options) : Result =
               w.Elapsed.TotalMilliseconds ]
     let ms = median times
     let memory =
-        match before, (if cuda then GpuMemory.used () else None) with
-        | Some b, Some after -> DeviceGrowth(after - b)
-        | _ when cuda -> Unknown
-        | _ -> Host(Process.GetCurrentProcess().PeakWorkingSet64)
+        { Allocated =
+            if not cuda then None
+            else
+                match GpuMemory.peakAllocated (max 0 dev.index) with
+                | Some p -> Some(Ok p.PeakAllocated)
+                | None -> Some(Error(GpuMemory.unavailableReason ()))
+          Growth =
+            if not cuda then None
+            else
+                match before, GpuMemory.used () with
+                | Some b, Some after -> Some(Ok(after - b))
+                | _ -> Some(Error "no CUDA runtime answered cudaMemGetInfo")
+          Host = Process.GetCurrentProcess().PeakWorkingSet64 }
     { Milliseconds = ms
       ImagesPerSecond = float batch * 1000.0 / ms
       Memory = memory

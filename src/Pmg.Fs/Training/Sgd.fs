@@ -52,6 +52,18 @@ let private viewAt (flat: torch.Tensor) (offset: int64) (sizes: int64[]) (stride
 
 exception StorageError of string
 
+/// Every parameter's view starts at a multiple of this many elements (256 bytes in fp32). Packed end to end, a
+/// head's Linear(512, classes) with a class count not divisible by 4 would leave every later parameter at an
+/// offset that is not 16-byte aligned, which keeps CUDA kernels off their vectorised paths (and cuDNN/cuBLAS
+/// off some algorithms) for those parameters and their gradients.
+let slabAlignment = 64L
+
+/// Where each of `sizes` (element counts) starts in a slab, each rounded up to `slabAlignment`, and, last, the
+/// slab's total length.
+let slabOffsets (sizes: int64 list) : int64 list =
+    let up (n: int64) = (n + slabAlignment - 1L) / slabAlignment * slabAlignment
+    sizes |> List.scan (fun offset n -> up (offset + n)) 0L
+
 /// Moves a group's parameters into one flat tensor, keeping each parameter's strides (a channels-last weight
 /// stays channels-last), and gives each a .grad view of a flat gradient tensor.
 let private flatten (g: Group) : Slab =
@@ -65,23 +77,22 @@ let private flatten (g: Group) : Slab =
         let span = Array.fold2 (fun acc (size: int64) (stride: int64) -> acc + (size - 1L) * stride) 1L p.shape (p.stride ())
         if span <> p.numel () then
             raise (StorageError(sprintf "parameter %s is not dense; flat storage cannot hold it" name))
-    let total = ps |> List.sumBy (fun p -> p.numel ())
-    let values = (torch.empty ([| total |], dtype = first.dtype, device = first.device)).DetachFromDisposeScope()
+    let offsets = slabOffsets (ps |> List.map (fun p -> p.numel ()))
+    let total = List.last offsets
+    // Zeros, not empty: the padding then stays zero through weight decay and momentum (never NaN garbage).
+    let values = (torch.zeros ([| total |], dtype = first.dtype, device = first.device)).DetachFromDisposeScope()
     let grads = (torch.zeros ([| total |], dtype = first.dtype, device = first.device)).DetachFromDisposeScope()
     let slices =
-        g.Parameters
-        |> List.mapFold
-            (fun offset (name, p) ->
-                let sizes, strides = p.shape, p.stride ()
-                use v = viewAt values offset sizes strides
-                v.copy_ p |> ignore
-                p.set_ v |> ignore
-                // .grad keeps its own reference to the view.
-                use gv = viewAt grads offset sizes strides
-                p.grad <- gv
-                (name, offset, sizes, strides), offset + p.numel ())
-            0L
-        |> fst
+        List.zip g.Parameters (List.take ps.Length offsets)
+        |> List.map (fun ((name, p), offset) ->
+            let sizes, strides = p.shape, p.stride ()
+            use v = viewAt values offset sizes strides
+            v.copy_ p |> ignore
+            p.set_ v |> ignore
+            // .grad keeps its own reference to the view.
+            use gv = viewAt grads offset sizes strides
+            p.grad <- gv
+            name, offset, sizes, strides)
     { Values = values; Grads = grads; Slices = slices; Momentum = None }
 
 let create (storage: Storage) (settings: Settings) (groups: Group list) : Optimizer =
