@@ -39,6 +39,7 @@
       "../src/Pmg.Fs/Interop/Protobuf.fs"
       "../src/Pmg.Fs/Interop/Onnx.fs"
       "../src/Pmg.Fs/Interop/ImageNet.fs"
+      "../src/Pmg.Fs/Interop/OnnxExport.fs"
       "../src/Pmg.Fs/Training/Sgd.fs"
       "../src/Pmg.Fs/Training/Engine.fs"
       "../src/Pmg.Fs/Training/Evaluate.fs"

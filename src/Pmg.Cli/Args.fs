@@ -49,6 +49,9 @@ type TrainArgs =
     | Heads of s: int
     | Grids of list: string
     | Per_Sample_Jigsaw
+    | Patch_Order of draw: string
+    | Bn_Group of images: string
+    | Partial_Batches of mode: string
     | Forward of mode: string
     | Update of mode: string
     | Precision of p: string
@@ -86,6 +89,11 @@ type TrainArgs =
             | Heads _ -> sprintf "number of granularity heads S (default %d)." p.Model.Heads
             | Grids _ -> "jigsaw grid per head, finest first, e.g. 8,4,2 (default 2^(L-l+1))."
             | Per_Sample_Jigsaw -> "one patch permutation per sample (default: one per batch, like the reference)."
+            | Patch_Order _ -> "cycle (every patch moves, as the reference's cell swaps; default) or uniform (any permutation)."
+            | Bn_Group _ ->
+                sprintf "BatchNorm while training normalises groups of at most this many images, as the reference's two-GPU DataParallel (default %s), or none (the whole batch)."
+                    (p.BatchNormGroup |> Option.map string |> Option.defaultValue "none")
+            | Partial_Batches _ -> "skip (a last batch smaller than the batch size is not trained, as the reference; default) or train."
             | Forward _ -> "full (every step runs the whole network, as the reference; the paper recipe's) or truncated (granularity steps run the backbone only up to their stage: same gradients, less work; the embedded default)."
             | Update _ -> "progressive (one optimizer step per schedule step, as the paper; default) or joint (all steps' losses summed, one optimizer step per iteration: the paper's ablation)."
             | Precision _ -> "fp32 (default) or bf16 (bf16 compute under libtorch's autocast, fp32 weights, gradients and optimizer state)."
@@ -124,7 +132,8 @@ type EvalArgs =
             | Device _ -> "cpu (default) or cuda."
 
 type PredictArgs =
-    | [<Mandatory>] Checkpoint of file: string
+    | Checkpoint of file: string
+    | Onnx of file: string
     | Backbone of name: string
     | Classes of n: int
     | Image_Size of px: int
@@ -139,6 +148,7 @@ type PredictArgs =
         member a.Usage =
             match a with
             | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth)."
+            | Onnx _ -> "an ONNX model from `pmg export --to onnx`, run by ONNX Runtime (instead of --checkpoint)."
             | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
             | Classes _ -> "class count (checked against the checkpoint)."
             | Image_Size _ -> "crop size."
@@ -153,13 +163,15 @@ type ExportArgs =
     | [<Mandatory>] Checkpoint of file: string
     | [<Mandatory>] To of format: string
     | [<Mandatory>] Out of file: string
+    | Image_Size of px: int
 
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Checkpoint _ -> "a Pmg.Fs checkpoint."
-            | To _ -> "pytorch: a state_dict the reference PMG model loads with strict=True."
-            | Out _ -> "output file (.pth)."
+            | To _ -> "pytorch (a state_dict the reference PMG model loads with strict=True) or onnx (the eval-mode network for ONNX Runtime: every head, concat and combined; dynamic batch; class names and preprocessing in its metadata)."
+            | Out _ -> "output file (.pth or .onnx)."
+            | Image_Size _ -> "onnx: the input size the graph is written for (default: the checkpoint's crop)."
 
 type BenchArgs =
     | Device of device: string

@@ -44,44 +44,63 @@ let eval (a: ParseResults<EvalArgs>) =
     printfn "mean per-class accuracy (combined): %s" (pct (Evaluate.meanPerClass acc))
     0
 
-/// Prints one image's prediction; an image that cannot be read is reported and the others still classified.
+/// Prints each image's prediction from a checkpoint (TorchSharp) or an exported ONNX model (ONNX Runtime), in the
+/// same format; an image that cannot be read is reported and the others still classified.
 let predict (a: ParseResults<PredictArgs>) =
-    let device = a.GetResult(PredictArgs.Device, "cpu") |> device
-    let o = overrides (a.TryGetResult PredictArgs.Backbone) (a.TryGetResult PredictArgs.Classes) (a.TryGetResult PredictArgs.Image_Size) (a.TryGetResult PredictArgs.Resize)
-    let m = Inference.load (a.GetResult PredictArgs.Checkpoint) o device
-    let k = a.GetResult(PredictArgs.Top_K, 5) |> within "--top-k" 1 m.Net.Config.Classes
-    let failures =
-        [ for path in a.GetResult PredictArgs.Images do
-              match (try Ok(Inputs.loadImage path) with Inputs.ImageError msg -> Error msg) with
-              | Error msg ->
-                  eprintfn "pmg: %s" msg
-                  yield path
-              | Ok image ->
-                  use image = image
-                  let p = Inference.predict m image
-                  let top = p.Probabilities |> Array.mapi (fun i s -> i, s) |> Array.sortByDescending snd |> Array.truncate k
-                  let logits = p.Heads @ [ "concat", p.Concat; "combined", p.Combined ]
-                  if a.Contains PredictArgs.Json then
-                      let topJson = [ for i, s in top -> {| ``class`` = i; score = float s |} ]
-                      if a.Contains PredictArgs.Logits then printfn "%s" (Json.line {| image = path; top = topJson; logits = dict logits |})
-                      else printfn "%s" (Json.line {| image = path; top = topJson |})
-                  else
-                      printfn "%s" path
-                      for i, s in top do
-                          printfn "  class %d  %.4f" i s
-                      if a.Contains PredictArgs.Logits then
-                          for name, l in logits do
-                              printfn "  %-8s %s" name (l |> Array.map (sprintf "%.3f") |> String.concat " ") ]
-    if failures.IsEmpty then 0 else 1
+    let predictor, classes, release =
+        match a.TryGetResult PredictArgs.Onnx, a.TryGetResult PredictArgs.Checkpoint with
+        | Some onnx, None ->
+            let m = OnnxRuntimeModel.load onnx
+            OnnxRuntimeModel.predict m, None, (fun () -> (m :> IDisposable).Dispose())
+        | None, Some checkpoint ->
+            let device = a.GetResult(PredictArgs.Device, "cpu") |> device
+            let o = overrides (a.TryGetResult PredictArgs.Backbone) (a.TryGetResult PredictArgs.Classes) (a.TryGetResult PredictArgs.Image_Size) (a.TryGetResult PredictArgs.Resize)
+            let m = Inference.load checkpoint o device
+            Inference.predict m, Some m.Net.Config.Classes, ignore
+        | Some _, Some _ -> raise (BadFlag "give --checkpoint or --onnx, not both")
+        | None, None -> raise (BadFlag "give the model: --checkpoint FILE (.ckpt, .pth) or --onnx FILE")
+    try
+        let k = a.GetResult(PredictArgs.Top_K, 5) |> within "--top-k" 1 (defaultArg classes Int32.MaxValue)
+        let failures =
+            [ for path in a.GetResult PredictArgs.Images do
+                  match (try Ok(Inputs.loadImage path) with Inputs.ImageError msg -> Error msg) with
+                  | Error msg ->
+                      eprintfn "pmg: %s" msg
+                      yield path
+                  | Ok image ->
+                      use image = image
+                      let p = predictor image
+                      let top = p.Probabilities |> Array.mapi (fun i s -> i, s) |> Array.sortByDescending snd |> Array.truncate k
+                      let logits = p.Heads @ [ "concat", p.Concat; "combined", p.Combined ]
+                      if a.Contains PredictArgs.Json then
+                          let topJson = [ for i, s in top -> {| ``class`` = i; score = float s |} ]
+                          if a.Contains PredictArgs.Logits then printfn "%s" (Json.line {| image = path; top = topJson; logits = dict logits |})
+                          else printfn "%s" (Json.line {| image = path; top = topJson |})
+                      else
+                          printfn "%s" path
+                          for i, s in top do
+                              printfn "  class %d  %.4f" i s
+                          if a.Contains PredictArgs.Logits then
+                              for name, l in logits do
+                                  printfn "  %-8s %s" name (l |> Array.map (sprintf "%.3f") |> String.concat " ") ]
+        if failures.IsEmpty then 0 else 1
+    finally
+        release ()
 
 let export (a: ParseResults<ExportArgs>) =
     let path = a.GetResult ExportArgs.Checkpoint
     if File.Exists path && not (Checkpoint.isCheckpoint path) then
-        raise (BadFlag(sprintf "--checkpoint %s: export takes a Pmg.Fs checkpoint (.ckpt); a PyTorch state_dict needs no export" path))
-    let format = a.GetResult ExportArgs.To |> choose "--to" [ "pytorch", "pytorch" ]
-    let m = Inference.load path Inference.Overrides.None Runtime.Cpu
+        raise (BadFlag(sprintf "--checkpoint %s: export takes a Pmg.Fs checkpoint (.ckpt), not a PyTorch state_dict" path))
+    let format = a.GetResult ExportArgs.To |> choose "--to" [ "pytorch", "pytorch"; "onnx", "onnx" ]
+    let size = a.TryGetResult ExportArgs.Image_Size |> Option.map (within "--image-size" 8 4096)
+    let m = Inference.load path { Inference.Overrides.None with ImageSize = size } Runtime.Cpu
     let out = a.GetResult ExportArgs.Out
     match format with
+    | "onnx" ->
+        let model = Inference.toOnnx m (Inference.classNames path m.Net.Config.Classes)
+        Interop.OnnxExport.write out model
+        printfn "wrote %s (%d nodes, input 1x3x%dx%d with a dynamic batch, outputs %s)"
+            out model.Graph.Nodes.Length m.Crop m.Crop (model.Graph.Outputs |> List.map _.Name |> String.concat ", ")
     | _ ->
         Interop.StateDict.export m.Net out
         printfn "wrote %s (%d entries, reference PMG key names)" out (m.Net.state_dict().Count)

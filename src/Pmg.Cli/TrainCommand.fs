@@ -41,29 +41,40 @@ let experimentOf (a: ParseResults<TrainArgs>) =
     let opened = Run.openData { Experiment.forData data 2 with CropToBox = cropToBox }
     let classes = (fst opened).Classes.Length
     let positive flag (v: int) = within flag 1 Int32.MaxValue v
+    let pixels flag (v: int) = within flag 1 4096 v
     let e =
         Experiment.forData data classes
         |> apply Experiment.withBackbone (a.TryGetResult TrainArgs.Backbone)
         |> apply Experiment.withHeads (a.TryGetResult TrainArgs.Heads)
         |> apply Experiment.withGrids (a.TryGetResult TrainArgs.Grids |> Option.map (positiveInts "--grids"))
-        |> apply Experiment.withImageSize (a.TryGetResult TrainArgs.Image_Size |> Option.map (positive "--image-size"))
-        |> apply Experiment.withResize (a.TryGetResult TrainArgs.Resize |> Option.map (positive "--resize"))
+        |> apply Experiment.withImageSize (a.TryGetResult TrainArgs.Image_Size |> Option.map (pixels "--image-size"))
+        |> apply Experiment.withResize (a.TryGetResult TrainArgs.Resize |> Option.map (pixels "--resize"))
         |> apply Experiment.withLr (a.TryGetResult TrainArgs.Lr)
         |> apply Experiment.withBackboneLr (a.TryGetResult TrainArgs.Backbone_Lr)
         |> apply Experiment.withEpochs (a.TryGetResult TrainArgs.Epochs |> Option.map (positive "--epochs"))
     let e =
         { e with
             Permutation = (if a.Contains TrainArgs.Per_Sample_Jigsaw then Jigsaw.PerSample else e.Permutation)
+            JigsawDraw = a.TryGetResult TrainArgs.Patch_Order |> Option.map (choose "--patch-order" [ "cycle", Jigsaw.Cycle; "uniform", Jigsaw.Uniform ]) |> Option.defaultValue e.JigsawDraw
+            BatchNormGroup =
+                match a.TryGetResult TrainArgs.Bn_Group with
+                | None -> e.BatchNormGroup
+                | Some "none" -> None
+                | Some v ->
+                    match Int32.TryParse v with
+                    | true, k when k >= 2 -> Some k
+                    | _ -> raise (BadFlag(sprintf "--bn-group %s: give a number of images, 2 or more, or none" v))
+            DropLast = a.TryGetResult TrainArgs.Partial_Batches |> Option.map (choose "--partial-batches" [ "skip", true; "train", false ]) |> Option.defaultValue e.DropLast
             Forward = a.TryGetResult TrainArgs.Forward |> Option.map (choose "--forward" [ "full", Experiment.Full; "truncated", Experiment.Truncated ]) |> Option.defaultValue e.Forward
             Update = a.TryGetResult TrainArgs.Update |> Option.map (choose "--update" [ "progressive", Experiment.Progressive; "joint", Experiment.Joint ]) |> Option.defaultValue e.Update
             Precision = a.TryGetResult TrainArgs.Precision |> Option.map (choose "--precision" [ "fp32", Experiment.Fp32; "bf16", Experiment.Bf16 ]) |> Option.defaultValue e.Precision
             WarmupEpochs = a.GetResult(TrainArgs.Warmup_Epochs, e.WarmupEpochs)
-            BatchSize = a.GetResult(TrainArgs.Batch_Size, e.BatchSize)
+            BatchSize = a.TryGetResult TrainArgs.Batch_Size |> Option.map (within "--batch-size" 2 4096) |> Option.defaultValue e.BatchSize
             Seed = a.GetResult(TrainArgs.Seed, e.Seed)
             Device = a.TryGetResult TrainArgs.Device |> Option.map device |> Option.defaultValue e.Device
             CropToBox = cropToBox
             Weights = a.TryGetResult TrainArgs.Pretrained |> Option.map Backbone.Weights.parse |> Option.defaultValue e.Weights
-            Workers = a.GetResult(TrainArgs.Workers, e.Workers) }
+            Workers = a.TryGetResult TrainArgs.Workers |> Option.map (within "--workers" 1 1024) |> Option.defaultValue e.Workers }
     e, opened
 
 let run (a: ParseResults<TrainArgs>) =

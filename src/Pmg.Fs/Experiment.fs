@@ -54,6 +54,8 @@ type Experiment =
     { Model: Pmg.Config
       Schedule: Schedule.Step list
       Permutation: Jigsaw.Permutation
+      /// Which patch permutations: the reference's cycles, or any.
+      JigsawDraw: Jigsaw.Draw
       Forward: ForwardMode
       Update: Update
       Optimizer: Optim
@@ -61,6 +63,12 @@ type Experiment =
       /// Epochs at the start that train only the concat classifier on whole images (see Schedule.stepsAt).
       WarmupEpochs: int
       BatchSize: int
+      /// Every BatchNorm normalises over sub-batches of this many images while training, running statistics from
+      /// the first: the reference trains under nn.DataParallel on two GPUs, so its batch of 16 is two of 8.
+      /// None: the whole batch.
+      BatchNormGroup: int option
+      /// A last batch smaller than BatchSize is skipped, as the reference does; otherwise trained (2 images or more).
+      DropLast: bool
       Input: Input
       Seed: int
       Device: Device
@@ -83,12 +91,15 @@ let paper (classes: int) (data: Data) : Experiment =
     { Model = Pmg.Config.Paper classes
       Schedule = Schedule.paper
       Permutation = Jigsaw.PerBatch
+      JigsawDraw = Jigsaw.Cycle
       Forward = Full
       Update = Progressive
       Optimizer = { Lr = 0.002; BackboneLr = 0.002 * backboneLrFactor; Momentum = 0.9; WeightDecay = 5e-4 }
       Epochs = 200
       WarmupEpochs = 0
       BatchSize = 16
+      BatchNormGroup = Some 8
+      DropLast = true
       Input = paperInput
       Seed = 0
       Device = Cpu
@@ -114,7 +125,7 @@ let embedded: Experiment =
                 Head = { Heads.Config.Paper with FeatureSize = 128; BlockChannels = 256; BlockBnMomentum = 0.1 } }
         Schedule = Schedule.progressive (Backbone.find "resnet18-mlnet") 3
         Forward = Truncated
-        Optimizer = { Lr = 0.02; BackboneLr = 0.005; Momentum = 0.9; WeightDecay = 5e-4 }
+        Optimizer = { Lr = 0.01; BackboneLr = 0.003; Momentum = 0.9; WeightDecay = 5e-4 }
         Epochs = 6
         Input = { Resize = data.ImageSize; Crop = crop; Padding = 4 }
         Weights = Backbone.ImageNet }
@@ -180,6 +191,9 @@ let problems (e: Experiment) : string list =
     [ if e.Epochs < 1 then "epochs must be at least 1"
       if e.WarmupEpochs < 0 || e.WarmupEpochs >= e.Epochs then "warm-up epochs must be 0 or more and fewer than the epochs"
       if e.BatchSize < 2 then "batch size must be at least 2 (the classifiers' BatchNorm needs two samples)"
+      match e.BatchNormGroup with
+      | Some k when k < 2 -> sprintf "BatchNorm groups of %d: need at least 2 images" k
+      | _ -> ()
       if e.Input.Crop < 1 || e.Input.Resize < 1 then "image sizes must be positive"
       if e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then
           sprintf "crop %d is larger than resize %d plus padding" e.Input.Crop e.Input.Resize
@@ -189,6 +203,8 @@ let problems (e: Experiment) : string list =
       if e.Schedule.IsEmpty then "the schedule has no steps"
       for s in e.Schedule do
           if s.Grid < 1 then sprintf "jigsaw grid %d: must be at least 1" s.Grid
+          elif s.Grid > e.Input.Crop then
+              sprintf "jigsaw grid %d on %d px crops: patches would be empty; use crops of at least %d px" s.Grid e.Input.Crop s.Grid
           match s.Head with
           | Pmg.Granularity i when i < 0 || i >= e.Model.Heads ->
               sprintf "a step trains head %d but the model has %d heads" i e.Model.Heads

@@ -88,3 +88,17 @@ let predict (m: Model) (image: Image<Rgb24>) : Prediction =
       Concat = arr out.Concat
       Combined = arr out.Combined
       Probabilities = arr (out.Combined.softmax 1L) }
+
+/// Class names of a checkpoint: the classes.txt its run wrote beside it, or numbers.
+let classNames (checkpoint: string) (count: int) : string[] =
+    let beside = Path.Combine(Path.GetDirectoryName(Path.GetFullPath checkpoint), Run.classesName)
+    let names = if File.Exists beside then File.ReadAllLines beside |> Array.filter (fun l -> l.Trim() <> "") else [||]
+    if names.Length = count then names else Array.init count string
+
+/// The model as ONNX (Interop.OnnxExport) for its crop size, with its preprocessing and class names.
+let toOnnx (m: Model) (classes: string[]) : Interop.Onnx.Model =
+    let spec = Transforms.Spec.test m.Resize m.Crop
+    Interop.OnnxExport.toOnnx m.Net m.Crop classes { Resize = m.Resize; Crop = m.Crop; Mean = spec.Mean; Std = spec.Std }
+
+/// Writes the model as an ONNX file (see toOnnx).
+let exportOnnx (m: Model) (classes: string[]) (path: string) : unit = Interop.OnnxExport.write path (toOnnx m classes)

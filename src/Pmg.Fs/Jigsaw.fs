@@ -16,12 +16,36 @@ type Permutation =
     | PerBatch
     | PerSample
 
-/// Patch orders for a batch: rows of indices into the n*n patches (one row when PerBatch).
-let permutations (gen: Generator) (mode: Permutation) (batch: int) (n: int) : Tensor =
+/// Which permutations of the n*n patches are drawn.
+type Draw =
+    /// A uniformly random n*n-cycle: every patch moves. The reference shuffles the cells and swaps cell (0,0) with
+    /// each in turn, a product of transpositions that is always one n*n-cycle (at n = 2, one of the six 4-cycles).
+    | Cycle
+    /// Any permutation, uniformly: a patch may stay, and at n = 2 the image is left whole 1/24 of the time.
+    | Uniform
+
+/// Sattolo's algorithm over uniforms u (one per cell): a uniformly random cyclic permutation.
+let private sattolo (u: float32[]) : int64[] =
+    let p = Array.init u.Length int64
+    for i in u.Length - 1 .. -1 .. 1 do
+        // j uniform in 0..i-1: never i itself, which is what makes a single cycle.
+        let j = min (i - 1) (int (float u.[i] * float i))
+        let t = p.[i]
+        p.[i] <- p.[j]
+        p.[j] <- t
+    p
+
+/// Patch orders for a batch: rows of indices into the n*n patches (one row when PerBatch), drawn from `gen`.
+let permutations (gen: Generator) (mode: Permutation) (draw: Draw) (batch: int) (n: int) : Tensor =
     let cells = int64 (n * n)
-    match mode with
-    | PerBatch -> torch.randperm(cells, generator = gen).unsqueeze 0L
-    | PerSample -> torch.rand([| int64 batch; cells |], generator = gen).argsort(1L)
+    let rows = match mode with PerBatch -> 1L | PerSample -> int64 batch
+    match draw with
+    | Uniform -> torch.rand([| rows; cells |], generator = gen).argsort(1L)
+    | Cycle ->
+        use u = torch.rand([| rows; cells |], generator = gen)
+        let all = u.data<float32>().ToArray()
+        let perms = Array.init (int rows) (fun r -> sattolo all.[r * int cells .. (r + 1) * int cells - 1]) |> Array.concat
+        torch.tensor(perms).reshape(rows, cells)
 
 /// Reassembles `x` (B, C, H, W) with its patches in the order `perm` gives (see `permutations`).
 let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
@@ -60,9 +84,9 @@ let apply (perm: Tensor) (n: int) (x: Tensor) : Tensor =
         result.MoveToOuterDisposeScope()
 
 /// Jigsaw of `x` with n x n patches, permutations drawn from `gen`.
-let shuffle (gen: Generator) (mode: Permutation) (n: int) (x: Tensor) : Tensor =
+let shuffle (gen: Generator) (mode: Permutation) (draw: Draw) (n: int) (x: Tensor) : Tensor =
     if n <= 1 then
         x.alias ()
     else
-        use perm = permutations gen mode (int x.shape.[0]) n
+        use perm = permutations gen mode draw (int x.shape.[0]) n
         apply perm n x

@@ -283,7 +283,7 @@ let loadBackbone (net: Pmg.Network) (weights: Backbone.Weights) : unit =
         | Some p -> fromOnnx (packagedFile p)
         | None ->
             let shipped = Backbone.registry |> Map.filter (fun _ s -> s.ImageNet.IsSome) |> Map.keys |> String.concat ", "
-            fail "no ImageNet weights ship for %s (they do for %s): pass --pretrained FILE with torchvision's weights (for resnet50: resnet50-19c8e357.pth), or --backbone %s"
+            fail "no ImageNet weights ship for %s (they do for %s): pass --pretrained FILE with torchvision's weights (for resnet50: resnet50-19c8e357.pth), --pretrained none to train from random weights, or --backbone %s"
                 spec.Name shipped shipped
     | Backbone.File path when path.EndsWith(".onnx", StringComparison.OrdinalIgnoreCase) -> fromOnnx path
     | Backbone.File path -> StateDict.loadPretrainedBackbone net path

@@ -10,8 +10,14 @@ open Pmg.Fs.Runtime
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
 
+/// BatchNorm; while training, optionally over groups of at most `Group` images (ghost batches): each group is normalised
+/// with its own statistics and the running statistics follow the first group only. That is what nn.DataParallel
+/// does with a batch split over GPUs (each replica normalises its part; replica 0's buffers are kept).
 type BatchNorm(features: int64, eps: float, momentum: float, dims: int list, name: string) =
     inherit Modules.BatchNorm(features, eps, momentum, true, true, null, Nullable(), name)
+
+    /// Images per normalisation group while training; None: the whole batch.
+    member val Group: int option = None with get, set
 
     override _.ValidateInputDimensions(input: Tensor) =
         if not (List.contains (int (input.dim ())) dims) then
@@ -20,8 +26,26 @@ type BatchNorm(features: int64, eps: float, momentum: float, dims: int list, nam
     override this.forward(input: Tensor) =
         this.ValidateInputDimensions input
         if this.training then Ops.increment this.num_batches_tracked
-        // Training uses the batch's statistics and updates the running ones with `momentum`; eval uses the running.
-        nn.functional.batch_norm (input, this.running_mean, this.running_var, this.weight, this.bias, this.training, momentum, eps)
+        let norm (x: Tensor) (mean: Tensor) (var: Tensor) =
+            // Training uses the batch's statistics and updates the given running ones with `momentum` (none given:
+            // none updated); eval uses the running ones.
+            nn.functional.batch_norm (x, mean, var, this.weight, this.bias, this.training, momentum, eps)
+        match this.Group with
+        | Some k when this.training && input.shape.[0] > int64 k ->
+            use _ = NewDisposeScope()
+            // As DataParallel scatters: ceil(N/k) near-equal chunks (16 -> 8 + 8; 9 -> 5 + 4, never a chunk of 1).
+            let groups = input.chunk ((input.shape.[0] + int64 k - 1L) / int64 k, 0L)
+            let first = norm groups.[0] this.running_mean this.running_var
+            let rest = groups |> Array.skip 1 |> Array.map (fun g -> norm g null null)
+            torch.cat(Array.append [| first |] rest, 0L).MoveToOuterDisposeScope()
+        | _ -> norm input this.running_mean this.running_var
+
+/// Sets the training normalisation group of every BatchNorm in a module (see BatchNorm.Group).
+let setBatchNormGroup (group: int option) (m: nn.Module) =
+    for sub in m.modules () do
+        match sub with
+        | :? BatchNorm as bn -> bn.Group <- group
+        | _ -> ()
 
 /// BatchNorm over (N, C, H, W), PyTorch's defaults (eps 1e-5, momentum 0.1).
 let batchNorm2d (features: int64) (momentum: float) = new BatchNorm(features, 1e-5, momentum, [ 4 ], "BatchNorm2d")

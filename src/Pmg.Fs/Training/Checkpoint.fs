@@ -135,8 +135,13 @@ let load (path: string) : Checkpoint =
         | Some _ -> raise (damaged path (sprintf "the checksum of %s does not match" name))
         | None -> raise (damaged path (sprintf "no checksum for %s" name))
     let json name = Text.Encoding.UTF8.GetString(verified name)
-    { Experiment = json "experiment.json" |> Json.deserialize<Experiment.Experiment>
-      Progress = json "progress.json" |> Json.deserialize<Trainer.Progress>
+    let read name (parse: string -> 'T) =
+        try
+            parse (json name)
+        with :? Text.Json.JsonException as e ->
+            raise (CheckpointError(sprintf "%s: its %s does not match this version of Pmg.Fs (%s); use the Pmg.Fs that wrote it" path name e.Message))
+    { Experiment = read "experiment.json" Json.deserialize<Experiment.Experiment>
+      Progress = read "progress.json" Json.deserialize<Trainer.Progress>
       Model = verified "model.bin" |> readTensors
       Optimizer = verified "optimizer.bin" |> readTensors }
 

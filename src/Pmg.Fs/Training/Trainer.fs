@@ -81,6 +81,7 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
             torch.manual_seed (int64 e.Seed) |> ignore
             Pmg.create e.Model)
     Interop.ImageNet.loadBackbone net e.Weights
+    Layers.setBatchNormGroup e.BatchNormGroup net
     net.``to`` device |> ignore
     for missing in Engine.applySwitches engine device do
         // A speed option only: say so and go on.
@@ -108,7 +109,7 @@ let lrAt (e: Experiment) (epoch: int) (g: Sgd.Group) = Schedule.cosine e.Epochs 
 /// The logits (fp32) of one step's output on its jigsaw of x; the forward runs in bf16 under autocast when the
 /// experiment says so, the loss after it in fp32.
 let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : torch.Tensor =
-    let input = Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation step.Grid x |> Engine.inputLayout s.Engine
+    let input = Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation s.Experiment.JigsawDraw step.Grid x |> Engine.inputLayout s.Engine
     let logits =
         use _ = Evaluate.computeRegion s.Experiment.Precision s.Device
         match s.Experiment.Forward, step.Head with
@@ -198,9 +199,10 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> i
         |> Seq.indexed
         |> Seq.fold
             (fun (images, skipped) (i, b) ->
-                // BatchNorm cannot train on one sample: a last batch of one is never trained.
+                // BatchNorm cannot train on one sample: a last batch of one is never trained, and with DropLast (the
+                // reference's `if inputs.shape[0] < batch_size: continue`) no partial batch is.
                 let trained =
-                    if b.Size >= 2 then
+                    if b.Size >= 2 && (not e.DropLast || b.Size = e.BatchSize) then
                         use _ = torch.NewDisposeScope()
                         let x, y = toDevice s.Engine s.Device b
                         let results = iteration s lr (List.map snd active) x y

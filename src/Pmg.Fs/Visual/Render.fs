@@ -188,7 +188,7 @@ let jigsawMontage (title: string) (mean: float32[]) (std: float32[]) (x: torch.T
     let tiles =
         steps
         |> List.map (fun (label, n) ->
-            use shuffled = Jigsaw.shuffle gen Jigsaw.PerBatch n x
+            use shuffled = Jigsaw.shuffle gen Jigsaw.PerBatch Jigsaw.Cycle n x
             { Image = ofInput mean std shuffled
               Caption = [ label; (if n <= 1 then "whole image" else sprintf "%dx%d patches" n n) ] })
     try
