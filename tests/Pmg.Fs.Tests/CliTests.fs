@@ -14,29 +14,16 @@ open Pmg.Fs.Training
 
 /// Runs pmg with arguments; returns exit code, stdout, stderr.
 let pmg (args: string list) =
-    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
-    psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "pmg.dll"))
-    for a in args do
-        psi.ArgumentList.Add a
-    use p = Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    p.ExitCode, out.Result, err.Result
+    let r = TestKit.pmg args
+    r.Code, r.Out, r.Err
 
 /// A checkpoint of an untrained 3-class ResNet18 PMG (our format) and a test image.
 let private fixture =
     lazy
-        (let dir = TrainingTests.tempDir ()
+        (let dir = TestKit.processTempDir "cli"
          let s = Trainer.createSession TrainingTests.tiny
-         let c: Checkpoint.Checkpoint =
-             { Experiment = TrainingTests.tiny
-               Progress = { EpochsDone = 1; BestCombined = 0.0; BestEpoch = 0; Seed = 0 }
-               Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
-               Optimizer = []
-               Rng = s.Jigsaw.get_state () }
          let ckpt = Path.Combine(dir, "tiny.ckpt")
-         Checkpoint.save ckpt c
+         Checkpoint.save ckpt (TestKit.checkpointOf s (TestKit.progress 1))
          let image = Path.Combine(dir, "bird.png")
          (Data.Synthetic.renderClass 28 0 1).SaveAsPng image
          dir, ckpt, image)
@@ -118,7 +105,8 @@ let tests =
               Expect.equal (List.sort keys) (net.state_dict().Keys |> List.ofSeq |> List.sort) "keys"
           }
           test "train on the embedded dataset writes a run directory and a results table" {
-              let dir = TrainingTests.tempDir ()
+              use runDir = new TestKit.TempDir "cli-train"
+              let dir = runDir.Path
               let code, out, err = pmg [ "train"; "--epochs"; "1"; "--image-size"; "24"; "--batch-size"; "32"; "--out"; dir ]
               Expect.equal code 0 err
               Expect.stringContains out "| combined |" "results table"
@@ -152,7 +140,8 @@ let datasets =
                   Expect.equal (r.GetProperty("problems").GetArrayLength()) 0 "no problems"
               }
               test (sprintf "one-epoch pmg train on %s" name) {
-                  let dir = TrainingTests.tempDir ()
+                  use runDir = new TestKit.TempDir "cli-train"
+                  let dir = runDir.Path
                   let code, out, err =
                       pmg [ "train"; "--dataset"; name; "--root"; Path.Combine(Fixtures.root (), folder)
                             "--backbone"; "resnet18"; "--epochs"; "1"; "--batch-size"; "4"; "--image-size"; "32"; "--workers"; "1"; "--out"; dir ]

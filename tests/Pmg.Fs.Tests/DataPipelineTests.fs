@@ -8,6 +8,7 @@ open SixLabors.ImageSharp.Formats.Jpeg
 open SixLabors.ImageSharp.PixelFormats
 open Pmg.Fs.Data
 open Pmg.Fs.Data.Transforms
+open Pmg.Fs.Tests.TestKit
 
 /// An image whose pixel (x, y) is f x y.
 let private image (width: int) (height: int) (f: int -> int -> Rgb24) =
@@ -150,29 +151,25 @@ let private images =
         }
 
         test "load applies TrimBottom and the box only when asked" {
-            let path = Path.Combine(Path.GetTempPath(), $"pmg-trim-{Guid.NewGuid()}.png")
-            try
-                image 20 30 (fun x y -> Rgb24(byte x, byte y, 0uy)) |> savePng path
-                let sample = { Path = path; Label = 0; Box = Some { X = 2; Y = 3; Width = 5; Height = 6 }; TrimBottom = 4 }
-                use plain = Images.load sample false
-                use boxed = Images.load sample true
-                Expect.equal (plain.Width, plain.Height) (20, 26) "trimmed"
-                Expect.equal (boxed.Width, boxed.Height) (5, 6) "boxed"
-                Expect.equal (boxed[0, 0].R, boxed[0, 0].G) (2uy, 3uy) "box origin"
-            finally
-                File.Delete path
+            use dir = new TempDir "images"
+            let path = dir.File "trim.png"
+            image 20 30 (fun x y -> Rgb24(byte x, byte y, 0uy)) |> savePng path
+            let sample = { Path = path; Label = 0; Box = Some { X = 2; Y = 3; Width = 5; Height = 6 }; TrimBottom = 4 }
+            use plain = Images.load sample false
+            use boxed = Images.load sample true
+            Expect.equal (plain.Width, plain.Height) (20, 26) "trimmed"
+            Expect.equal (boxed.Width, boxed.Height) (5, 6) "boxed"
+            Expect.equal (boxed[0, 0].R, boxed[0, 0].G) (2uy, 3uy) "box origin"
         }
 
         test "grayscale JPEG loads as RGB with equal channels" {
-            let path = Path.Combine(Path.GetTempPath(), $"pmg-gray-{Guid.NewGuid()}.jpg")
-            try
-                writeGrayJpeg path 16 12
-                use img = Images.decode path
-                Expect.equal (img.Width, img.Height) (16, 12) "size"
-                Expect.all (pixels img) (fun p -> p.R = p.G && p.G = p.B) "gray"
-                Expect.isGreaterThan (pixels img |> Array.map _.R |> Array.distinct |> Array.length) 4 "not flat"
-            finally
-                File.Delete path
+            use dir = new TempDir "images"
+            let path = dir.File "gray.jpg"
+            writeGrayJpeg path 16 12
+            use img = Images.decode path
+            Expect.equal (img.Width, img.Height) (16, 12) "size"
+            Expect.all (pixels img) (fun p -> p.R = p.G && p.G = p.B) "gray"
+            Expect.isGreaterThan (pixels img |> Array.map _.R |> Array.distinct |> Array.length) 4 "not flat"
         }
     ]
 
@@ -249,22 +246,18 @@ let private loader =
         }
 
         test "fromSamples reads files and reports missing ones" {
-            let dir = Path.Combine(Path.GetTempPath(), $"pmg-loader-{Guid.NewGuid()}")
-            Directory.CreateDirectory dir |> ignore
-            try
-                let write i =
-                    let p = Path.Combine(dir, $"{i}.png")
-                    noisy i 20 20 |> savePng p
-                    p
-                let samples =
-                    [| for i in 0 .. 3 ->
-                           { Path = (if i = 2 then Path.Combine(dir, "missing.png") else write i)
-                             Label = i * 10; Box = None; TrimBottom = 0 } |]
-                let bs = Loader.batches (Loader.fromSamples samples false) spec 4 false 0 0 2 1 |> List.ofSeq
-                Expect.equal (labels bs) [ 0L; 10L; 30L ] "labels"
-                Expect.equal (bs |> List.collect _.Skipped |> List.map fst) [ samples[2].Path ] "missing"
-            finally
-                Directory.Delete(dir, true)
+            use dir = new TempDir "loader"
+            let write i =
+                let p = dir.File $"{i}.png"
+                noisy i 20 20 |> savePng p
+                p
+            let samples =
+                [| for i in 0 .. 3 ->
+                       { Path = (if i = 2 then dir.File "missing.png" else write i)
+                         Label = i * 10; Box = None; TrimBottom = 0 } |]
+            let bs = Loader.batches (Loader.fromSamples samples false) spec 4 false 0 0 2 1 |> List.ofSeq
+            Expect.equal (labels bs) [ 0L; 10L; 30L ] "labels"
+            Expect.equal (bs |> List.collect _.Skipped |> List.map fst) [ samples[2].Path ] "missing"
         }
     ]
 

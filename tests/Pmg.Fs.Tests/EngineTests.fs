@@ -7,6 +7,7 @@ open TorchSharp
 open Pmg.Fs
 open Pmg.Fs.Model
 open Pmg.Fs.Training
+open Pmg.Fs.Tests.TestKit
 open Pmg.Fs.Tests.TrainingTests
 
 let private param (net: Pmg.Network) (name: string) =
@@ -108,12 +109,7 @@ let tests =
               Trainer.iteration a tiny.Schedule x y |> ignore
               let b = Trainer.createSession tiny
               b.Net.train ()
-              Trainer.restore b
-                  { Experiment = tiny
-                    Progress = { EpochsDone = 1; BestCombined = 0.0; BestEpoch = 0; Seed = tiny.Seed }
-                    Model = [ for kv in a.Net.state_dict () -> kv.Key, kv.Value ]
-                    Optimizer = Sgd.state a.Optimizer
-                    Rng = a.Jigsaw.get_state () }
+              Trainer.restore b (checkpointOf a { progress 1 with Seed = tiny.Seed })
               let step = [ List.last tiny.Schedule ]
               Trainer.iteration a step x y |> ignore
               Trainer.iteration b step x y |> ignore

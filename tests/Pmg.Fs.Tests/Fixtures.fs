@@ -15,7 +15,3 @@ let shared () =
 
 /// The miniature FGVC datasets.
 let root () = Path.Combine(shared (), "fixtures", "fgvc-mini")
-
-/// Same shape and identical values.
-let same (a: TorchSharp.torch.Tensor) (b: TorchSharp.torch.Tensor) =
-    a.shape = b.shape && (a.eq b).all().item<bool> ()

@@ -117,5 +117,5 @@ let vgg =
               File.Delete file
               let a = source.Backbone.state_dict ()
               for kv in target.Backbone.state_dict () do
-                  Expect.isTrue (Fixtures.same kv.Value a.[kv.Key]) kv.Key
+                  Expect.isTrue (TestKit.same kv.Value a.[kv.Key]) kv.Key
           } ]
