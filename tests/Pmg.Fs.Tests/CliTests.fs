@@ -130,7 +130,7 @@ let datasets =
         "cli datasets"
         [ for name, folder, classes, trainCount, testCount in fixtures do
               test (sprintf "pmg data --json on %s" name) {
-                  let code, out, err = pmg [ "data"; "--dataset"; name; "--root"; Path.Combine(Fixtures.root (), folder); "--json" ]
+                  let code, out, err = pmg [ "data"; "--dataset"; name; "--root"; FgvcMini.dataset folder; "--json" ]
                   Expect.equal code 0 err
                   use doc = JsonDocument.Parse out
                   let r = doc.RootElement
@@ -143,7 +143,7 @@ let datasets =
                   use runDir = new TestKit.TempDir "cli-train"
                   let dir = runDir.Path
                   let code, out, err =
-                      pmg [ "train"; "--dataset"; name; "--root"; Path.Combine(Fixtures.root (), folder)
+                      pmg [ "train"; "--dataset"; name; "--root"; FgvcMini.dataset folder
                             "--backbone"; "resnet18"; "--epochs"; "1"; "--batch-size"; "4"; "--image-size"; "32"; "--workers"; "1"; "--out"; dir ]
                   Expect.equal code 0 err
                   Expect.stringContains out (sprintf "%d classes" classes) "class count"

@@ -5,8 +5,9 @@ open Expecto
 open TorchSharp
 open Pmg.Fs.Model
 
+/// The reference model's state_dict keys, shapes and dtypes (data/pmg-resnet50-200-state-dict-keys.txt).
 let private referenceKeys () =
-    File.ReadAllLines(Path.Combine(Fixtures.shared (), "fixtures", "pmg-resnet50-200-state-dict-keys.txt"))
+    File.ReadAllLines(TestKit.dataFile "pmg-resnet50-200-state-dict-keys.txt")
     |> Array.filter (fun l -> l <> "" && not (l.StartsWith "#"))
     |> Array.map (fun l ->
         match l.Split ' ' with
@@ -105,7 +106,8 @@ let vgg =
           test "torchvision VGG16 weights load into the backbone, their fully connected classifier left aside" {
               use _ = torch.NewDisposeScope()
               use source = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
-              let file = Path.Combine(Path.GetTempPath(), sprintf "vgg16-%d.pth" (System.Random().Next()))
+              use dir = new TestKit.TempDir "vgg16"
+              let file = dir.File "vgg16.pth"
               let entries =
                   [ yield! source.Backbone.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value)
                     "classifier.0.weight", torch.zeros (4L, 8L)
@@ -114,7 +116,6 @@ let vgg =
               Pmg.Fs.Interop.StateDict.write file entries
               use target = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
               Pmg.Fs.Interop.StateDict.loadPretrainedBackbone target file
-              File.Delete file
               let a = source.Backbone.state_dict ()
               for kv in target.Backbone.state_dict () do
                   Expect.isTrue (TestKit.same kv.Value a.[kv.Key]) kv.Key
