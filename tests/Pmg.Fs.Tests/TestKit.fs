@@ -111,12 +111,15 @@ let same (a: torch.Tensor) (b: torch.Tensor) =
     a.shape = b.shape && (a.eq b).all().item<bool> ()
 
 /// A checkpoint of a session as the trainer writes it: the session's weights, momentum buffers and jigsaw RNG,
-/// with the given progress.
+/// with the given progress. The tensors are copies: state_dict hands out the network's own parameters, which are
+/// invalidated once the session is garbage collected ("Tensor invalid -- empty handle" in Checkpoint.save of a
+/// test that no longer used its session).
 let checkpointOf (s: Trainer.Session) (progress: Checkpoint.Progress) : Checkpoint.Checkpoint =
+    let copy (name: string, t: torch.Tensor) = name, t.detach().clone ()
     { Experiment = s.Experiment
       Progress = progress
-      Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
-      Optimizer = Sgd.state s.Optimizer
+      Model = [ for kv in s.Net.state_dict () -> copy (kv.Key, kv.Value) ]
+      Optimizer = Sgd.state s.Optimizer |> List.map copy
       Rng = s.Jigsaw.get_state () }
 
 /// Progress after `epochsDone` epochs, nothing best yet.
