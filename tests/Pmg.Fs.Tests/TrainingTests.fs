@@ -52,6 +52,10 @@ let tests =
               Trainer.trainStep s2 e.Schedule.Head x y |> ignore
               let param2 (name: string) = s2.Net.named_parameters () |> Seq.find (fun struct (n, _) -> n = name) |> fun struct (_, p) -> p
               let expected (p0: torch.Tensor) (g: torch.Tensor) (lr: float) = p0 - (g + p0 * 5e-4) * lr
+              // The weights (~1e-2) move by lr x gradient (~1e-6): the test's fp32 formula and the optimizer's agree
+              // to a few ulps of the weights, far inside 1e-4 relative, while the wrong rate moves an element by
+              // 0.0018 x its gradient, outside it. The gradients come from two sessions built from the same seed; any
+              // rounding difference between them is scaled by lr before it reaches the weights.
               Expect.isTrue ((param2 "features.layer4.1.conv2.weight").allclose (expected (fst before) gb 0.0002, rtol = 1e-4, atol = 1e-8)) "backbone step uses 0.0002"
               Expect.isTrue ((param2 "classifier_concat.4.weight").allclose (expected (snd before) gh 0.002, rtol = 1e-4, atol = 1e-8)) "head step uses 0.002"
               Expect.isFalse ((param2 "features.layer4.1.conv2.weight").allclose (expected (fst before) gb 0.002, rtol = 1e-4, atol = 1e-8)) "not the heads' rate"
@@ -97,6 +101,8 @@ let tests =
               let a = (List.last whole.History).StepLosses
               let b = (List.last resumed.History).StepLosses
               for x, y in List.zip a b do
+                  // Epoch 2 replayed from the checkpoint: the same computation on the same weights, batches and
+                  // jigsaws, equal up to the order of multithreaded reductions (a few ulps over an epoch).
                   Expect.floatClose { absolute = 1e-6; relative = 1e-6 } y x "epoch 2 loss"
               Expect.equal (List.last resumed.History).Test.Combined (List.last whole.History).Test.Combined "test accuracy"
               let rows = File.ReadAllLines(Path.Combine(dir, "metrics.csv"))

@@ -79,6 +79,8 @@ let tests =
               for e in explanations do
                   Expect.equal (e.Maps |> List.map _.Head) [ "stage3"; "stage4"; "stage5"; "concat" ] "one map per output"
                   let combined = (logits.Combined.softmax 1L).[0L, int64 e.Class].item<float32> () |> float
+                  // The same fp32 forward computed twice (Grad-CAM's and this one): equal up to the order of
+                  // reductions, a few fp32 ulps; Accuracy.medium (1e-5 relative, 1e-8 absolute) is far above that.
                   Expect.floatClose Accuracy.medium e.Combined combined "combined score is the network's softmax"
                   for m in e.Maps do
                       Expect.equal (Array2D.length1 m.Map, Array2D.length2 m.Map) (inputSide, inputSide) "map at input size"
@@ -136,6 +138,7 @@ let tests =
               let last = List.last summary.History
               let row = m.Rows - 1
               Expect.equal m.Rows TrainingTests.tiny.Epochs "one row per epoch"
+              // metrics.csv prints 6 decimals ("0.######"): the file differs from the record by at most 5e-7.
               let close what (a: float) (b: float) = Expect.floatClose { absolute = 1e-6; relative = 1e-5 } a b what
               close "combined" (m.Column "test_combined").[row] last.Test.Combined
               close "concat" (m.Column "test_concat").[row] last.Test.Concat
