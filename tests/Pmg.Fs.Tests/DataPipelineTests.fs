@@ -232,17 +232,39 @@ let private loader =
         }
 
         test "stopping early ends the workers" {
-            let loads = ref 0
+            // No sleeps: the loads of later batches wait at a gate until the first batch has been taken, so the
+            // workers are known to be busy when the enumerator is disposed; disposal must wait for them.
+            let started = ref 0
+            let finished = ref 0
+            let afterDisposal = ref 0
+            let disposed = ref false
+            use firstBatchTaken = new Threading.ManualResetEventSlim false
+            let firstBatch = Set.ofArray (Loader.batches (source 200 Set.empty) spec 2 true 1 0 1 1 |> Seq.head).Labels
             let load i =
-                Threading.Interlocked.Increment &loads.contents |> ignore
-                noisy i 20 20
-            let first = Loader.batches { source 200 Set.empty with Load = load } spec 2 true 1 0 2 2 |> Seq.head
-            Expect.equal first.Size 2 "one batch"
-            let after = loads.Value
-            Threading.Thread.Sleep 100
-            Expect.equal loads.Value after "no loads after disposal"
-            // Batch 0 and the 2 queued behind it, nothing more.
+                if disposed.Value then Threading.Interlocked.Increment &afterDisposal.contents |> ignore
+                Threading.Interlocked.Increment &started.contents |> ignore
+                try
+                    if not (firstBatch.Contains(int64 i)) then firstBatchTaken.Wait()
+                    noisy i 20 20
+                finally
+                    Threading.Interlocked.Increment &finished.contents |> ignore
+            do
+                use batches = (Loader.batches { source 200 Set.empty with Load = load } spec 2 true 1 0 2 2).GetEnumerator()
+                try
+                    Expect.isTrue (batches.MoveNext()) "a first batch"
+                    Expect.equal (Set.ofArray batches.Current.Labels) firstBatch "the first batch (same seed)"
+                finally
+                    // Before disposal, which waits for the workers.
+                    firstBatchTaken.Set()
+            // The enumerator is disposed: every load that started has returned, and none starts any more.
+            disposed.Value <- true
+            Expect.equal finished.Value started.Value "no load still running after disposal"
+            let after = started.Value
+            // Batch 0, and at most the 2 batches queued behind it (prefetch 2), nothing more.
             Expect.isTrue (after >= 2 && after <= 6) $"bounded prefetch ({after} loads)"
+            // A worker that outlived disposal would load on while another loader runs.
+            Expect.equal (Loader.batches (source 4 Set.empty) spec 2 false 1 0 2 2 |> Seq.length) 2 "another loader runs"
+            Expect.equal (afterDisposal.Value, started.Value) (0, after) "no loads after disposal"
         }
 
         test "fromSamples reads files and reports missing ones" {
