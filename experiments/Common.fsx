@@ -18,7 +18,7 @@ type DatasetSpec =
       Kind: string
       /// Human name for messages.
       Name: string
-      /// Folder of the miniature fixture under shared/fixtures/fgvc-mini (also the official archive's folder).
+      /// The official archive's folder name (also the test suite's generated miniature's).
       Fixture: string
       /// Environment variable that holds the dataset root when --root is not given.
       RootVariable: string
@@ -82,16 +82,6 @@ let private orEnv (variable: string) (value: string option) =
         | null | "" -> None
         | v -> Some v
 
-/// shared/fixtures/fgvc-mini/<folder>, searched upwards from this script's folder (shared/ sits beside the
-/// repository, not inside it).
-let fixtureRoot (folder: string) : string option =
-    let rec up (d: DirectoryInfo) =
-        if isNull d then None
-        else
-            let candidate = Path.Combine(d.FullName, "shared", "fixtures", "fgvc-mini", folder)
-            if Directory.Exists candidate then Some candidate else up d.Parent
-    up (DirectoryInfo __SOURCE_DIRECTORY__)
-
 /// Stops the script with a message that says what is missing, where to get it and what to set.
 let private missing (lines: string list) : 'a =
     lines |> List.iter (eprintfn "%s")
@@ -104,13 +94,12 @@ let private resolveRoot (spec: DatasetSpec) (args: Args) : string =
         missing [ sprintf "%s: dataset root %s does not exist." spec.Name (Path.GetFullPath root)
                   sprintf "Download it from %s, extract it, and pass --root <folder %s> or set %s." spec.Download spec.Fixture spec.RootVariable ]
     | None when args.Smoke ->
-        match fixtureRoot spec.Fixture with
-        | Some root -> root
-        | None -> missing [ sprintf "--smoke: shared/fixtures/fgvc-mini/%s not found above %s." spec.Fixture __SOURCE_DIRECTORY__ ]
+        missing [ sprintf "--smoke needs --root <folder %s>: a dataset in the official layout, full or miniature." spec.Fixture
+                  "(The test suite generates miniatures of all four datasets and passes them with --root.)" ]
     | None ->
         missing [ sprintf "%s: no dataset root given." spec.Name
                   sprintf "Download it from %s, extract it (folder %s), then pass --root <folder> or set %s." spec.Download spec.Fixture spec.RootVariable
-                  "(--smoke runs a one-minute check on the miniature fixture instead.)" ]
+                  "(--smoke --root <folder> runs a one-minute check of a small ResNet on it instead.)" ]
 
 /// The backbone and its weights: --pretrained (or PMG_PRETRAINED) as given, else the ImageNet weights that ship
 /// with the project, on their backbone (resnet18-mlnet), said aloud: the paper's numbers need ResNet50.

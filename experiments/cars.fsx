@@ -1,6 +1,6 @@
-// Stanford Cars: PMG with the paper's recipe (ResNet50, ImageNet weights, 448 px, 200 epochs), or --smoke on the fixture.
+// Stanford Cars: PMG with the paper's recipe (ResNet50, ImageNet weights, 448 px, 200 epochs), or --smoke on a miniature.
 //   dotnet fsi experiments/cars.fsx --root <stanford_cars> --pretrained resnet50-19c8e357.pth [--device cuda]
-//   dotnet fsi experiments/cars.fsx --smoke
+//   dotnet fsi experiments/cars.fsx --smoke --root <miniature or full dataset>
 #load "Pmg.fsx"
 #load "Common.fsx"
 

@@ -1,6 +1,6 @@
-// Stanford Dogs: PMG with the paper's recipe (ResNet50, ImageNet weights, 448 px, 200 epochs), or --smoke on the fixture.
+// Stanford Dogs: PMG with the paper's recipe (ResNet50, ImageNet weights, 448 px, 200 epochs), or --smoke on a miniature.
 //   dotnet fsi experiments/dogs.fsx --root <stanford_dogs> --pretrained resnet50-19c8e357.pth [--device cuda]
-//   dotnet fsi experiments/dogs.fsx --smoke
+//   dotnet fsi experiments/dogs.fsx --smoke --root <miniature or full dataset>
 #load "Pmg.fsx"
 #load "Common.fsx"
 

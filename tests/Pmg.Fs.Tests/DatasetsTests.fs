@@ -5,15 +5,10 @@ open System.IO
 open System.Text.Json
 open Expecto
 open Pmg.Fs.Data
-open Pmg.Fs.Tests.MatTests
+open Pmg.Fs.Tests.TestKit
 
-/// A fresh temporary folder, deleted by `Dispose`.
-type private TempDir() =
-    let path = Path.Combine(Path.GetTempPath(), $"pmg-data-{Guid.NewGuid():N}")
-    do Directory.CreateDirectory path |> ignore
-    member _.Path = path
-    interface IDisposable with
-        member _.Dispose() = if Directory.Exists path then Directory.Delete(path, true)
+/// A generated miniature (FgvcMini).
+let private dataset = FgvcMini.dataset
 
 let rec private copyTree (source: string) (target: string) =
     Directory.CreateDirectory target |> ignore
@@ -61,13 +56,13 @@ let private cubTests =
         }
 
         test "a missing file names the file and the expected layout" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             datasetError [ "CUB-200-2011"; Path.Combine(dir.Path, "images.txt"); "Expected --root" ] (fun () ->
                 Cub.load dir.Path)
         }
 
         test "bad labels and duplicate ids become problems, not failures" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             copyTree (dataset "CUB_200_2011") dir.Path
             let labels = Path.Combine(dir.Path, "image_class_labels.txt")
             let lines = File.ReadAllLines labels
@@ -94,7 +89,7 @@ let private carsTests =
         }
 
         test "missing test labels name the file and both places looked in" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             copyTree (dataset "stanford_cars") dir.Path
             File.Delete(Path.Combine(dir.Path, "cars_test_annos_withlabels.mat"))
             datasetError [ "cars_test_annos_withlabels.mat"; Path.Combine(dir.Path, "devkit") ] (fun () ->
@@ -102,7 +97,7 @@ let private carsTests =
         }
 
         test "the car_ims/ + cars_annos.mat variant loads" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             let images = Directory.CreateDirectory(Path.Combine(dir.Path, "car_ims")).FullName
             let source = Path.Combine(dataset "stanford_cars", "cars_train")
             for i in 1..3 do
@@ -178,7 +173,7 @@ let private dogsTests =
 let private folderTests =
     testList "Folder" [
         test "classes are the ordinal union of train and test subfolders" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             let touch (relative: string) =
                 let path = Path.Combine(dir.Path, relative)
                 Directory.CreateDirectory(Path.GetDirectoryName path) |> ignore
@@ -192,7 +187,7 @@ let private folderTests =
         }
 
         test "a missing test folder is named" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             Directory.CreateDirectory(Path.Combine(dir.Path, "train")) |> ignore
             datasetError [ Path.Combine(dir.Path, "test"); "train/<class>/" ] (fun () -> Folder.load dir.Path)
         }
@@ -222,7 +217,7 @@ let private inspectTests =
         }
 
         test "a truncated and a deleted JPEG are exactly the problems" {
-            use dir = new TempDir()
+            use dir = new TempDir "data"
             copyTree (dataset "CUB_200_2011") dir.Path
             let index = Cub.load dir.Path
             let truncated = index.Train[2].Path

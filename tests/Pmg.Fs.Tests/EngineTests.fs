@@ -7,38 +7,54 @@ open TorchSharp
 open Pmg.Fs
 open Pmg.Fs.Model
 open Pmg.Fs.Training
+open Pmg.Fs.Tests.TestKit
 open Pmg.Fs.Tests.TrainingTests
 
 let private param (net: Pmg.Network) (name: string) =
     net.named_parameters () |> Seq.find (fun struct (n, _) -> n = name) |> fun struct (_, p) -> p
 
+/// Elementwise closeness relative to each element, with an absolute floor a hundred times smaller for elements
+/// near zero.
 let private close (tol: float) (a: torch.Tensor) (b: torch.Tensor) = a.allclose (b, rtol = tol, atol = tol * 1e-2)
 
 /// The gradients of a few convolution weights for a fixed linear loss on every backbone stage's output
 /// (BatchNorm2d over batch and space keeps this well conditioned, unlike the heads' BatchNorm1d on 8 pooled
 /// vectors of a random net, where rounding differences grow without bound).
-let private backboneGrads (s: Trainer.Session) (precision: Experiment.Precision) (x: torch.Tensor) =
-    s.Net.train ()
-    Sgd.zeroGrad s.Optimizer
+let private stagesAndGrads (net: Pmg.Network) (opt: Sgd.Optimizer) (engine: Engine.Engine) (device: torch.Device)
+                           (precision: Experiment.Precision) (x: torch.Tensor) =
+    net.train ()
+    Sgd.zeroGrad opt
     let stages =
-        use _ = Evaluate.computeRegion precision s.Device
-        s.Net.Backbone.ForwardStages(Engine.inputLayout s.Engine x)
-    // A fixed projection of each stage (a squared norm would cancel through BatchNorm almost exactly).
+        use _ = Evaluate.computeRegion precision device
+        net.Backbone.ForwardStages(Engine.inputLayout engine x)
+    // A fixed projection of each stage (a squared norm would cancel through BatchNorm almost exactly), in the
+    // input's floating type (float32 for the sessions, float64 for the layout check).
+    let dtype = if x.dtype = torch.float64 then torch.float64 else torch.float32
     let project (t: torch.Tensor) =
-        let r = torch.arange(t.numel (), dtype = torch.float32).mul(torch.tensor 0.37f).sin().view (t.shape)
-        t.to_type(torch.float32).mul(r).mean ()
+        let r = torch.arange(t.numel (), dtype = dtype).mul(torch.tensor(0.37, dtype = dtype)).sin().view (t.shape)
+        t.to_type(dtype).mul(r).mean ()
     let loss = stages |> List.map project |> List.reduce Runtime.Scalars.add
     loss.backward ()
     // Not the stem: its gradient sums 8x32x32 positions that mostly cancel, so any rounding shows hugely there.
-    [ for name in [ "features.layer2.0.conv1.weight"; "features.layer3.1.conv2.weight"; "features.layer4.1.conv2.weight" ] ->
-          name, (param s.Net name).grad.contiguous().clone () ]
+    let grads =
+        [ for name in [ "features.layer2.0.conv1.weight"; "features.layer3.1.conv2.weight"; "features.layer4.1.conv2.weight" ] ->
+              name, (param net name).grad.contiguous().clone () ]
+    stages |> List.map (fun t -> t.detach().contiguous ()), grads
 
-/// |a - b| / |b| over the whole tensor.
+let private backboneGrads (s: Trainer.Session) (precision: Experiment.Precision) (x: torch.Tensor) =
+    snd (stagesAndGrads s.Net s.Optimizer s.Engine s.Device precision x)
+
+/// |a - b| / |b| over the whole tensor (computed in float64): a difference measured against the tensor's size, so
+/// elements that cancel to nearly zero do not dominate it.
 let private relativeError (a: torch.Tensor) (b: torch.Tensor) =
-    ((a - b).norm().item<float32> () / b.norm().item<float32> ()) |> float
+    use a = a.to_type torch.float64
+    use b = b.to_type torch.float64
+    (a - b).norm().item<float> () / b.norm().item<float> ()
 
 let private cosine (a: torch.Tensor) (b: torch.Tensor) =
-    (a.flatten().dot(b.flatten()).item<float32> () / (a.norm().item<float32> () * b.norm().item<float32> ())) |> float
+    use a = a.to_type torch.float64
+    use b = b.to_type torch.float64
+    a.flatten().dot(b.flatten()).item<float> () / (a.norm().item<float> () * b.norm().item<float> ())
 
 let private bf16Classes = 4
 let private bf16Iterations = 10
@@ -70,6 +86,10 @@ let tests =
                       theirs.zero_grad ()
                       (b.forward x).square().sum().backward ()
                       theirs.step () |> ignore
+                  // The same arithmetic in another order (decay, momentum and step fused differently): each step
+                  // rounds a few times at fp32's 6e-8, and a 3-step tiny net barely amplifies that, so the weights
+                  // agree to ~1e-6; 1e-5 relative (1e-7 absolute near zero) leaves a margin, a wrong formula
+                  // (momentum or decay missing) misses by ~1e-2.
                   for struct (n, p) in a.named_parameters () do
                       let q = b.named_parameters () |> Seq.find (fun struct (m, _) -> m = n) |> fun struct (_, q) -> q
                       Expect.isTrue (p.allclose (q, rtol = 1e-5, atol = 1e-7)) n
@@ -98,21 +118,51 @@ let tests =
               Expect.isTrue (w.grad.abs().sum().item<float32> () > 0.0f) "backward wrote the gradient"
               let flatSum = s.Optimizer.Slabs |> List.sumBy (fun slab -> slab.Grads.abs().sum().item<float32> ())
               let paramSum = s.Net.parameters () |> Seq.sumBy (fun p -> p.grad.abs().sum().item<float32> ())
+              // The same absolute values summed in two orders (one flat tensor, or per parameter): fp32 pairwise
+              // sums of ~10^6 terms agree to ~1e-6 relative; Accuracy.medium allows 1e-5. A gradient outside the
+              // flat tensors would be missing from one sum entirely.
               Expect.floatClose Accuracy.medium (float flatSum) (float paramSum) "the flat tensors hold every gradient"
               Sgd.zeroGrad s.Optimizer
               Expect.equal (w.grad.abs().sum().item<float32> ()) 0.0f "zeroing the flat tensor zeroes .grad"
           }
           test "NHWC weights give the backbone the same outputs and gradients as NCHW" {
               use _ = torch.NewDisposeScope()
-              let nchw = Trainer.createSessionWith Engine.plain tiny
-              let nhwc = Trainer.createSessionWith { Engine.plain with FlatParameters = true; ChannelsLast = true } tiny
-              let conv = param nhwc.Net "features.layer1.0.conv1.weight"
+              // The sessions' own setup in fp32: the engine gives the convolution weights NHWC strides.
+              let nhwcSession = Trainer.createSessionWith { Engine.plain with FlatParameters = true; ChannelsLast = true } tiny
+              let conv = param nhwcSession.Net "features.layer1.0.conv1.weight"
               Expect.equal (conv.stride ()) [| 576L; 1L; 192L; 64L |] "the conv weight has NHWC strides"
-              let x = torch.randn (8L, 3L, 64L, 64L)
-              let a = backboneGrads nchw Experiment.Fp32 x
-              let b = backboneGrads nhwc Experiment.Fp32 x
-              for (name, ga), (_, gb) in List.zip a b do
-                  Expect.isLessThan (relativeError ga gb) 1e-3 name
+              // The equivalence itself in float64. In fp32 the two layouts run different kernels (oneDNN's blocked
+              // and NHWC ones when mkldnn is on, ATen's otherwise) that sum in different orders, and these weight
+              // gradients sum 8 samples x up to 32x32 positions that mostly cancel: their relative difference was
+              // 3e-6 to 1e-5 on this project's AMD EPYC VM (AVX2, mkldnn on and off) but 3e-3 on another EPYC with
+              // mkldnn on, so no fp32 bound is both tight and portable. float64 rounds 2^29 times finer: the same
+              // cancellation leaves the layouts ~2e-14 apart here (any kernel, mkldnn on or off, ATen's default or
+              // AVX2 code), while a layout mistake (wrong strides, a transposed weight) moves the results by O(1).
+              // A bound of 1e-8 is six orders of magnitude from either.
+              let build (engine: Engine.Engine) =
+                  let net = Pmg.create tiny.Model
+                  net.load_state_dict (nhwcSession.Net.state_dict ()) |> ignore
+                  net.``to`` torch.float64 |> ignore
+                  if engine.ChannelsLast then Engine.toChannelsLast net
+                  let group: Sgd.Group = { Name = "all"; Parameters = [ for struct (n, p) in net.named_parameters () -> n, p ]; BaseLr = 0.1; Lr = 0.1 }
+                  let storage = if engine.FlatParameters then Sgd.Flat else Sgd.PerParameter
+                  net, Sgd.create storage { Momentum = 0.9; WeightDecay = 5e-4 } [ group ], engine
+              let nchwEngine = Engine.plain
+              let nhwcEngine = { Engine.plain with FlatParameters = true; ChannelsLast = true }
+              let netA, optA, _ = build nchwEngine
+              let netB, optB, _ = build nhwcEngine
+              Expect.equal ((param netB "features.layer1.0.conv1.weight").stride ()) [| 576L; 1L; 192L; 64L |] "float64 copy has NHWC strides"
+              Expect.equal (param netB "features.layer1.0.conv1.weight").dtype torch.float64 "float64 weights"
+              let x = torch.randn (8L, 3L, 64L, 64L, dtype = torch.float64)
+              let cpu = torch.Device "cpu"
+              let stagesA, gradsA = stagesAndGrads netA optA nchwEngine cpu Experiment.Fp32 x
+              let stagesB, gradsB = stagesAndGrads netB optB nhwcEngine cpu Experiment.Fp32 x
+              let layoutBound = 1e-8
+              List.zip stagesA stagesB
+              |> List.iteri (fun i (a, b) -> Expect.isLessThan (relativeError b a) layoutBound (sprintf "stage %d output" (i + 1)))
+              for (name, ga), (_, gb) in List.zip gradsA gradsB do
+                  Expect.equal gb.dtype torch.float64 (name + " gradient in float64")
+                  Expect.isLessThan (relativeError gb ga) layoutBound name
           }
           test "a resumed flat optimizer continues exactly (momentum restored into the flat tensor)" {
               use _ = torch.NewDisposeScope()
@@ -122,15 +172,13 @@ let tests =
               Trainer.iteration a tiny.Schedule x y |> ignore
               let b = Trainer.createSession tiny
               b.Net.train ()
-              Trainer.restore b
-                  { Experiment = tiny
-                    Progress = { EpochsDone = 1; BestCombined = 0.0; BestEpoch = 0; Seed = tiny.Seed }
-                    Model = [ for kv in a.Net.state_dict () -> kv.Key, kv.Value ]
-                    Optimizer = Sgd.state a.Optimizer
-                    Rng = a.Jigsaw.get_state () }
+              Trainer.restore b (checkpointOf a { progress 1 with Seed = tiny.Seed })
               let step = [ List.last tiny.Schedule ]
               Trainer.iteration a step x y |> ignore
               Trainer.iteration b step x y |> ignore
+              // Identical weights, momentum and input through the same kernels: equal but for the order of
+              // multithreaded reductions (a few ulps); 1e-6 relative. A lost momentum buffer changes the update by
+              // 0.9 x the previous one, ~1e-3 relative.
               Expect.isTrue (close 1e-6 (param a.Net "classifier1.4.weight") (param b.Net "classifier1.4.weight")) "same update"
               Expect.throwsT<Sgd.StorageError> (fun () -> Sgd.restore b.Optimizer [ "features.conv1.weight", torch.zeros (64L, 3L, 7L, 7L) ]) "a partial state is refused"
           }
@@ -155,6 +203,10 @@ let tests =
                   |> List.reduce Runtime.Scalars.add
               total.backward ()
               Sgd.step manual.Optimizer
+              // Compared after the SGD step, so gradient rounding differences (backward of a sum vs a sum of
+              // backwards: up to ~1e-3 relative on convolution gradients that cancel) enter scaled by the learning
+              // rate, far below 1e-4 of the weights; a missing or double-weighted step moves them by ~lr x gradient,
+              // which the progressive check below shows is more than 1e-4.
               for name in [ "features.layer2.0.conv2.weight"; "conv_block1.0.conv.weight"; "classifier_concat.1.weight" ] do
                   Expect.isTrue (close 1e-4 (param joint.Net name) (param manual.Net name)) name
               let progressive = Trainer.createSession { e with Update = Experiment.Progressive }
@@ -186,10 +238,14 @@ let tests =
               Expect.equal w16.grad.dtype torch.float32 "gradients in fp32"
               let a, b = l16.item<float32> (), l32.item<float32> ()
               Expect.notEqual a b "bf16 rounding shows in the loss"
+              // bf16 keeps 8 significant bits (~0.4% per rounding); through the tiny network the loss (~1.1, the
+              // log of 3 classes) moves by well under 1%. 2% relative + 0.05 absolute still tells a bf16 forward
+              // from a broken one (a loss off by the log of the class count).
               Expect.floatClose { absolute = 0.05; relative = 0.02 } (float a) (float b) "but only a little"
               let s = Trainer.createSession tiny
               let big = torch.randn (8L, 3L, 64L, 64L)
               for (name, g16), (_, g32) in List.zip (backboneGrads s Experiment.Bf16 big) (backboneGrads s Experiment.Fp32 big) do
+                  // Any bf16 forward rounds activations by ~0.4%, far above 1e-5; fp32 kernels differ by less.
                   Expect.isGreaterThan (relativeError g16 g32) 1e-5 (name + ": the bf16 gradient is not the fp32 one")
                   // Rounding in the forward grows through a random network's BatchNorms (17-36% relative error
                   // measured here), but the direction must hold.

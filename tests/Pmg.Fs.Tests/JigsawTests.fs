@@ -31,12 +31,12 @@ let tests =
                       let before = patches n x.[i] |> List.map List.ofArray |> List.sort
                       let after = patches n y.[i] |> List.map List.ofArray |> List.sort
                       Expect.equal after before (sprintf "n=%d sample %d" n i)
-                  Expect.isFalse (Fixtures.same y x) (sprintf "n=%d actually moves patches" n)
+                  Expect.isFalse (TestKit.same y x) (sprintf "n=%d actually moves patches" n)
           }
           test "n = 1 is the identity" {
               use _ = torch.NewDisposeScope()
               let x = distinct 2L 17L 23L
-              Expect.isTrue (Fixtures.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch 1 x) x) "unchanged"
+              Expect.isTrue (TestKit.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch 1 x) x) "unchanged"
           }
           test "same seed, same output; another seed, another output" {
               use _ = torch.NewDisposeScope()
@@ -44,8 +44,8 @@ let tests =
               let a = Jigsaw.shuffle (gen 7) Jigsaw.PerSample 4 x
               let b = Jigsaw.shuffle (gen 7) Jigsaw.PerSample 4 x
               let c = Jigsaw.shuffle (gen 8) Jigsaw.PerSample 4 x
-              Expect.isTrue (Fixtures.same a b) "same seed"
-              Expect.isFalse (Fixtures.same a c) "different seed"
+              Expect.isTrue (TestKit.same a b) "same seed"
+              Expect.isFalse (TestKit.same a c) "different seed"
           }
           test "per batch: every sample gets the same permutation; per sample: they differ" {
               use _ = torch.NewDisposeScope()
@@ -53,7 +53,7 @@ let tests =
               let x = one.expand(6L, 3L, 16L, 16L).contiguous ()
               let batch = Jigsaw.shuffle (gen 3) Jigsaw.PerBatch 4 x
               for i in 1L .. 5L do
-                  Expect.isTrue (Fixtures.same (batch.[i]) batch.[0L]) "same arrangement"
+                  Expect.isTrue (TestKit.same (batch.[i]) batch.[0L]) "same arrangement"
               let sample = Jigsaw.shuffle (gen 3) Jigsaw.PerSample 4 x
               let distinctRows = [ for i in 0L .. 5L -> sample.[i].sum().item<float32> (), sample.[i].[0L, 0L, 0L].item<float32> () ] |> List.distinct
               Expect.isGreaterThan distinctRows.Length 1 "different arrangements"
@@ -64,8 +64,8 @@ let tests =
               let y = Jigsaw.shuffle (gen 5) Jigsaw.PerBatch 8 x
               Expect.sequenceEqual y.shape x.shape "shape kept"
               // 35 = 8*4 + 3 rows, 37 = 8*4 + 5 columns.
-              Expect.isTrue (Fixtures.same (y.narrow(2L, 32L, 3L)) (x.narrow (2L, 32L, 3L))) "bottom rows"
-              Expect.isTrue (Fixtures.same (y.narrow(3L, 32L, 5L)) (x.narrow (3L, 32L, 5L))) "right columns"
+              Expect.isTrue (TestKit.same (y.narrow(2L, 32L, 3L)) (x.narrow (2L, 32L, 3L))) "bottom rows"
+              Expect.isTrue (TestKit.same (y.narrow(3L, 32L, 5L)) (x.narrow (3L, 32L, 5L))) "right columns"
               let core (t: torch.Tensor) = t.[0L].narrow(1L, 0L, 32L).narrow(2L, 0L, 32L)
               let before = patches 8 (core x) |> List.map List.ofArray |> List.sort
               let after = patches 8 (core y) |> List.map List.ofArray |> List.sort
@@ -74,5 +74,5 @@ let tests =
           test "an image smaller than n pixels is returned unchanged" {
               use _ = torch.NewDisposeScope()
               let x = distinct 1L 5L 5L
-              Expect.isTrue (Fixtures.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch 8 x) x) "unchanged"
+              Expect.isTrue (TestKit.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch 8 x) x) "unchanged"
           } ]

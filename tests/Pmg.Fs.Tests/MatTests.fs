@@ -1,116 +1,16 @@
 module Pmg.Fs.Tests.MatTests
 
 open System
-open System.Buffers.Binary
 open System.IO
-open System.IO.Compression
 open System.Text
 open Expecto
 open Pmg.Fs.Data
 open Pmg.Fs.Data.Mat
+open Pmg.Fs.Tests.MatWriter
+open Pmg.Fs.Tests.TestKit
 
-/// A minimal little-endian MAT 5 writer, built byte by byte from the format reference, so the tests cover the
-/// uncompressed and small-element paths that the scipy-written fixtures never use.
-module MatWriter =
-
-    // Data types and array classes used below (MAT-File Format reference).
-    let miINT8, miUINT8, miUINT16, miINT32, miUINT32, miDOUBLE = 1, 2, 4, 5, 6, 9
-    let miMATRIX, miCOMPRESSED = 14, 15
-    let mxCELL, mxSTRUCT, mxCHAR, mxSPARSE, mxDOUBLE, mxUINT16 = 1, 2, 4, 5, 6, 11
-    let complexFlag = 0x0800
-
-    let int32 (v: int) =
-        let b = Array.zeroCreate 4
-        BinaryPrimitives.WriteInt32LittleEndian(Span b, v)
-        b
-
-    let uint16 (v: int) =
-        let b = Array.zeroCreate 2
-        BinaryPrimitives.WriteUInt16LittleEndian(Span b, uint16 v)
-        b
-
-    let float64 (v: float) =
-        let b = Array.zeroCreate 8
-        BinaryPrimitives.WriteDoubleLittleEndian(Span b, v)
-        b
-
-    let private padTo n (b: byte[]) = Array.append b (Array.zeroCreate ((n - b.Length % n) % n))
-
-    /// A normal data element: 8-byte tag, payload padded to 8 bytes.
-    let element miType (payload: byte[]) =
-        Array.concat [ int32 miType; int32 payload.Length; padTo 8 payload ]
-
-    /// A small data element: type and length packed into 4 bytes, payload (at most 4 bytes) in the other 4.
-    let small miType (payload: byte[]) =
-        Array.concat [ uint16 miType; uint16 payload.Length; padTo 4 payload ]
-
-    let matrixWith flags cls (dims: int list) (name: string) (body: byte[]) =
-        element miMATRIX (Array.concat [
-            element miUINT32 (Array.append (int32 (cls ||| flags)) (int32 0))
-            element miINT32 (dims |> List.map int32 |> Array.concat)
-            element miINT8 (Encoding.ASCII.GetBytes name)
-            body ])
-
-    let matrix = matrixWith 0
-
-    let doubles name dims (data: float list) =
-        matrix mxDOUBLE dims name (element miDOUBLE (data |> List.map float64 |> Array.concat))
-
-    /// A double array stored compactly as uint8, as MATLAB does for small integral values.
-    let doublesAsBytes name dims (data: byte list) =
-        matrix mxDOUBLE dims name (element miUINT8 (Array.ofList data))
-
-    /// A uint16 array with a small-element payload (at most two values).
-    let smallUint16 name (value: int) =
-        matrix mxUINT16 [ 1; 1 ] name (small miUINT16 (uint16 value))
-
-    /// A char matrix of equal-length rows, stored column-major as UTF-16 code units.
-    let chars name (rows: string list) =
-        let columns = match rows with [] -> 0 | r :: _ -> r.Length
-        let data =
-            [ for c in 0 .. columns - 1 do
-                  for r in rows -> uint16 (int r[c]) ]
-            |> Array.concat
-        matrix mxCHAR [ rows.Length; columns ] name (element miUINT16 data)
-
-    let cell name dims (items: byte[] list) = matrix mxCELL dims name (Array.concat items)
-
-    /// A struct array: field-name width as a small element, the padded names, then each element's fields.
-    let structs name dims (fields: string list) (elements: byte[] list list) =
-        let width = 1 + (fields |> List.map String.length |> List.max)
-        let names =
-            fields
-            |> List.map (fun f -> Array.append (Encoding.ASCII.GetBytes f) (Array.zeroCreate (width - f.Length)))
-            |> Array.concat
-        matrix mxSTRUCT dims name (Array.concat [
-            small miINT32 (int32 width)
-            element miINT8 names
-            elements |> List.concat |> Array.concat ])
-
-    /// Wraps one element in a zlib-compressed element (not padded, as MATLAB and scipy write it).
-    let compressed (elementBytes: byte[]) =
-        use output = new MemoryStream()
-        (
-            use z = new ZLibStream(output, CompressionLevel.Optimal)
-            z.Write(elementBytes, 0, elementBytes.Length)
-        )
-        let data = output.ToArray()
-        Array.concat [ int32 miCOMPRESSED; int32 data.Length; data ]
-
-    let header () =
-        let text = "MATLAB 5.0 MAT-file, written by Pmg.Fs tests".PadRight(116)
-        Array.concat [ Encoding.ASCII.GetBytes text; Array.zeroCreate 8; uint16 0x0100; Encoding.ASCII.GetBytes "IM" ]
-
-    let file (elements: byte[] list) = Array.concat (header () :: elements)
-
-    let write (path: string) (elements: byte[] list) = File.WriteAllBytes(path, file elements)
-
-open MatWriter
-
-/// A miniature dataset's folder under the shared fixtures.
-let dataset (name: string) = Path.Combine(Fixtures.root (), name)
-
-let private fixture name file = Path.Combine(dataset name, file)
+/// A generated miniature's file.
+let private fixture folder file = Path.Combine(FgvcMini.dataset folder, file)
 
 let private raisesWith (fragment: string) (f: unit -> 'a) =
     try
@@ -120,7 +20,7 @@ let private raisesWith (fragment: string) (f: unit -> 'a) =
         Expect.stringContains msg fragment "error message"
 
 let private fixtureTests =
-    testList "fixtures" [
+    testList "generated miniatures" [
         test "cars_meta.mat class_names is a cell of three names" {
             let names = Mat.read (fixture "stanford_cars" "devkit/cars_meta.mat") |> Mat.get "meta" "class_names"
             match names with
@@ -182,31 +82,48 @@ let private fixtureTests =
 let private writtenFileTests =
     testList "written files" [
         test "uncompressed double matrix, char matrix, cell and struct round-trip" {
-            let path = Path.Combine(Path.GetTempPath(), $"pmg-mat-{Guid.NewGuid():N}.mat")
-            try
-                write path [
-                    doubles "m" [ 2; 3 ] [ 1.0; 2.0; 3.0; 4.0; 5.5; -6.0 ]
-                    chars "names" [ "ab"; "cd" ]
-                    cell "c" [ 1; 2 ] [ chars "" [ "hello" ]; doublesAsBytes "" [ 1; 1 ] [ 200uy ] ]
-                    structs "s" [ 1; 2 ] [ "id"; "label" ] [
-                        [ doublesAsBytes "" [ 1; 1 ] [ 7uy ]; chars "" [ "first" ] ]
-                        [ smallUint16 "" 513; chars "" [ "second" ] ] ] ]
-                let vars = Mat.read path
-                Expect.equal (vars |> Map.keys |> List.ofSeq) [ "c"; "m"; "names"; "s" ] "variable names"
-                Expect.equal vars["m"] (Numeric([| 2; 3 |], [| 1.0; 2.0; 3.0; 4.0; 5.5; -6.0 |])) "column-major doubles"
-                Expect.equal vars["names"] (Char([| 2; 2 |], [| "ab"; "cd" |])) "one string per row"
-                Expect.equal (Mat.toString (match vars["c"] with Cell(_, items) -> items[0] | v -> v)) "hello" "cell text"
-                match vars["s"] with
-                | Struct(dims, fields, elements) ->
-                    Expect.equal dims [| 1; 2 |] "struct dims"
-                    Expect.equal fields [| "id"; "label" |] "field order"
-                    let first, second = elements[0], elements[1]
-                    Expect.equal (Mat.toInt first.["id"]) 7 "uint8-stored double"
-                    Expect.equal (Mat.toInt second.["id"]) 513 "small-element uint16"
-                    Expect.equal (Mat.toString second.["label"]) "second" "struct char field"
-                | other -> failtestf "s is %A" other
-            finally
-                File.Delete path
+            use dir = new TempDir "mat"
+            let path = dir.File "round-trip.mat"
+            write path [
+                doubles "m" [ 2; 3 ] [ 1.0; 2.0; 3.0; 4.0; 5.5; -6.0 ]
+                chars "names" [ "ab"; "cd" ]
+                cell "c" [ 1; 2 ] [ chars "" [ "hello" ]; doublesAsBytes "" [ 1; 1 ] [ 200uy ] ]
+                structs "s" [ 1; 2 ] [ "id"; "label" ] [
+                    [ doublesAsBytes "" [ 1; 1 ] [ 7uy ]; chars "" [ "first" ] ]
+                    [ smallUint16 "" 513; chars "" [ "second" ] ] ] ]
+            let vars = Mat.read path
+            Expect.equal (vars |> Map.keys |> List.ofSeq) [ "c"; "m"; "names"; "s" ] "variable names"
+            Expect.equal vars["m"] (Numeric([| 2; 3 |], [| 1.0; 2.0; 3.0; 4.0; 5.5; -6.0 |])) "column-major doubles"
+            Expect.equal vars["names"] (Char([| 2; 2 |], [| "ab"; "cd" |])) "one string per row"
+            Expect.equal (Mat.toString (match vars["c"] with Cell(_, items) -> items[0] | v -> v)) "hello" "cell text"
+            match vars["s"] with
+            | Struct(dims, fields, elements) ->
+                Expect.equal dims [| 1; 2 |] "struct dims"
+                Expect.equal fields [| "id"; "label" |] "field order"
+                let first, second = elements[0], elements[1]
+                Expect.equal (Mat.toInt first.["id"]) 7 "uint8-stored double"
+                Expect.equal (Mat.toInt second.["id"]) 513 "small-element uint16"
+                Expect.equal (Mat.toString second.["label"]) "second" "struct char field"
+            | other -> failtestf "s is %A" other
+        }
+
+        test "uint8, uint16 and int32 arrays and a compressed struct array read back with their values" {
+            let bytes =
+                file [
+                    uint8s "u8" [ 1; 3 ] [ 0uy; 7uy; 255uy ]
+                    compressed (uint16s "u16" [ 2; 1 ] [ 513; 65535 ])
+                    int32s "i32" [ 1; 2 ] [ -5; 100000 ]
+                    compressed (
+                        structs "annotations" [ 1; 2 ] [ "bbox_x2"; "class"; "fname" ] [
+                            [ uint16s "" [ 1; 1 ] [ 569 ]; uint8s "" [ 1; 1 ] [ 14uy ]; text "" "00001.jpg" ]
+                            [ uint16s "" [ 1; 1 ] [ 868 ]; uint8s "" [ 1; 1 ] [ 3uy ]; text "" "00002.jpg" ] ]) ]
+            let vars = Mat.parse "typed.mat" bytes
+            Expect.equal vars["u8"] (Numeric([| 1; 3 |], [| 0.0; 7.0; 255.0 |])) "uint8"
+            Expect.equal vars["u16"] (Numeric([| 2; 1 |], [| 513.0; 65535.0 |])) "uint16"
+            Expect.equal vars["i32"] (Numeric([| 1; 2 |], [| -5.0; 100000.0 |])) "int32, negative included"
+            let annotations = Mat.toStructs vars["annotations"]
+            Expect.equal (annotations |> Array.map (fun a -> Mat.toInt a["bbox_x2"], Mat.toInt a["class"], Mat.toString a["fname"]))
+                [| 569, 14, "00001.jpg"; 868, 3, "00002.jpg" |] "struct elements in order"
         }
 
         test "compressed and plain variables mix in file order" {
@@ -262,5 +179,110 @@ let private errorTests =
         }
     ]
 
+/// Prints every variable of each MAT file named on the command line as scipy.io.loadmat reads it, one line per
+/// variable: "name: class dims values", structs and cells nested in braces, elements in column-major order.
+/// mat_dtype=True gives each array its MATLAB class (a double stored as uint8 reads as float64), so the array
+/// flags are checked, not only the storage types.
+let private describeWithScipy = """
+import sys, numpy as np, scipy.io as sio
+def show(v):
+    dims = 'x'.join(str(d) for d in v.shape)
+    flat = v.flatten(order='F')
+    if v.dtype.names:
+        return 'struct %s {%s}' % (dims, ' | '.join(';'.join(n + '=' + show(e[n]) for n in v.dtype.names) for e in flat))
+    if v.dtype == object:
+        return 'cell %s {%s}' % (dims, ' | '.join(show(e) for e in flat))
+    if v.dtype.kind == 'U':
+        return 'char %s %s' % (dims, ','.join(repr(str(s)) for s in flat))
+    return '%s %s %s' % (v.dtype, dims, ','.join(repr(x) for x in flat.tolist()))
+for path in sys.argv[1:]:
+    for name, value in sorted(sio.loadmat(path, mat_dtype=True).items()):
+        if not name.startswith('__'):
+            print('%s: %s' % (name, show(value)))
+"""
+
+/// scipy's reading of MAT files, one line per variable; skips the test where no python3 with scipy is installed.
+let private scipyReads (paths: string list) : string list =
+    match pythonWithScipy.Force() with
+    | None -> skiptest "needs python3 with scipy (/usr/bin/python3 or python3 on PATH) to check the MAT writer against scipy.io.loadmat"
+    | Some python ->
+        let r = run python ([ "-c"; describeWithScipy ] @ paths) None []
+        Expect.equal r.Code 0 ("scipy.io.loadmat reads the files: " + r.Err)
+        r.Out.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> List.ofArray
+
+let private scipyTests =
+    testList "scipy" [
+        test "scipy.io.loadmat reads the writer's output: every class, compressed and plain" {
+            use dir = new TempDir "mat-scipy"
+            let path = dir.File "all.mat"
+            write path [
+                compressed (doubles "d" [ 2; 3 ] [ 1.0; 2.0; 3.0; 4.0; 5.5; -6.0 ])
+                uint8s "u8" [ 1; 3 ] [ 0uy; 7uy; 255uy ]
+                compressed (uint16s "u16" [ 1; 2 ] [ 513; 65535 ])
+                int32s "i32" [ 2; 1 ] [ -5; 100000 ]
+                doublesAsBytes "small" [ 1; 1 ] [ 200uy ]
+                text "s" "hello"
+                chars "names" [ "ab"; "cd" ]
+                cell "c" [ 1; 2 ] [ text "" "x"; doubles "" [ 1; 1 ] [ 42.0 ] ]
+                compressed (
+                    structs "st" [ 1; 2 ] [ "a"; "name" ] [
+                        [ uint8s "" [ 1; 1 ] [ 7uy ]; text "" "first" ]
+                        [ uint16s "" [ 1; 1 ] [ 513 ]; text "" "second" ] ]) ]
+            Expect.equal (scipyReads [ path ]) [
+                "c: cell 1x2 {char 1 'x' | float64 1x1 42.0}"
+                "d: float64 2x3 1.0,2.0,3.0,4.0,5.5,-6.0"
+                "i32: int32 2x1 -5,100000"
+                "names: char 2 'ab','cd'"
+                "s: char 1 'hello'"
+                "small: float64 1x1 200.0"
+                "st: struct 1x2 {a=uint8 1x1 7;name=char 1 'first' | a=uint16 1x1 513;name=char 1 'second'}"
+                "u16: uint16 1x2 513,65535"
+                "u8: uint8 1x3 0,7,255" ] "scipy's view of every variable"
+        }
+
+        test "scipy.io.loadmat reads the generated Cars and Dogs annotation files with the official classes" {
+            let cars = fixture "stanford_cars" "devkit/cars_train_annos.mat"
+            let dogs = fixture "stanford_dogs" "train_list.mat"
+            let lines = scipyReads [ cars; dogs ]
+            let line name = lines |> List.find (fun l -> l.StartsWith(name + ": "))
+            let annotations = line "annotations"
+            Expect.stringStarts annotations "annotations: struct 1x9 {bbox_x1=uint8 1x1 " "a 1x9 struct array, uint8 x1"
+            for field in [ "bbox_y1=uint8 1x1"; "bbox_x2=uint16 1x1"; "bbox_y2=uint8 1x1"; "class=uint8 1x1"; "fname=char 1 '" ] do
+                Expect.equal (annotations.Split(field).Length - 1) 9 $"{field} in every element"
+            // What scipy reads is what our reader reads.
+            let ours = Mat.read cars |> Mat.get cars "annotations" |> Mat.toStructs
+            let expected =
+                ours
+                |> Array.map (fun a -> sprintf "class=uint8 1x1 %d;fname=char 1 '%s'" (Mat.toInt a["class"]) (Mat.toString a["fname"]))
+            for e in expected do
+                Expect.stringContains annotations e "same class and file name as Mat.fs reads"
+            Expect.stringStarts (line "labels") "labels: float64 9x1 1.0,1.0,1.0,2.0,2.0,2.0,3.0,3.0,3.0" "dogs labels, double"
+            Expect.stringStarts (line "file_list") "file_list: cell 9x1 {char 1 'n02085620-Chihuahua/n02085620_10001.jpg' | " "dogs file_list, a cell column"
+        }
+
+        // Files written by scipy.io.savemat (committed in data/, a few hundred bytes each): a second, independent
+        // writer for the reader.
+        test "a scipy-written compressed file: Cars-style struct array and cell of names" {
+            let path = dataFile "scipy-compressed.mat"
+            let vars = Mat.read path
+            let annotations = Mat.get path "annotations" vars |> Mat.toStructs
+            let value f (a: Map<string, MatValue>) = Mat.toInt a[f]
+            Expect.equal (annotations |> Array.map (fun a -> value "bbox_x1" a, value "bbox_y1" a, value "bbox_x2" a, value "bbox_y2" a))
+                [| 39, 116, 569, 375; 36, 116, 868, 587 |] "boxes (uint8 and uint16)"
+            Expect.equal (annotations |> Array.map (fun a -> value "class" a, Mat.toString a["fname"])) [| 14, "00001.jpg"; 3, "00002.jpg" |] "class, fname"
+            Expect.equal (Mat.get path "class_names" vars |> Mat.toStrings) [| "AM General Hummer SUV 2000"; "Acura RL Sedan 2012" |] "class names"
+        }
+
+        test "a scipy-written plain file: Dogs-style cell column, double labels, int32 and char matrices" {
+            let path = dataFile "scipy-plain.mat"
+            let vars = Mat.read path
+            Expect.equal (Mat.get path "file_list" vars |> Mat.toStrings)
+                [| "n02085620-Chihuahua/n02085620_10074.jpg"; "n02085782-Japanese_spaniel/n02085782_1039.jpg" |] "file list"
+            Expect.equal vars["labels"] (Numeric([| 2; 1 |], [| 1.0; 2.0 |])) "labels"
+            Expect.equal vars["m"] (Numeric([| 2; 3 |], [| 1.0; 4.0; -2.0; 5.0; 3.0; -600000.0 |])) "int32 matrix, column-major"
+            Expect.equal (Mat.toStrings vars["names"]) [| "ab"; "cd" |] "char matrix rows"
+        }
+    ]
+
 [<Tests>]
-let tests = testList "Mat" [ fixtureTests; writtenFileTests; errorTests ]
+let tests = testList "Mat" [ fixtureTests; writtenFileTests; errorTests; scipyTests ]

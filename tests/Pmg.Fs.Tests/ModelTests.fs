@@ -5,8 +5,9 @@ open Expecto
 open TorchSharp
 open Pmg.Fs.Model
 
+/// The reference model's state_dict keys, shapes and dtypes (data/pmg-resnet50-200-state-dict-keys.txt).
 let private referenceKeys () =
-    File.ReadAllLines(Path.Combine(Fixtures.shared (), "fixtures", "pmg-resnet50-200-state-dict-keys.txt"))
+    File.ReadAllLines(TestKit.dataFile "pmg-resnet50-200-state-dict-keys.txt")
     |> Array.filter (fun l -> l <> "" && not (l.StartsWith "#"))
     |> Array.map (fun l ->
         match l.Split ' ' with
@@ -69,9 +70,12 @@ let tests =
               let x2 = x.detach().clone().requires_grad_ true
               let ours = Pmg.Fs.Runtime.Scalars.elu x
               let theirs = torch.nn.functional.elu (x2, 1.0)
+              // Elementwise on [-4, 4]: exp and expm1 are within an ulp or two of each other in fp32 (6e-8 relative)
+              // on every vector width; 1e-6 absolute covers exp(x) - 1 against expm1 near 0.
               Expect.isTrue (ours.allclose (theirs, rtol = 1e-6, atol = 1e-6)) "values"
               ours.sum().backward ()
               theirs.sum().backward ()
+              // The gradient exp(x) for x < 0 and 1 above, computed through different expressions: a few ulps.
               Expect.isTrue (x.grad.allclose (x2.grad, rtol = 1e-5, atol = 1e-6)) "gradients"
           }
           test "ForwardHead equals the full forward's head output in eval mode" {
@@ -84,6 +88,8 @@ let tests =
               let full = net.forward x
               for i in 0..2 do
                   let h = net.ForwardHead(x, i)
+                  // The same layers on the same input; only the kernels' blocking for a different call could reorder
+                  // sums (a few ulps of logits of size ~1). 1e-4 relative, 1e-5 absolute near zero.
                   Expect.isTrue (h.allclose (full.Heads.[i], rtol = 1e-4, atol = 1e-5)) (sprintf "head %d" i)
           } ]
 
@@ -105,7 +111,8 @@ let vgg =
           test "torchvision VGG16 weights load into the backbone, their fully connected classifier left aside" {
               use _ = torch.NewDisposeScope()
               use source = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
-              let file = Path.Combine(Path.GetTempPath(), sprintf "vgg16-%d.pth" (System.Random().Next()))
+              use dir = new TestKit.TempDir "vgg16"
+              let file = dir.File "vgg16.pth"
               let entries =
                   [ yield! source.Backbone.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value)
                     "classifier.0.weight", torch.zeros (4L, 8L)
@@ -114,8 +121,7 @@ let vgg =
               Pmg.Fs.Interop.StateDict.write file entries
               use target = Pmg.create { Pmg.Config.Paper 10 with Backbone = "vgg16" }
               Pmg.Fs.Interop.StateDict.loadPretrainedBackbone target file
-              File.Delete file
               let a = source.Backbone.state_dict ()
               for kv in target.Backbone.state_dict () do
-                  Expect.isTrue (Fixtures.same kv.Value a.[kv.Key]) kv.Key
+                  Expect.isTrue (TestKit.same kv.Value a.[kv.Key]) kv.Key
           } ]

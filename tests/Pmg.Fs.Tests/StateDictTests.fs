@@ -25,14 +25,9 @@ let private trained (classes: int) (seed: int64) =
         net.forward (torch.randn (2L, 3L, 64L, 64L)) |> ignore
     net
 
-let private tempDir () =
-    let d = Path.Combine(Path.GetTempPath(), "pmg-statedict-" + Guid.NewGuid().ToString "N")
-    Directory.CreateDirectory d |> ignore
-    d
-
 let private withDir (f: string -> unit) =
-    let d = tempDir ()
-    try f d finally Directory.Delete(d, true)
+    use d = new TestKit.TempDir "statedict"
+    f d.Path
 
 let private stateOf (m: torch.nn.Module) = [ for kv in m.state_dict () -> kv.Key, kv.Value ]
 

@@ -1,0 +1,128 @@
+/// What several test files need: temporary folders, the repository root and the test data, child processes (the
+/// `pmg` command, `dotnet fsi`, python), hand-built checkpoints and exact tensor comparison.
+module Pmg.Fs.Tests.TestKit
+
+open System
+open System.Collections.Concurrent
+open System.Diagnostics
+open System.IO
+open TorchSharp
+open Pmg.Fs
+open Pmg.Fs.Training
+
+// ---------------------------------------------------------------------------------------------------
+// Temporary folders
+
+/// A fresh folder under the system temp folder (named pmg-<prefix>-...), deleted with its contents on Dispose:
+/// `use dir = new TempDir "name"`. Runs and checkpoints written there are tens to hundreds of MB.
+type TempDir(prefix: string) =
+    let path = Directory.CreateTempSubdirectory(sprintf "pmg-%s-" prefix).FullName
+    member _.Path = path
+    /// A path inside the folder.
+    member _.File(name: string) = Path.Combine(path, name)
+    override _.ToString() = path
+    interface IDisposable with
+        member _.Dispose() =
+            try
+                if Directory.Exists path then Directory.Delete(path, true)
+            with _ -> ()
+
+let private untilExit = ConcurrentBag<TempDir>()
+
+do AppDomain.CurrentDomain.ProcessExit.Add(fun _ -> for d in untilExit do (d :> IDisposable).Dispose())
+
+/// A temporary folder that lives until the test process ends: for fixtures built once and shared by several tests
+/// (the miniature datasets, a checkpoint for the CLI tests).
+let processTempDir (prefix: string) : string =
+    let d = new TempDir(prefix)
+    untilExit.Add d
+    d.Path
+
+// ---------------------------------------------------------------------------------------------------
+// The repository and the test data
+
+/// The repository root: the first folder holding Pmg.Fs.sln above the test binaries, or failing that above the
+/// working directory.
+let repoRoot () : string =
+    let rec up (d: DirectoryInfo) =
+        if isNull d then None
+        elif File.Exists(Path.Combine(d.FullName, "Pmg.Fs.sln")) then Some d.FullName
+        else up d.Parent
+    [ AppContext.BaseDirectory; Environment.CurrentDirectory ]
+    |> List.tryPick (DirectoryInfo >> up)
+    |> Option.defaultWith (fun () ->
+        failwithf "repository root (the folder holding Pmg.Fs.sln) not found above %s" AppContext.BaseDirectory)
+
+/// A file of tests/Pmg.Fs.Tests/data, which the build copies beside the test binaries.
+let dataFile (name: string) : string =
+    let path = Path.Combine(AppContext.BaseDirectory, "data", name)
+    if not (File.Exists path) then failwithf "test data %s missing: is it listed in Pmg.Fs.Tests.fsproj?" path
+    path
+
+// ---------------------------------------------------------------------------------------------------
+// Child processes
+
+/// Exit code and the two output streams of a finished child process.
+type Outcome = { Code: int; Out: string; Err: string }
+
+/// No child runs longer than this: a hung child fails its test instead of hanging the whole suite. The longest (a
+/// dataset script's smoke run, the quickstart) take one to two minutes on two idle cores, but over 15 minutes on
+/// the same cores shared with other heavy jobs; an hour fails only a hang.
+let private childTimeout = TimeSpan.FromMinutes 60.0
+
+/// Runs `file args` in `workDir` (None: the current folder) with the variables in `removeEnv` unset, and waits.
+let run (file: string) (args: string list) (workDir: string option) (removeEnv: string list) : Outcome =
+    let psi = ProcessStartInfo(file, RedirectStandardOutput = true, RedirectStandardError = true)
+    workDir |> Option.iter (fun d -> psi.WorkingDirectory <- d)
+    for a in args do
+        psi.ArgumentList.Add a
+    for v in removeEnv do
+        psi.Environment.Remove v |> ignore
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    if not (p.WaitForExit childTimeout) then
+        p.Kill true
+        failwithf "%s %s did not finish within %O" file (String.concat " " args) childTimeout
+    p.WaitForExit()
+    { Code = p.ExitCode; Out = out.Result; Err = err.Result }
+
+/// The `pmg` command built beside the tests, as a user runs it.
+let pmg (args: string list) : Outcome =
+    run "dotnet" (Path.Combine(AppContext.BaseDirectory, "pmg.dll") :: args) None []
+
+/// `dotnet fsi <repo>/experiments/<script> args` in `workDir`, with `removeEnv` unset.
+let fsi (script: string) (args: string list) (workDir: string) (removeEnv: string list) : Outcome =
+    run "dotnet" ([ "fsi"; Path.Combine(repoRoot (), "experiments", script) ] @ args) (Some workDir) removeEnv
+
+/// A python3 that can import scipy (/usr/bin/python3 first: a pyenv shim on PATH may lack it), if any.
+let pythonWithScipy: Lazy<string option> =
+    lazy
+        ([ "/usr/bin/python3"; "python3" ]
+         |> List.tryFind (fun python ->
+             try
+                 (run python [ "-c"; "import scipy.io" ] None []).Code = 0
+             with _ -> false))
+
+// ---------------------------------------------------------------------------------------------------
+// Tensors and checkpoints
+
+/// Same shape and identical values.
+let same (a: torch.Tensor) (b: torch.Tensor) =
+    a.shape = b.shape && (a.eq b).all().item<bool> ()
+
+/// A checkpoint of a session as the trainer writes it: the session's weights, momentum buffers and jigsaw RNG,
+/// with the given progress. The tensors are copies: state_dict hands out the network's own parameters, which are
+/// invalidated once the session is garbage collected ("Tensor invalid -- empty handle" in Checkpoint.save of a
+/// test that no longer used its session).
+let checkpointOf (s: Trainer.Session) (progress: Checkpoint.Progress) : Checkpoint.Checkpoint =
+    let copy (name: string, t: torch.Tensor) = name, t.detach().clone ()
+    { Experiment = s.Experiment
+      Progress = progress
+      Model = [ for kv in s.Net.state_dict () -> copy (kv.Key, kv.Value) ]
+      Optimizer = Sgd.state s.Optimizer |> List.map copy
+      Rng = s.Jigsaw.get_state () }
+
+/// Progress after `epochsDone` epochs, nothing best yet.
+let progress (epochsDone: int) : Checkpoint.Progress =
+    { EpochsDone = epochsDone; BestCombined = 0.0; BestEpoch = 0; Seed = 0 }
