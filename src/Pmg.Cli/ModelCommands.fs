@@ -12,11 +12,10 @@ open Pmg.Cli.Args
 open Pmg.Cli.TrainCommand
 
 let private overrides backbone classes size resize : Inference.Overrides =
-    let positive flag = Option.map (within flag 1 Int32.MaxValue)
     { Backbone = backbone
-      Classes = positive "--classes" classes
-      ImageSize = positive "--image-size" size
-      Resize = positive "--resize" resize }
+      Classes = classes |> Option.map (within "--classes" 2 100000)
+      ImageSize = size |> Option.map (within "--image-size" 1 4096)
+      Resize = resize |> Option.map (within "--resize" 1 4096) }
 
 let eval (a: ParseResults<EvalArgs>) =
     let device = a.GetResult(EvalArgs.Device, "cpu") |> device
@@ -60,7 +59,8 @@ let predict (a: ParseResults<PredictArgs>) =
         | Some _, Some _ -> raise (BadFlag "give --checkpoint or --onnx, not both")
         | None, None -> raise (BadFlag "give the model: --checkpoint FILE (.ckpt, .pth) or --onnx FILE")
     try
-        let k = a.GetResult(PredictArgs.Top_K, 5) |> within "--top-k" 1 (defaultArg classes Int32.MaxValue)
+        // The default lists up to five classes; an explicit --top-k must be one the model has.
+        let k = a.TryGetResult PredictArgs.Top_K |> Option.map (within "--top-k" 1 (defaultArg classes Int32.MaxValue)) |> Option.defaultValue 5
         let failures =
             [ for path in a.GetResult PredictArgs.Images do
                   match (try Ok(Inputs.loadImage path) with Inputs.ImageError msg -> Error msg) with

@@ -13,7 +13,7 @@ open Pmg.Cli.Args
 
 let private errorText (e: exn) =
     match e with
-    | Experiment.InvalidExperiment problems -> String.concat "\n  " ("invalid settings:" :: problems)
+    | Experiment.InvalidExperiment problems -> "invalid settings: " + String.concat "; " problems
     | Runtime.Native.NativeLoadError m
     | Checkpoint.CheckpointError m
     | Inference.LoadError m
@@ -23,6 +23,7 @@ let private errorText (e: exn) =
     | Inputs.ImageError m
     | Run.RunError m
     | Trainer.Diverged m
+    | Trainer.NothingTrained m
     | Bench.BenchError m
     | DatasetError m
     | Backbone.UnknownBackbone m

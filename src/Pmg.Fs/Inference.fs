@@ -37,7 +37,8 @@ let load (path: string) (o: Overrides) (device: Pmg.Fs.Runtime.Device) : Model =
     if not (File.Exists path) then
         raise (LoadError(sprintf "checkpoint %s does not exist" path))
     let config, weights, input =
-        if Checkpoint.isCheckpoint path then
+        // A .ckpt is ours even when damaged: Checkpoint.load says how.
+        if Checkpoint.isCheckpoint path || Path.GetExtension(path).Equals(".ckpt", StringComparison.OrdinalIgnoreCase) then
             let c = Checkpoint.load path
             let m = c.Experiment.Model
             let clash what (given: 'a option) (has: 'a) =

@@ -33,7 +33,7 @@ let private stagesAndGrads (net: Pmg.Network) (opt: Sgd.Optimizer) (engine: Engi
     let project (t: torch.Tensor) =
         let r = torch.arange(t.numel (), dtype = dtype).mul(torch.tensor(0.37, dtype = dtype)).sin().view (t.shape)
         t.to_type(dtype).mul(r).mean ()
-    let loss = stages |> List.map project |> List.reduce Runtime.Scalars.add
+    let loss = stages |> List.map project |> List.reduce Runtime.Ops.add
     loss.backward ()
     // Not the stem: its gradient sums 8x32x32 positions that mostly cancel, so any rounding shows hugely there.
     let grads =
@@ -76,13 +76,13 @@ let tests =
                   b.load_state_dict (a.state_dict ()) |> ignore
                   let ours =
                       Sgd.create storage { Momentum = 0.9; WeightDecay = 5e-4 }
-                          [ { Name = "all"; Parameters = [ for struct (n, p) in a.named_parameters () -> n, p ]; BaseLr = 0.1; Lr = 0.1 } ]
+                          [ { Name = "all"; Parameters = [ for struct (n, p) in a.named_parameters () -> n, p ]; BaseLr = 0.1 } ]
                   let theirs = torch.optim.SGD(b.parameters (), 0.1, momentum = 0.9, weight_decay = 5e-4)
                   let x = torch.randn (5L, 3L, 4L, 4L)
                   for _ in 1..3 do
                       Sgd.zeroGrad ours
                       (a.forward x).square().sum().backward ()
-                      Sgd.step ours
+                      Sgd.step (fun g -> g.BaseLr) ours
                       theirs.zero_grad ()
                       (b.forward x).square().sum().backward ()
                       theirs.step () |> ignore
@@ -144,7 +144,7 @@ let tests =
                   net.load_state_dict (nhwcSession.Net.state_dict ()) |> ignore
                   net.``to`` torch.float64 |> ignore
                   if engine.ChannelsLast then Engine.toChannelsLast net
-                  let group: Sgd.Group = { Name = "all"; Parameters = [ for struct (n, p) in net.named_parameters () -> n, p ]; BaseLr = 0.1; Lr = 0.1 }
+                  let group: Sgd.Group = { Name = "all"; Parameters = [ for struct (n, p) in net.named_parameters () -> n, p ]; BaseLr = 0.1 }
                   let storage = if engine.FlatParameters then Sgd.Flat else Sgd.PerParameter
                   net, Sgd.create storage { Momentum = 0.9; WeightDecay = 5e-4 } [ group ], engine
               let nchwEngine = Engine.plain
@@ -169,13 +169,13 @@ let tests =
               let x, y = batch ()
               let a = Trainer.createSession tiny
               a.Net.train ()
-              Trainer.iteration a tiny.Schedule x y |> ignore
+              Trainer.iteration a (fun g -> g.BaseLr) tiny.Schedule x y |> ignore
               let b = Trainer.createSession tiny
               b.Net.train ()
-              Trainer.restore b (checkpointOf a { progress 1 with Seed = tiny.Seed })
+              Checkpoint.restore b (checkpointOf a (progress 1))
               let step = [ List.last tiny.Schedule ]
-              Trainer.iteration a step x y |> ignore
-              Trainer.iteration b step x y |> ignore
+              Trainer.iteration a (fun g -> g.BaseLr) step x y |> ignore
+              Trainer.iteration b (fun g -> g.BaseLr) step x y |> ignore
               // Identical weights, momentum and input through the same kernels: equal but for the order of
               // multithreaded reductions (a few ulps); 1e-6 relative. A lost momentum buffer changes the update by
               // 0.9 x the previous one, ~1e-3 relative.
@@ -188,21 +188,19 @@ let tests =
               let e = { tiny with Update = Experiment.Joint; Forward = Experiment.Full; Schedule = Schedule.withGrids [ 1; 1; 1 ] 2.0 }
               let x, y = batch ()
               let joint = Trainer.createSession e
-              Sgd.setLr id joint.Optimizer
               joint.Net.train ()
-              let results = Trainer.iteration joint e.Schedule x y
+              let results = Trainer.iteration joint (fun g -> g.BaseLr) e.Schedule x y
               Expect.equal results.Length 4 "a loss per step"
               let manual = Trainer.createSession e
-              Sgd.setLr id manual.Optimizer
               manual.Net.train ()
               Sgd.zeroGrad manual.Optimizer
               let out = manual.Net.forward x
               let total =
                   e.Schedule
-                  |> List.map (fun s -> torch.nn.functional.cross_entropy (out.Of s.Head, y) |> Runtime.Scalars.scale s.LossWeight)
-                  |> List.reduce Runtime.Scalars.add
+                  |> List.map (fun s -> torch.nn.functional.cross_entropy (out.Of s.Head, y) |> Runtime.Ops.scale s.LossWeight)
+                  |> List.reduce Runtime.Ops.add
               total.backward ()
-              Sgd.step manual.Optimizer
+              Sgd.step (fun g -> g.BaseLr) manual.Optimizer
               // Compared after the SGD step, so gradient rounding differences (backward of a sum vs a sum of
               // backwards: up to ~1e-3 relative on convolution gradients that cancel) enter scaled by the learning
               // rate, far below 1e-4 of the weights; a missing or double-weighted step moves them by ~lr x gradient,
@@ -210,9 +208,8 @@ let tests =
               for name in [ "features.layer2.0.conv2.weight"; "conv_block1.0.conv.weight"; "classifier_concat.1.weight" ] do
                   Expect.isTrue (close 1e-4 (param joint.Net name) (param manual.Net name)) name
               let progressive = Trainer.createSession { e with Update = Experiment.Progressive }
-              Sgd.setLr id progressive.Optimizer
               progressive.Net.train ()
-              Trainer.iteration progressive e.Schedule x y |> ignore
+              Trainer.iteration progressive (fun g -> g.BaseLr) e.Schedule x y |> ignore
               Expect.isFalse (close 1e-4 (param joint.Net "features.layer2.0.conv2.weight") (param progressive.Net "features.layer2.0.conv2.weight")) "progressive differs"
           }
           test "bf16: the forward runs in bf16 under autocast; weights, gradients and loss stay fp32" {
@@ -222,7 +219,7 @@ let tests =
               let lossWith precision =
                   let s = Trainer.createSession { tiny with Precision = precision }
                   s.Net.train ()
-                  let loss, _ = Trainer.trainStep s step x y
+                  let loss, _ = Trainer.trainStep s (fun g -> g.BaseLr) step x y
                   let w = param s.Net "features.layer3.0.conv1.weight"
                   loss, w
               do
@@ -268,7 +265,7 @@ let tests =
               let fitted precision =
                   let s = Trainer.createSession { e with Precision = precision }
                   s.Net.train ()
-                  let concat = [ for _ in 1..bf16Iterations -> Trainer.iteration s e.Schedule x y |> List.last ]
+                  let concat = [ for _ in 1..bf16Iterations -> Trainer.iteration s (fun g -> g.BaseLr) e.Schedule x y |> List.last ]
                   let first, _ = List.head concat
                   let last, correct = List.last concat
                   // Accuracy of the last concat step, with the batch's own BatchNorm statistics: the running

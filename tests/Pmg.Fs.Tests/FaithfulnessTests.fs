@@ -100,7 +100,7 @@ let tests =
           }
 
           test "a dataset without weights is refused with the flag and torchvision's file named; --pretrained none trains" {
-              let root = FgvcMini.root "CUB_200_2011"
+              let root = FgvcMini.dataset "CUB_200_2011"
               use dir = new TempDir "refuse"
               let out = Path.Combine(dir.Path, "run")
               let refused = pmg [ "train"; "--dataset"; "cub"; "--root"; root; "--epochs"; "1"; "--out"; out ]

@@ -110,8 +110,8 @@ let tests =
               ImageNet.loadBackbone net Backbone.ImageNet
               let after = net.Backbone.state_dict().["layer3.1.conv2.weight"]
               use reference = convertedBackbone ()
-              Expect.isFalse (Fixtures.same before after) "weights changed"
-              Expect.isTrue (Fixtures.same after (reference.state_dict().["layer3.1.conv2.weight"])) "the converted weights"
+              Expect.isFalse (TestKit.same before after) "weights changed"
+              Expect.isTrue (TestKit.same after (reference.state_dict().["layer3.1.conv2.weight"])) "the converted weights"
           }
 
           test "a corrupt, truncated, missing or foreign ONNX file is refused in one line naming it" {

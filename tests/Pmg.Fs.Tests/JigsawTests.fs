@@ -26,7 +26,7 @@ let tests =
               use _ = torch.NewDisposeScope()
               let x = distinct 2L 32L 32L
               for n in [ 2; 4; 8 ] do
-                  let y = Jigsaw.shuffle (gen 1) Jigsaw.PerBatch n x
+                  let y = Jigsaw.shuffle (gen 1) Jigsaw.PerBatch Jigsaw.Cycle n x
                   for i in 0L .. 1L do
                       let before = patches n x.[i] |> List.map List.ofArray |> List.sort
                       let after = patches n y.[i] |> List.map List.ofArray |> List.sort
@@ -36,14 +36,14 @@ let tests =
           test "n = 1 is the identity" {
               use _ = torch.NewDisposeScope()
               let x = distinct 2L 17L 23L
-              Expect.isTrue (TestKit.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch 1 x) x) "unchanged"
+              Expect.isTrue (TestKit.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch Jigsaw.Cycle 1 x) x) "unchanged"
           }
           test "same seed, same output; another seed, another output" {
               use _ = torch.NewDisposeScope()
               let x = distinct 3L 32L 32L
-              let a = Jigsaw.shuffle (gen 7) Jigsaw.PerSample 4 x
-              let b = Jigsaw.shuffle (gen 7) Jigsaw.PerSample 4 x
-              let c = Jigsaw.shuffle (gen 8) Jigsaw.PerSample 4 x
+              let a = Jigsaw.shuffle (gen 7) Jigsaw.PerSample Jigsaw.Cycle 4 x
+              let b = Jigsaw.shuffle (gen 7) Jigsaw.PerSample Jigsaw.Cycle 4 x
+              let c = Jigsaw.shuffle (gen 8) Jigsaw.PerSample Jigsaw.Cycle 4 x
               Expect.isTrue (TestKit.same a b) "same seed"
               Expect.isFalse (TestKit.same a c) "different seed"
           }
@@ -51,17 +51,17 @@ let tests =
               use _ = torch.NewDisposeScope()
               let one = distinct 1L 16L 16L
               let x = one.expand(6L, 3L, 16L, 16L).contiguous ()
-              let batch = Jigsaw.shuffle (gen 3) Jigsaw.PerBatch 4 x
+              let batch = Jigsaw.shuffle (gen 3) Jigsaw.PerBatch Jigsaw.Cycle 4 x
               for i in 1L .. 5L do
                   Expect.isTrue (TestKit.same (batch.[i]) batch.[0L]) "same arrangement"
-              let sample = Jigsaw.shuffle (gen 3) Jigsaw.PerSample 4 x
+              let sample = Jigsaw.shuffle (gen 3) Jigsaw.PerSample Jigsaw.Cycle 4 x
               let distinctRows = [ for i in 0L .. 5L -> sample.[i].sum().item<float32> (), sample.[i].[0L, 0L, 0L].item<float32> () ] |> List.distinct
               Expect.isGreaterThan distinctRows.Length 1 "different arrangements"
           }
           test "sizes not divisible by n: the leftover border stays in place, the rest is a permutation" {
               use _ = torch.NewDisposeScope()
               let x = distinct 1L 35L 37L
-              let y = Jigsaw.shuffle (gen 5) Jigsaw.PerBatch 8 x
+              let y = Jigsaw.shuffle (gen 5) Jigsaw.PerBatch Jigsaw.Cycle 8 x
               Expect.sequenceEqual y.shape x.shape "shape kept"
               // 35 = 8*4 + 3 rows, 37 = 8*4 + 5 columns.
               Expect.isTrue (TestKit.same (y.narrow(2L, 32L, 3L)) (x.narrow (2L, 32L, 3L))) "bottom rows"
@@ -74,5 +74,5 @@ let tests =
           test "an image smaller than n pixels is returned unchanged" {
               use _ = torch.NewDisposeScope()
               let x = distinct 1L 5L 5L
-              Expect.isTrue (TestKit.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch 8 x) x) "unchanged"
+              Expect.isTrue (TestKit.same (Jigsaw.shuffle (gen 0) Jigsaw.PerBatch Jigsaw.Cycle 8 x) x) "unchanged"
           } ]

@@ -16,7 +16,7 @@ let private printer =
 
 [<EntryPoint>]
 let main argv =
-    Pmg.Fs.Runtime.Native.init Pmg.Fs.Runtime.Native.Cpu |> ignore
+    Pmg.Fs.Runtime.Native.ensure Pmg.Fs.Runtime.Native.Cpu |> ignore
     let code = Tests.runTestsInAssemblyWithCLIArgs [ Printer printer ] argv
     // On a line of its own, after Expecto's colour codes.
     counts |> Option.iter (fun (passed, failed) -> printfn "\n%d passed, %d failed" passed failed)

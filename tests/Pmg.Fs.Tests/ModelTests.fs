@@ -51,7 +51,7 @@ let tests =
               for m in bns do
                   Expect.equal m (System.Nullable 0.01) "momentum"
               let elus =
-                  net.named_modules () |> Seq.filter (fun struct (_, m) -> m :? Heads.Elu) |> Seq.length
+                  net.named_modules () |> Seq.filter (fun struct (_, m) -> m :? Layers.Elu) |> Seq.length
               Expect.equal elus 4 "one ELU per classifier"
           }
           testList
@@ -68,8 +68,8 @@ let tests =
               use _ = torch.NewDisposeScope()
               let x = torch.linspace(-4.0, 4.0, 101L).requires_grad_ true
               let x2 = x.detach().clone().requires_grad_ true
-              let ours = Pmg.Fs.Runtime.Scalars.elu x
-              let theirs = torch.nn.functional.elu (x2, 1.0)
+              let ours = Pmg.Fs.Runtime.Ops.elu x
+              let theirs = torch.nn.functional.elu (x2, 1.0) // [scalar-ok] TorchSharp's own ELU is what ours is compared with
               // Elementwise on [-4, 4]: exp and expm1 are within an ulp or two of each other in fp32 (6e-8 relative)
               // on every vector width; 1e-6 absolute covers exp(x) - 1 against expm1 near 0.
               Expect.isTrue (ours.allclose (theirs, rtol = 1e-6, atol = 1e-6)) "values"
@@ -106,7 +106,7 @@ let vgg =
               for i in convs do
                   Expect.isTrue (keys.ContainsKey(sprintf "features.%d.weight" i)) (sprintf "conv %d" i)
               Expect.sequenceEqual keys.["features.28.weight"] [| 512L; 512L; 3L; 3L |] "last conv"
-              Expect.equal (net.HeadStages |> List.map _.Channels) [ 256; 512; 512 ] "heads on blocks 3, 4, 5"
+              Expect.equal (net.HeadStages |> List.map (fun (_, s) -> s.Channels)) [ 256; 512; 512 ] "heads on blocks 3, 4, 5"
           }
           test "torchvision VGG16 weights load into the backbone, their fully connected classifier left aside" {
               use _ = torch.NewDisposeScope()

@@ -18,9 +18,10 @@ let tests =
               Expect.equal Schedule.paper expected "steps"
           }
           test "n = 2^(L-l+1) for other S" {
-              Expect.equal (Schedule.progressive 5 1 |> List.map _.Grid) [ 2; 1 ] "S = 1"
-              Expect.equal (Schedule.progressive 5 2 |> List.map _.Grid) [ 4; 2; 1 ] "S = 2"
-              Expect.equal (Schedule.progressive 5 4 |> List.map _.Grid) [ 16; 8; 4; 2; 1 ] "S = 4"
+              let resnet = Model.Backbone.find "resnet50"
+              Expect.equal (Schedule.progressive resnet 1 |> List.map _.Grid) [ 2; 1 ] "S = 1"
+              Expect.equal (Schedule.progressive resnet 2 |> List.map _.Grid) [ 4; 2; 1 ] "S = 2"
+              Expect.equal (Schedule.progressive resnet 4 |> List.map _.Grid) [ 16; 8; 4; 2; 1 ] "S = 4"
           }
           test "custom grids" {
               let s = Schedule.withGrids [ 6; 3; 1 ] 1.0

@@ -111,18 +111,34 @@ let pythonWithScipy: Lazy<string option> =
 let same (a: torch.Tensor) (b: torch.Tensor) =
     a.shape = b.shape && (a.eq b).all().item<bool> ()
 
-/// A checkpoint of a session as the trainer writes it: the session's weights, momentum buffers and jigsaw RNG,
-/// with the given progress. The tensors are copies: state_dict hands out the network's own parameters, which are
-/// invalidated once the session is garbage collected ("Tensor invalid -- empty handle" in Checkpoint.save of a
-/// test that no longer used its session).
-let checkpointOf (s: Trainer.Session) (progress: Checkpoint.Progress) : Checkpoint.Checkpoint =
+/// A checkpoint of a session as the trainer writes it: the session's weights and momentum buffers, with the given
+/// progress. The tensors are copies: state_dict hands out the network's own parameters, which are invalidated once
+/// the session is garbage collected ("Tensor invalid -- empty handle" in Checkpoint.save of a test that no longer
+/// used its session).
+let checkpointOf (s: Trainer.Session) (progress: Trainer.Progress) : Checkpoint.Checkpoint =
     let copy (name: string, t: torch.Tensor) = name, t.detach().clone ()
     { Experiment = s.Experiment
       Progress = progress
       Model = [ for kv in s.Net.state_dict () -> copy (kv.Key, kv.Value) ]
-      Optimizer = Sgd.state s.Optimizer |> List.map copy
-      Rng = s.Jigsaw.get_state () }
+      Optimizer = Sgd.state s.Optimizer |> List.map copy }
 
 /// Progress after `epochsDone` epochs, nothing best yet.
-let progress (epochsDone: int) : Checkpoint.Progress =
-    { EpochsDone = epochsDone; BestCombined = 0.0; BestEpoch = 0; Seed = 0 }
+let progress (epochsDone: int) : Trainer.Progress =
+    { EpochsDone = epochsDone; BestCombined = 0.0; BestEpoch = 0 }
+
+/// A small trained run of the embedded dataset (one epoch of ResNet18 at 24 px, from random weights), made once
+/// per test process through the CLI; its best.ckpt for the commands that read checkpoints.
+let private trainedRun =
+    lazy
+        (let dir = Path.Combine(processTempDir "trained", "run")
+         let o =
+             pmg [ "train"; "--epochs"; "1"; "--image-size"; "24"; "--batch-size"; "32"; "--backbone"; "resnet18"; "--pretrained"; "none"
+                   "--workers"; "1"; "--out"; dir ]
+         if o.Code <> 0 then failwithf "training the shared test run failed (%d): %s" o.Code o.Err
+         dir)
+
+/// The run folder of the shared trained run.
+let trainedRunDir () = trainedRun.Force()
+
+/// The shared trained run's best.ckpt.
+let trainedCheckpoint () = Path.Combine(trainedRun.Force(), "best.ckpt")

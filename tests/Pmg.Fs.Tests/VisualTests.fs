@@ -43,7 +43,7 @@ let private litCorner () =
     let x = torch.zeros (1L, 3L, int64 inputSide, int64 inputSide)
     let start = int64 (inputSide - regionSize)
     let corner = x.narrow(2L, start, int64 regionSize).narrow(3L, start, int64 regionSize)
-    Runtime.Scalars.scalar 1.0 (fun one -> corner.fill_ one) |> ignore
+    Runtime.Ops.scalar 1.0 (fun one -> corner.fill_ one) |> ignore
     x
 
 [<Tests>]
@@ -163,11 +163,11 @@ let tests =
               let image = Path.Combine(dir, "bird.png")
               use img = Data.Synthetic.renderClass 48 1 0
               img.SaveAsPng image
-              let camArgs = ArgumentParser.Create<Pmg.Cli.VisualCommands.CamArgs>().ParseCommandLine [| "--checkpoint"; summary.BestCheckpoint; "--out"; dir; image |]
+              let camArgs = ArgumentParser.Create<Pmg.Cli.Args.CamArgs>().ParseCommandLine [| "--checkpoint"; summary.BestCheckpoint; "--out"; dir; image |]
               Expect.equal (Pmg.Cli.VisualCommands.cam camArgs) 0 "pmg cam succeeds"
               Expect.isTrue (File.Exists(Path.Combine(dir, "bird-cam.png"))) "cam montage"
               let jigsawOut = Path.Combine(dir, "jigsaw.png")
-              let jigsawArgs = ArgumentParser.Create<Pmg.Cli.VisualCommands.JigsawArgs>().ParseCommandLine [| image; "--n"; "8"; "--image-size"; "64"; "--out"; jigsawOut |]
+              let jigsawArgs = ArgumentParser.Create<Pmg.Cli.Args.JigsawArgs>().ParseCommandLine [| image; "--heads"; "3"; "--image-size"; "64"; "--out"; jigsawOut |]
               Expect.equal (Pmg.Cli.VisualCommands.jigsaw jigsawArgs) 0 "pmg jigsaw succeeds"
               Expect.equal (pngSize jigsawOut) (Render.montageSize 4 192 2) "8, 4, 2 and the whole image"
           } ]

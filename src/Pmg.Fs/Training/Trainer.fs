@@ -64,6 +64,9 @@ type Session =
 /// A loss that is not a finite number: training stops before anything of that epoch is kept.
 exception Diverged of string
 
+/// An epoch in which no image could be read: training stops; the message names some of the files.
+exception NothingTrained of string
+
 /// The jigsaw generator's seed for an epoch: the data order and crops use (seed, epoch) too, so an epoch's
 /// randomness does not depend on how the run got there; a resumed run draws what an uninterrupted one would, and
 /// a checkpoint needs no generator state.
@@ -221,6 +224,12 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> i
     let n = float (max images 1)
     // Steps that did not run this epoch (warm-up) have no loss.
     let ran = active |> List.map fst |> Set.ofList
+    if images = 0 then
+        match skipped with
+        | (f, why) :: _ ->
+            raise (NothingTrained(sprintf "epoch %d trained no image: %d unreadable, e.g. %s: %s; check the dataset with `pmg data`" (epoch + 1) skipped.Length f why))
+        | [] ->
+            raise (NothingTrained(sprintf "epoch %d trained no image: %d training images do not fill one batch of %d (partial batches are skipped; lower --batch-size, or --partial-batches train)" (epoch + 1) data.Train.Count e.BatchSize))
     { StepLosses = [ for i in 0 .. steps - 1 -> if ran.Contains i then v.[i] / n else nan ]
       TrainAccuracy = v.[steps] / n
       ImagesPerSecond = float images / seconds
