@@ -67,13 +67,13 @@ let private bn (b: Builder) (key: string) (x: string) =
     b.Node(
         "BatchNormalization",
         [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias"); b.Weight(key + ".running_mean"); b.Weight(key + ".running_var") ],
-        [ "epsilon", Onnx.Float 1e-5f ]
+        [ ("epsilon", Onnx.Float 1e-5f) ]
     )
 
 let private relu (b: Builder) (x: string) = b.Node("Relu", [ x ], [])
 
 let private linear (b: Builder) (key: string) (x: string) =
-    b.Node("Gemm", [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias") ], [ "transB", Onnx.Int 1L ])
+    b.Node("Gemm", [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias") ], [ ("transB", Onnx.Int 1L) ])
 
 /// The backbone's stage outputs, in order (the graph mirrors Backbone.ResNet / Backbone.VggNet).
 let private backbone (b: Builder) (spec: Backbone.Spec) (input: string) : string list =
@@ -122,7 +122,7 @@ let private backbone (b: Builder) (spec: Backbone.Spec) (input: string) : string
 /// The classifier (BN1d, Linear, BN1d, ELU, Linear) under `key`, indices as the reference's Sequential.
 let private classifier (b: Builder) (key: string) (x: string) =
     x |> bn b (key + ".0") |> linear b (key + ".1") |> bn b (key + ".2")
-    |> fun y -> b.Node("Elu", [ y ], [ "alpha", Onnx.Float 1.0f ])
+    |> fun y -> b.Node("Elu", [ y ], [ ("alpha", Onnx.Float 1.0f) ])
     |> linear b (key + ".4")
 
 /// The ONNX model of a network in eval mode for `size` x `size` inputs, with the class names and preprocessing
@@ -140,18 +140,18 @@ let toOnnx (net: Pmg.Network) (size: int) (classes: string[]) (prep: Preprocessi
             stages.[l - 1] |> conv b (key + ".0.conv") 1L 1L 0L |> bn b (key + ".0.bn") |> relu b
             |> conv b (key + ".1.conv") 3L 1L 1L |> bn b (key + ".1.bn") |> relu b
             |> fun x -> b.Node("GlobalMaxPool", [ x ], [])
-            |> fun x -> b.Node("Flatten", [ x ], [ "axis", Onnx.Int 1L ]))
+            |> fun x -> b.Node("Flatten", [ x ], [ ("axis", Onnx.Int 1L) ]))
     let names = Pmg.headNames net.Config
     let heads = pooled |> List.mapi (fun i p -> classifier b (sprintf "classifier%d" (i + 1)) p)
-    let concat = classifier b "classifier_concat" (b.Node("Concat", pooled, [ "axis", Onnx.Int 1L ]))
-    let outputs = List.zip names heads @ [ "concat", concat ]
+    let concat = classifier b "classifier_concat" (b.Node("Concat", pooled, [ ("axis", Onnx.Int 1L) ]))
+    let outputs = List.zip names heads @ [ ("concat", concat) ]
     let named = outputs |> List.map (fun (name, t) -> b.Node("Identity", [ t ], [], output = name))
     b.Node("Sum", named, [], output = "combined") |> ignore
     let value name dims : Onnx.ValueInfo = { Name = name; Type = Onnx.ElementType.Float; Shape = dims }
     let classesDim = Onnx.Fixed(int64 net.Config.Classes)
     let list (xs: float32[]) = xs |> Array.map (fun v -> v.ToString(Globalization.CultureInfo.InvariantCulture)) |> String.concat ","
     { IrVersion = 8L
-      Opsets = [ "", opset ]
+      Opsets = [ ("", opset) ]
       ProducerName = "Pmg.Fs"
       ProducerVersion = string (typeof<Builder>.Assembly.GetName().Version)
       Graph =
