@@ -34,6 +34,17 @@ let device (value: string) : Pmg.Fs.Runtime.Device =
     with Pmg.Fs.Runtime.DeviceError m ->
         raise (BadFlag("--" + m))
 
+/// The flags that load a trained model (eval, predict, cam) say the same thing everywhere; Argu cannot share union
+/// cases between commands, so the texts are shared instead.
+module private LoadFlags =
+    let paper = Pmg.Fs.Experiment.paper 2 Pmg.Fs.Experiment.embedded.Data
+    let checkpoint = "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth) with the reference's key names."
+    let backbone = sprintf "backbone of a .pth checkpoint (default %s)." paper.Model.Backbone
+    let classes = "class count of a .pth checkpoint (default: read from it; checked against a .ckpt)."
+    let imageSize = sprintf "crop size (default: the checkpoint's, %d for .pth)." paper.Input.Crop
+    let device = "cpu (default), cuda or cuda:N."
+    let images = "image files, or embedded:test:N / embedded:train:N."
+
 type TrainArgs =
     | Dataset of name: string
     | Root of dir: string
@@ -89,10 +100,13 @@ type TrainArgs =
             | Heads _ -> sprintf "number of granularity heads S (default %d)." p.Model.Heads
             | Grids _ -> "jigsaw grid per head, finest first, e.g. 8,4,2 (default 2^(L-l+1))."
             | Per_Sample_Jigsaw -> "one patch permutation per sample (default: one per batch, like the reference)."
-            | Patch_Order _ -> "cycle (every patch moves, as the reference's cell swaps; default) or uniform (any permutation)."
+            | Patch_Order _ ->
+                sprintf "cycle (every patch moves, as the reference's cell swaps) or uniform (any permutation); default %s, %s on the embedded dataset."
+                    ((sprintf "%A" p.JigsawDraw).ToLowerInvariant()) ((sprintf "%A" m.JigsawDraw).ToLowerInvariant())
             | Bn_Group _ ->
-                sprintf "BatchNorm while training normalises groups of at most this many images, as the reference's two-GPU DataParallel (default %s), or none (the whole batch)."
+                sprintf "BatchNorm while training normalises groups of at most this many images, as the reference's two-GPU DataParallel (default %s; %s on the embedded dataset), or none (the whole batch)."
                     (p.BatchNormGroup |> Option.map string |> Option.defaultValue "none")
+                    (m.BatchNormGroup |> Option.map string |> Option.defaultValue "none")
             | Partial_Batches _ -> "skip (a last batch smaller than the batch size is not trained, as the reference; default) or train."
             | Forward _ -> "full (every step runs the whole network, as the reference; the paper recipe's) or truncated (granularity steps run the backbone only up to their stage: same gradients, less work; the embedded default)."
             | Update _ -> "progressive (one optimizer step per schedule step, as the paper; default) or joint (all steps' losses summed, one optimizer step per iteration: the paper's ablation)."
@@ -120,16 +134,16 @@ type EvalArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth) with the reference's key names."
+            | Checkpoint _ -> LoadFlags.checkpoint
             | Dataset _ -> "dataset to evaluate on (default: the checkpoint's)."
             | Root _ -> "dataset root."
             | Level _ -> "FGVC-Aircraft label level."
-            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
-            | Classes _ -> "class count of a .pth checkpoint (default: read from it)."
-            | Image_Size _ -> "crop size (default: the checkpoint's, 448 for .pth)."
+            | Backbone _ -> LoadFlags.backbone
+            | Classes _ -> LoadFlags.classes
+            | Image_Size _ -> LoadFlags.imageSize
             | Resize _ -> "resize before the centre crop."
             | Batch_Size _ -> "batch size (default 16)."
-            | Device _ -> "cpu (default) or cuda."
+            | Device _ -> LoadFlags.device
 
 type PredictArgs =
     | Checkpoint of file: string
@@ -147,17 +161,17 @@ type PredictArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth)."
+            | Checkpoint _ -> LoadFlags.checkpoint
             | Onnx _ -> "an ONNX model from `pmg export --to onnx`, run by ONNX Runtime (instead of --checkpoint)."
-            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
-            | Classes _ -> "class count (checked against the checkpoint)."
-            | Image_Size _ -> "crop size."
+            | Backbone _ -> LoadFlags.backbone
+            | Classes _ -> LoadFlags.classes
+            | Image_Size _ -> LoadFlags.imageSize
             | Resize _ -> "resize before the centre crop; equal to --image-size keeps the pixels of an image of that size."
             | Top_K _ -> "classes to list (default 5)."
             | Logits -> "also print every head's logits."
             | Json -> "one JSON object per line."
-            | Device _ -> "cpu (default) or cuda."
-            | Images _ -> "image files."
+            | Device _ -> LoadFlags.device
+            | Images _ -> LoadFlags.images
 
 type ExportArgs =
     | [<Mandatory>] Checkpoint of file: string
@@ -194,7 +208,7 @@ type BenchArgs =
             | Device _ -> "cpu (default) or cuda."
             | Backbone _ -> "backbone (default resnet50)."
             | Batch_Size _ -> "batch size (default 16)."
-            | Image_Size _ -> "input size (default 448)."
+            | Image_Size _ -> sprintf "input size (default %d)." LoadFlags.paper.Input.Crop
             | Precision _ -> "fp32 (default) or bf16 (mixed: bf16 compute, fp32 weights and optimizer state)."
             | Engine _ -> "default (the device's), plain (none), or a comma list of flat, nhwc, benchmark, tf32, pinned."
             | Ladder -> "one child process per cumulative change (plain fp32, +flat, +benchmark/tf32, +nhwc, +bf16), then a table."
@@ -233,15 +247,15 @@ type CamArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Checkpoint _ -> "a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth)."
+            | Checkpoint _ -> LoadFlags.checkpoint
             | Out _ -> "folder for the montages (<image>-cam.png)."
             | Class _ -> "class to explain (default: the class the combined logits predict)."
             | Class_Names _ -> "class names, one a line (default: classes.txt beside the checkpoint)."
-            | Backbone _ -> "backbone of a .pth checkpoint (default resnet50)."
-            | Classes _ -> "class count (checked against the checkpoint)."
-            | Image_Size _ -> "crop size (default: the checkpoint's)."
-            | Device _ -> "cpu (default) or cuda."
-            | Images _ -> "image files."
+            | Backbone _ -> LoadFlags.backbone
+            | Classes _ -> LoadFlags.classes
+            | Image_Size _ -> LoadFlags.imageSize
+            | Device _ -> LoadFlags.device
+            | Images _ -> LoadFlags.images
 
 type JigsawArgs =
     | [<MainCommand; Mandatory>] Image of image: string
@@ -258,7 +272,7 @@ type JigsawArgs =
             | Out _ -> "PNG to write."
             | Heads _ -> "granularity steps S, with the paper's grids for them (default 3: 8, 4, 2, then the whole image)."
             | Grids _ -> "jigsaw grid per granularity step instead, finest first, e.g. 8,4,2 (the whole image is added)."
-            | Image_Size _ -> "crop size (default 448)."
+            | Image_Size _ -> sprintf "crop size (default %d)." LoadFlags.paper.Input.Crop
             | Seed _ -> "seed of the patch permutations (default 0)."
 
 type ReportArgs =

@@ -109,4 +109,14 @@ let tests =
               Expect.equal (List.last resumed.History).Test.Combined (List.last whole.History).Test.Combined "test accuracy"
               let rows = File.ReadAllLines(Path.Combine(dir, "metrics.csv"))
               Expect.equal rows.Length 3 "header + two epochs"
+          }
+          test "warm-up epochs train only the concat step on whole images, then every step" {
+              use dir = new TempDir "run"
+              let e = { tiny with WarmupEpochs = 1 }
+              let run = Run.train e dir.Path false Trainer.Hooks.None
+              let first, second = run.History.[0].StepLosses, run.History.[1].StepLosses
+              let concat = List.length e.Schedule - 1
+              Expect.isTrue (first |> List.take concat |> List.forall Double.IsNaN) "no granularity step ran in epoch 1"
+              Expect.isTrue (Double.IsFinite first.[concat]) "the concat step did"
+              Expect.isTrue (second |> List.forall Double.IsFinite) "epoch 2 runs every step"
           } ]
