@@ -52,3 +52,4 @@
       "../src/Pmg.Fs/Visual/Report.fs"
       "../src/Pmg.Fs/Run.fs"
       "../src/Pmg.Fs/Inference.fs"
+      "../src/Pmg.Fs/Api.fs"

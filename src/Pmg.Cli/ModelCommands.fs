@@ -28,16 +28,7 @@ let eval (a: ParseResults<EvalArgs>) =
         | Some _ as name -> dataOf name (a.TryGetResult EvalArgs.Root) (a.TryGetResult EvalArgs.Level)
         | None when Checkpoint.isCheckpoint path -> (Checkpoint.load path).Experiment.Data
         | None -> raise (BadFlag(sprintf "%s is a PyTorch state_dict, which says nothing about its data: pass --dataset and --root" path))
-    let e =
-        { Experiment.paper m.Net.Config.Classes data with
-            Model = m.Net.Config
-            BatchSize = batch
-            Input = { Resize = m.Resize; Crop = m.Crop; Padding = 0 }
-            Device = device }
-    let d, _ = Run.openData e
-    if d.Classes.Length <> m.Net.Config.Classes then
-        failwithf "the dataset has %d classes but the checkpoint %s has %d" d.Classes.Length path m.Net.Config.Classes
-    let acc = Trainer.evaluateNet e m.Net m.Device d.Classes.Length d.Test
+    let acc = Inference.evaluate m data batch device
     printfn "%s: %d test images" path acc.Images
     printfn "%s" (Evaluate.table (Pmg.headNames m.Net.Config) acc)
     printfn "mean per-class accuracy (combined): %s" (pct (Evaluate.meanPerClass acc))

@@ -103,3 +103,16 @@ let toOnnx (m: Model) (classes: string[]) : Interop.Onnx.Model =
 
 /// Writes the model as an ONNX file (see toOnnx).
 let exportOnnx (m: Model) (classes: string[]) (path: string) : unit = Interop.OnnxExport.write path (toOnnx m classes)
+
+/// Evaluates a loaded model on the test split of `data`, in batches of `batchSize`, with the model's own crop.
+let evaluate (m: Model) (data: Experiment.Data) (batchSize: int) (device: Pmg.Fs.Runtime.Device) : Evaluate.Accuracy =
+    let e =
+        { Experiment.paper m.Net.Config.Classes data with
+            Model = m.Net.Config
+            BatchSize = batchSize
+            Input = { Resize = m.Resize; Crop = m.Crop; Padding = 0 }
+            Device = device }
+    let d, _ = Run.openData e
+    if d.Classes.Length <> m.Net.Config.Classes then
+        raise (LoadError(sprintf "the dataset has %d classes but the model has %d: evaluate it on the data it was trained for" d.Classes.Length m.Net.Config.Classes))
+    Trainer.evaluateNet e m.Net m.Device d.Classes.Length d.Test

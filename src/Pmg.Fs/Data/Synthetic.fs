@@ -275,15 +275,18 @@ let private validate (config: Config) =
         invalidArg (nameof config) "negative per-class counts"
     if config.ImageSize < 1 then invalidArg (nameof config) "ImageSize must be positive"
 
-/// Image `index` of a split; labels cycle through the classes so every prefix is balanced.
+/// The class of image `index`: labels cycle through the classes so every prefix of a split is balanced.
+let label (config: Config) (index: int) : int = index % config.Classes
+
+/// Image `index` of a split.
 let render (config: Config) (split: Split) (index: int) : Image<Rgb24> =
     validate config
-    renderClass config.ImageSize (index % config.Classes) (Seeds.seed [ config.Seed; splitTag split; index ])
+    renderClass config.ImageSize (label config index) (Seeds.seed [ config.Seed; splitTag split; index ])
 
 let private source (config: Config) (split: Split) (perClass: int) : Loader.Source =
     let tag = match split with Train -> "train" | Test -> "test"
     { Count = config.Classes * perClass
-      Label = fun i -> i % config.Classes
+      Label = label config
       Name = fun i -> $"synthetic/{tag}/{i:D5}"
       Load = render config split }
 
