@@ -57,7 +57,9 @@ let private cosine (a: torch.Tensor) (b: torch.Tensor) =
     a.flatten().dot(b.flatten()).item<float> () / (a.norm().item<float> () * b.norm().item<float> ())
 
 let private bf16Classes = 4
-let private bf16Iterations = 10
+// Four progressive iterations take the fp32 concat loss from 3.2 to under 0.1 on this batch (measured), far below
+// the quarter the test asks, while bf16 on a CPU without bf16 instructions costs about 15 s an iteration.
+let private bf16Iterations = 4
 
 let private batch () =
     torch.randn (4L, 3L, 28L, 28L), torch.tensor [| 0L; 1L; 2L; 1L |]
@@ -277,7 +279,7 @@ let tests =
                   let first, _ = List.head concat
                   let last, correct = List.last concat
                   // Accuracy of the last concat step, with the batch's own BatchNorm statistics: the running
-                  // statistics of 10 iterations are far from converged, whatever the precision.
+                  // statistics of a few iterations are far from converged, whatever the precision.
                   first.item<float32> (), last.item<float32> (), float (correct.item<int64> ()) / 16.0
               let first32, last32, acc32 = fitted Experiment.Fp32
               let first16, last16, acc16 = fitted Experiment.Bf16
