@@ -140,7 +140,7 @@ let experiment (spec: DatasetSpec) (args: Args) : Experiment.Experiment * (Train
     let root = resolveRoot spec args
     let weights = if args.Smoke then None else resolveWeights args
     let data = Experiment.OnDisk { Kind = Data.Dataset.parse spec.Kind; Root = root }
-    let opened = Run.openData (Experiment.paper 2 data)
+    let opened = Run.openData data false
     let paper = { Experiment.paper (fst opened).Classes.Length data with Device = args.Device; Precision = args.Precision }
     let paper =
         match weights with
@@ -169,7 +169,7 @@ let private printResults (spec: DatasetSpec) (e: Experiment.Experiment) (summary
     // The reference reports the best epoch's test accuracy; both are printed so that like is compared with like.
     printfn "top-1 combined: last epoch %.1f%%, best epoch %.1f%% (epoch %d)   paper: %s"
         (100.0 * last.Test.Combined) (100.0 * summary.BestCombined) (summary.BestEpoch + 1) paper
-    let recipe = Experiment.paper 2 e.Data
+    let recipe = Experiment.paper e.Model.Classes e.Data
     if e.Epochs < recipe.Epochs || e.Model.Backbone <> recipe.Model.Backbone || e.Weights = Model.Backbone.Scratch then
         printfn "(not the paper's recipe: %d epochs, %s, %s; not comparable to the paper's number)"
             e.Epochs e.Model.Backbone (Model.Backbone.Weights.describe e.Weights)

@@ -38,7 +38,7 @@ let private apply (f: 'a -> Experiment.Experiment -> Experiment.Experiment) (val
 let experimentOf (a: ParseResults<TrainArgs>) =
     let data = dataOf (a.TryGetResult TrainArgs.Dataset) (a.TryGetResult TrainArgs.Root) (a.TryGetResult TrainArgs.Level)
     let cropToBox = a.Contains TrainArgs.Crop_To_Box
-    let opened = Run.openData { Experiment.forData data 2 with CropToBox = cropToBox }
+    let opened = Run.openData data cropToBox
     let classes = (fst opened).Classes.Length
     let positive flag (v: int) = within flag 1 Int32.MaxValue v
     let pixels flag (v: int) = within flag 1 4096 v

@@ -26,7 +26,7 @@ type Recipes =
     /// indexed once to count its classes. ResNet50's ImageNet weights do not ship: set them with WithWeights.
     static member Paper(dataset: string, root: string) : Experiment.Experiment =
         let data = Experiment.OnDisk { Kind = Data.Dataset.parse dataset; Root = root }
-        let d, _ = Run.openData (Experiment.forData data 2)
+        let d, _ = Run.openData data false
         Experiment.forData data d.Classes.Length
 
 /// Changes of an experiment, each returning a new one; where one setting follows from another (the schedule

@@ -112,7 +112,7 @@ let evaluate (m: Model) (data: Experiment.Data) (batchSize: int) (device: Pmg.Fs
             BatchSize = batchSize
             Input = { Resize = m.Resize; Crop = m.Crop; Padding = 0 }
             Device = device }
-    let d, _ = Run.openData e
+    let d, _ = Run.openData data false
     if d.Classes.Length <> m.Net.Config.Classes then
         raise (LoadError(sprintf "the dataset has %d classes but the model has %d: evaluate it on the data it was trained for" d.Classes.Length m.Net.Config.Classes))
     Trainer.evaluateNet e m.Net m.Device d.Classes.Length d.Test

@@ -22,11 +22,12 @@ let manifestName = "manifest.json"
 let metricsName = "metrics.csv"
 let classesName = "classes.txt"
 
-/// The images and class names of an experiment's data, and the dataset's unusable files; the dataset is indexed
-/// once here. A split without images, or a class without training images, is an error naming the class.
-let openData (e: Experiment) : Trainer.Data * Problem list =
+/// The images and class names of a dataset, and its unusable files; the dataset is indexed once here (the class
+/// count that builds the experiment comes from this). `cropToBox` crops each image to its bounding box where the
+/// dataset has boxes. A split without images, or a class without training images, is an error naming the class.
+let openData (data: Data) (cropToBox: bool) : Trainer.Data * Problem list =
     let d, problems =
-        match e.Data with
+        match data with
         | Embedded config ->
             let d = Synthetic.create config
             ({ Classes = d.Classes; Train = d.Train; Test = d.Test }: Trainer.Data), []
@@ -41,10 +42,10 @@ let openData (e: Experiment) : Trainer.Data * Problem list =
                     )
                 )
             { Classes = index.Classes
-              Train = Loader.fromSamples index.Train e.CropToBox
-              Test = Loader.fromSamples index.Test e.CropToBox },
+              Train = Loader.fromSamples index.Train cropToBox
+              Test = Loader.fromSamples index.Test cropToBox },
             index.Problems
-    let where = match e.Data with Embedded _ -> "the embedded dataset" | OnDisk o -> o.Root
+    let where = match data with Embedded _ -> "the embedded dataset" | OnDisk o -> o.Root
     for split, source in [ "training", d.Train; "test", d.Test ] do
         if source.Count = 0 then
             let first = problems |> List.tryHead |> Option.map (fun p -> sprintf "; e.g. %s: %s" p.File p.Problem) |> Option.defaultValue ""
@@ -199,4 +200,4 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
 
 /// Opens the experiment's data and trains it in `outDir` (see trainOn).
 let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
-    trainOn (openData e) e outDir resume hooks
+    trainOn (openData e.Data e.CropToBox) e outDir resume hooks

@@ -106,6 +106,14 @@ let tests =
               Expect.equal (Backbone.find m.Model.Backbone).ImageNet.IsSome true "its backbone's weights ship"
           }
 
+          test "Recipes.Paper (the C# entry) is the paper's recipe with the class count read from the dataset" {
+              let e = Api.Recipes.Paper("cub", FgvcMini.dataset FgvcMini.Cub.folder)
+              Expect.equal e.Model.Classes FgvcMini.Cub.classes.Length "classes from the dataset"
+              Expect.equal e.Data (Experiment.OnDisk { Kind = Data.Dataset.parse "cub"; Root = FgvcMini.dataset FgvcMini.Cub.folder }) "the dataset"
+              let recipe = Experiment.paper e.Model.Classes e.Data
+              Expect.equal { e with Data = recipe.Data } recipe "otherwise the paper's recipe"
+          }
+
           test "TorchSharp's Scalar-passing spellings appear only in their one home (Runtime/Ops.fs, Model/Layers.fs)" {
               let root = repoRoot ()
               // Temporary Scalars handed to native code: implicit conversions of a literal, ToScalar, TorchSharp's own
