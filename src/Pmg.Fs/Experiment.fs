@@ -9,7 +9,9 @@ open Pmg.Fs.Model
 open Pmg.Fs.Runtime
 open Pmg.Fs.Data
 
+/// Numeric precision of training.
 type Precision =
+    /// Everything in fp32.
     | Fp32
     /// bf16 compute with fp32 master weights (mixed precision).
     | Bf16
@@ -29,6 +31,7 @@ type Update =
     /// summed, one backward and one optimizer step per iteration.
     | Joint
 
+/// Where a run's images come from.
 type Data =
     /// The embedded procedural dataset: no files needed.
     | Embedded of Synthetic.Config
@@ -38,30 +41,47 @@ type Data =
 /// A dataset on disk: its kind (with FGVC-Aircraft's label level) and root folder.
 and OnDisk = { Kind: Dataset.Kind; Root: string }
 
+/// Image sizes of the transforms, in pixels.
 type Input =
-    { Resize: int
+    { /// Side of the square every image is resized to first.
+      Resize: int
+      /// Side of the square crop the network sees.
       Crop: int
       /// Zero padding of the random crop.
       Padding: int }
 
+/// SGD settings.
 type Optim =
-    { Lr: float
+    { /// Base learning rate of every layer outside the backbone (the new layers), annealed by the cosine schedule.
+      Lr: float
+      /// Base learning rate of the backbone, annealed likewise.
       BackboneLr: float
+      /// SGD momentum.
       Momentum: float
+      /// L2 weight decay: this times each weight is added to its gradient.
       WeightDecay: float }
 
+/// Everything that decides a run.
 type Experiment =
-    { Model: Pmg.Config
+    { /// The network's shape: backbone, heads and classes.
+      Model: Pmg.Config
+      /// The steps of each iteration (see Schedule).
       Schedule: Schedule.Step list
+      /// One jigsaw permutation per batch, or one per image.
       Permutation: Jigsaw.Permutation
       /// Which patch permutations: the reference's cycles, or any.
       JigsawDraw: Jigsaw.Draw
+      /// How much of the network a granularity step runs.
       Forward: ForwardMode
+      /// Progressive (the paper) or joint updates.
       Update: Update
+      /// Learning rates and SGD settings.
       Optimizer: Optim
+      /// Training epochs; the learning rate follows a cosine over them.
       Epochs: int
       /// Epochs at the start that train only the concat classifier on whole images (see Schedule.stepsAt).
       WarmupEpochs: int
+      /// Images per training batch.
       BatchSize: int
       /// Every BatchNorm normalises over sub-batches of this many images while training, running statistics from
       /// the first: the reference trains under nn.DataParallel on two GPUs, so its batch of 16 is two of 8.
@@ -69,14 +89,21 @@ type Experiment =
       BatchNormGroup: int option
       /// A last batch smaller than BatchSize is skipped, as the reference does; otherwise trained (2 images or more).
       DropLast: bool
+      /// Resize, crop and padding.
       Input: Input
+      /// Seed of weight initialisation, data order, augmentation and jigsaw permutations.
       Seed: int
+      /// Where training runs; a resumed run may change it.
       Device: Device
+      /// fp32, or bf16 mixed precision.
       Precision: Precision
+      /// The dataset.
       Data: Data
+      /// Cut each image to its annotated object box, where the dataset has one.
       CropToBox: bool
       /// The backbone's starting weights.
       Weights: Backbone.Weights
+      /// Threads that decode and transform images; a resumed run may change it.
       Workers: int }
 
 /// The paper's backbone learning rate is a tenth of the new layers' (0.0002 and 0.002).
@@ -153,6 +180,7 @@ let withBackbone (name: string) (e: Experiment) : Experiment =
 let withHeads (heads: int) (e: Experiment) : Experiment =
     { e with Model = { e.Model with Heads = heads }; Schedule = Schedule.progressive (Backbone.find e.Model.Backbone) heads }
 
+/// Raised with every problem of an impossible experiment, one message each.
 exception InvalidExperiment of string list
 
 /// Chosen jigsaw grids for the heads, finest first; concat keeps its step and weight.
@@ -168,12 +196,14 @@ let withImageSize (crop: int) (e: Experiment) : Experiment =
     let resize = int (Math.Round(float crop * float e.Input.Resize / float e.Input.Crop))
     { e with Input = { e.Input with Crop = crop; Resize = resize } }
 
+/// The resize side in pixels, leaving the crop as it is.
 let withResize (resize: int) (e: Experiment) : Experiment = { e with Input = { e.Input with Resize = resize } }
 
 /// The new layers' learning rate; the backbone's follows at the paper's ratio.
 let withLr (lr: float) (e: Experiment) : Experiment =
     { e with Optimizer = { e.Optimizer with Lr = lr; BackboneLr = lr * backboneLrFactor } }
 
+/// The backbone's learning rate alone, leaving the new layers' as it is.
 let withBackboneLr (lr: float) (e: Experiment) : Experiment = { e with Optimizer = { e.Optimizer with BackboneLr = lr } }
 
 /// Epochs; warm-up epochs are kept fewer than the epochs.
@@ -215,7 +245,7 @@ let problems (e: Experiment) : string list =
           | Pmg.Granularity i when i < 0 || i >= e.Model.Heads ->
               sprintf "a step trains head %d but the model has %d heads" i e.Model.Heads
           | _ -> ()
-      if e.Optimizer.Lr <= 0.0 || e.Optimizer.BackboneLr < 0.0 then "learning rates must be positive"
+      if e.Optimizer.Lr <= 0.0 || e.Optimizer.BackboneLr < 0.0 then "the learning rate must be positive and the backbone's not negative (0 freezes the backbone)"
       if e.Workers < 1 then "workers must be at least 1" ]
 
 /// The experiment unchanged, or InvalidExperiment with every problem.

@@ -13,19 +13,30 @@ open Pmg.Fs.Training
 
 /// Settings given on the command line; for our checkpoints they must agree with what it was trained with.
 type Overrides =
-    { Backbone: string option
+    { /// Backbone name; None: the checkpoint's, or "resnet50" for a state_dict.
+      Backbone: string option
+      /// Number of classes; None: the checkpoint's, or read from a state_dict's concat classifier.
       Classes: int option
+      /// Side of the centre crop in pixels; None: the checkpoint's, or 448 for a state_dict.
       ImageSize: int option
+      /// Resize side in pixels, before the crop; None: the checkpoint's, or for a state_dict the crop when ImageSize is given, else 550.
       Resize: int option }
 
+    /// No overrides: everything from the checkpoint or the defaults.
     static member None = { Backbone = None; Classes = None; ImageSize = None; Resize = None }
 
+/// A loaded network in eval mode, with the input sizes it expects.
 type Model =
-    { Net: Pmg.Network
+    { /// The network, in eval mode on Device.
+      Net: Pmg.Network
+      /// Side of the centre crop the network sees, in pixels.
       Crop: int
+      /// Side images are resized to before the crop, in pixels.
       Resize: int
+      /// Where the network lives.
       Device: torch.Device }
 
+/// A model that cannot be loaded, or that does not fit the given settings or data; the message says why.
 exception LoadError of string
 
 let private classesKey = "classifier_concat.4.weight"
@@ -46,6 +57,9 @@ let load (path: string) (o: Overrides) (device: Pmg.Fs.Runtime.Device) : Model =
                 | Some g when g <> has ->
                     raise (LoadError(sprintf "%s was trained with %s %A, not %A: drop the flag or pass the matching checkpoint" path what has g))
                 | _ -> ()
+            // The optimizer's state is not needed to predict: freed now, not left to the GC.
+            for _, t in c.Optimizer do
+                t.Dispose()
             clash "--classes" o.Classes m.Classes
             clash "--backbone" o.Backbone m.Backbone
             m, c.Model, (defaultArg o.ImageSize c.Experiment.Input.Crop, defaultArg o.Resize c.Experiment.Input.Resize)
@@ -62,7 +76,10 @@ let load (path: string) (o: Overrides) (device: Pmg.Fs.Runtime.Device) : Model =
             let config = { Pmg.Config.Paper classes with Backbone = defaultArg o.Backbone "resnet50" }
             config, entries, (size, defaultArg o.Resize (if o.ImageSize.IsSome then size else Transforms.Spec.paperResize))
     let net = Pmg.create config
-    Interop.StateDict.loadInto net weights true
+    try
+        Interop.StateDict.loadInto net weights true
+    finally
+        weights |> List.iter (fun (_, t) -> t.Dispose())
     let dev = Pmg.Fs.Runtime.Device.torch device
     net.``to`` dev |> ignore
     net.eval ()
@@ -71,12 +88,16 @@ let load (path: string) (o: Overrides) (device: Pmg.Fs.Runtime.Device) : Model =
 
 /// Logits of every head, concat and combined for one image, as arrays.
 type Prediction =
-    { Heads: (string * float32[]) list
+    { /// Logits of each granularity head, by head name ("stage3"...), finest first.
+      Heads: (string * float32[]) list
+      /// Logits of the classifier on the concatenated features.
       Concat: float32[]
+      /// Sum of every head's and concat's logits (the paper's ensemble).
       Combined: float32[]
       /// Softmax of the combined logits.
       Probabilities: float32[] }
 
+/// The logits of one image, after the test transform (resize, centre crop), computed on the model's device.
 let predict (m: Model) (image: Image<Rgb24>) : Prediction =
     use _ = torch.NewDisposeScope()
     use _ = torch.no_grad ()

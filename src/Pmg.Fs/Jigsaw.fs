@@ -13,7 +13,9 @@ open Pmg.Fs.Runtime
 
 /// One permutation shared by the whole batch (as the reference code does) or one per sample.
 type Permutation =
+    /// The same patch order for every image of the batch.
     | PerBatch
+    /// A patch order drawn for each image.
     | PerSample
 
 /// Which permutations of the n*n patches are drawn.

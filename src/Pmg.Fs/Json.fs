@@ -14,7 +14,9 @@ let private make (indented: bool) =
 let private indented = make true
 let private compact = make false
 
+/// Indented JSON, with the project's options (unions FSharpLu-like, NaN and infinities as named literals).
 let serialize<'T> (value: 'T) : string = JsonSerializer.Serialize<'T>(value, indented)
+/// Reads JSON written by `serialize` or `line`.
 let deserialize<'T> (text: string) : 'T = JsonSerializer.Deserialize<'T>(text, indented)
 
 /// One line, for JSON-lines output.

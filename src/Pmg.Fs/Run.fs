@@ -15,11 +15,17 @@ open Pmg.Fs.Training
 /// Something about the run folder or the data that stops a run before anything is written.
 exception RunError of string
 
+/// File name of the checkpoint written after every epoch.
 let lastName = "last.ckpt"
+/// File name of the checkpoint of the epoch with the best combined test accuracy.
 let bestName = "best.ckpt"
+/// File name of the experiment, written when a run starts.
 let configName = "config.json"
+/// File name of the run's provenance: seed, versions, device, git commit, start and end times.
 let manifestName = "manifest.json"
+/// File name of the per-epoch table (columns: `metricsHeader`).
 let metricsName = "metrics.csv"
+/// File name of the class names, one a line, in label order.
 let classesName = "classes.txt"
 
 /// The images and class names of a dataset, and its unusable files; the dataset is indexed once here (the class
@@ -61,6 +67,7 @@ let metricsHeader (e: Experiment) =
       "test_concat"; "test_combined"; "test_combined_top5"; "lr"; "backbone_lr"; "images_per_s"; "skipped"; "seconds" ]
     |> String.concat ","
 
+/// metrics.csv's row for an epoch (epoch 1-based), in the columns of `metricsHeader`.
 let metricsRow (r: Trainer.EpochRecord) =
     [ string (r.Epoch + 1)
       yield! r.StepLosses |> List.map Format.number
@@ -81,11 +88,17 @@ let private gitCommit () =
 
 let private versionOf (t: Type) = t.Assembly.GetName().Version.ToString()
 
+/// What a training call leaves: its epochs, the best one, and the paths of the checkpoints.
 type Summary =
-    { History: Trainer.EpochRecord list
+    { /// Records of the epochs this call trained, in order (a resumed run: only the epochs after its checkpoint).
+      History: Trainer.EpochRecord list
+      /// The epoch (0-based) with the best combined test accuracy over the whole run.
       BestEpoch: int
+      /// Combined top-1 on the test split at BestEpoch, in [0, 1].
       BestCombined: float
+      /// Path of last.ckpt in the run folder.
       LastCheckpoint: string
+      /// Path of best.ckpt in the run folder.
       BestCheckpoint: string }
 
 /// Whether a folder holds results of a run (a folder where a run stopped before its first epoch holds none).

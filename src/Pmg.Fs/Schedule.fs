@@ -8,8 +8,11 @@ open Pmg.Fs.Model.Pmg
 /// One step of an iteration: which output is trained, on a jigsaw of Grid x Grid patches, with what loss weight.
 /// Each step has its own forward, loss, backward and optimizer step.
 type Step =
-    { Head: HeadId
+    { /// The output this step trains.
+      Head: HeadId
+      /// Patches per side of the jigsaw (1 = the whole image).
       Grid: int
+      /// Factor on this step's loss.
       LossWeight: float }
 
 /// The paper's schedule for heads on the last `heads` stages of a backbone of L stages: the head on stage l sees

@@ -111,6 +111,7 @@ module Cub =
     let private keyed path =
         lines path |> Array.map idAndRest |> firstByKey path "image id"
 
+    /// Reads the CUB-200-2011 layout under `root` (its official train/test split).
     let load (root: string) : DatasetIndex =
         let file n = requireFile name expected (Path.Combine(root, n))
         let imagesFile = file "images.txt"
@@ -221,6 +222,7 @@ module Cars =
         let test = samples annosFile imageOf classes.Length (all |> Array.filter isTest)
         index name root classes train test []
 
+    /// Reads Stanford Cars under `root`: the single-file variant when cars_annos.mat is there, else the devkit layout.
     let load (root: string) : DatasetIndex =
         let single = Path.Combine(root, "cars_annos.mat")
         if File.Exists single then singleFile root single else devkit root
@@ -259,6 +261,7 @@ module Aircraft =
             |> partition
         samples, duplicates @ problems
 
+    /// Reads FGVC-Aircraft under `root` (the archive folder or its data/ folder) at `level`: "variant", "family" or "manufacturer".
     let load (root: string, level: string) : DatasetIndex =
         let classFile =
             match levels |> List.tryFind (fst >> (=) level) with
@@ -349,6 +352,7 @@ module Dogs =
             | result -> result)
         |> partition
 
+    /// Reads Stanford Dogs under `root`; labels number the breed folders in ordinal order.
     let load (root: string) : DatasetIndex =
         let trainFile = requireFile name expected (Path.Combine(root, "train_list.mat"))
         let testFile = requireFile name expected (Path.Combine(root, "test_list.mat"))
@@ -385,6 +389,7 @@ module Folder =
             |> ordinal
             |> Array.map (fun f -> { Path = f; Label = classIndex[cls]; Box = None; TrimBottom = 0 }))
 
+    /// Reads root/train and root/test; classes are the union of both splits' folder names, in ordinal order.
     let load (root: string) : DatasetIndex =
         let trainDir = requireDirectory name expected (Path.Combine(root, "train"))
         let testDir = requireDirectory name expected (Path.Combine(root, "test"))
@@ -395,14 +400,21 @@ module Folder =
 /// Chooses a layout reader by name.
 module Dataset =
 
+    /// A supported dataset layout.
     [<RequireQualifiedAccess>]
     type Kind =
+        /// CUB-200-2011 birds.
         | Cub
+        /// Stanford Cars.
         | Cars
+        /// FGVC-Aircraft at a label level: "variant", "family" or "manufacturer".
         | Aircraft of level: string
+        /// Stanford Dogs.
         | Dogs
+        /// A plain train/<class>/, test/<class>/ folder tree.
         | Folder
 
+    /// The dataset names `parse` accepts.
     let names = [ "cub"; "cars"; "aircraft"; "dogs"; "folder" ]
 
     /// Parses a dataset name (case-insensitive); Aircraft uses the variant level unless told otherwise.
@@ -434,6 +446,7 @@ module Dataset =
         | Kind.Dogs -> "dogs"
         | Kind.Folder -> "folder"
 
+    /// Reads the dataset of `kind` under `root`; a DatasetError when the root or a required file is missing.
     let load (kind: Kind) (root: string) : DatasetIndex =
         if not (Directory.Exists root) then
             Layout.fail "dataset root %s does not exist" (Path.GetFullPath root)

@@ -8,14 +8,19 @@ open SixLabors.ImageSharp
 open SixLabors.ImageSharp.Formats.Jpeg
 open SixLabors.ImageSharp.Formats.Png
 
+/// What `inspect` found in a dataset index.
 type Report =
-    { Classes: int
+    { /// Number of classes in the index.
+      Classes: int
+      /// Training images that decode.
       Train: int
+      /// Test images that decode.
       Test: int
       /// Usable single-channel images (converted to RGB by the pipeline).
       Grayscale: int
       /// Usable CMYK JPEGs (converted to RGB by the pipeline).
       Cmyk: int
+      /// The index's own problems, then every image that cannot be used, sorted by path.
       Problems: Problem list }
 
 type private Colour =
@@ -55,6 +60,7 @@ let private decode (path: string) : Result<Colour, string> =
     with ex ->
         Error(sprintf "unreadable or truncated: %s" ex.Message)
 
+/// Decodes every train and test image once, in parallel, and counts what is usable.
 let inspect (index: DatasetIndex) : Report =
     let check (samples: Sample[]) =
         samples |> Array.Parallel.map (fun s -> s.Path, decode s.Path)

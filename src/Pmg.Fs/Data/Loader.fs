@@ -12,19 +12,29 @@ open Pmg.Fs.Data.Transforms
 
 /// Indexed images with labels. Load may throw (missing or corrupt file); the loader skips those.
 type Source =
-    { Count: int
+    { /// Number of samples; they are indexed 0 .. Count-1.
+      Count: int
+      /// The 0-based class of sample i.
       Label: int -> int
+      /// A name for sample i in skip reports (its file path for dataset samples).
       Name: int -> string
+      /// Decodes sample i; the caller disposes the image.
       Load: int -> Image<Rgb24> }
 
 /// Size samples as CHW float32 (Size x 3 x Height x Width in Images) and their labels.
 /// Skipped lists (name, error) for samples of this batch, or of empty batches before it, that failed.
 type Batch =
-    { Images: float32[]
+    { /// Size x 3 x Height x Width normalised values, one CHW image after another.
+      Images: float32[]
+      /// The class of each image, in batch order.
       Labels: int64[]
+      /// Number of images in the batch; 0 only for a final batch that carries skips.
       Size: int
+      /// Image height in pixels (the transform's crop side).
       Height: int
+      /// Image width in pixels (the transform's crop side).
       Width: int
+      /// (sample name, error message) of each sample left out.
       Skipped: (string * string) list }
 
 /// Tags keep the permutation's stream apart from every per-sample stream.

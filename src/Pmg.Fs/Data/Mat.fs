@@ -14,6 +14,7 @@ type MatValue =
     | Numeric of dims: int[] * data: float[]
     /// A char array as one string per row (a 1xN char array is one string).
     | Char of dims: int[] * rows: string[]
+    /// A cell array: one value per cell, column-major.
     | Cell of dims: int[] * items: MatValue[]
     /// A struct array: the field names in file order and one map per element.
     | Struct of dims: int[] * fields: string[] * elements: Map<string, MatValue>[]

@@ -7,20 +7,28 @@ open System
 open SixLabors.ImageSharp
 open SixLabors.ImageSharp.PixelFormats
 
+/// Size and seed of the embedded dataset.
 type Config =
-    { Classes: int
+    { /// Number of classes, 1 .. maxClasses.
+      Classes: int
+      /// Training images per class.
       TrainPerClass: int
+      /// Test images per class.
       TestPerClass: int
       /// Side of the square images, in pixels; details are designed to be legible at 64.
       ImageSize: int
+      /// Seed of every random choice; the same config renders the same pixels.
       Seed: int }
 
     /// 8 classes (the 2 x 2 x 2 first variants of each part), 40 + 15 images each, 64 pixels.
     static member Default =
         { Classes = 8; TrainPerClass = 40; TestPerClass = 15; ImageSize = 64; Seed = 2020 }
 
+/// Which split an image belongs to; each draws its own images.
 type Split =
+    /// The training split.
     | Train
+    /// The test split.
     | Test
 
 // ---- Class definitions -------------------------------------------------------------------------

@@ -21,13 +21,17 @@ type Spec =
       Train: bool
       /// Per-channel mean and standard deviation applied after scaling pixels to [0, 1].
       Mean: float32[]
+      /// Per-channel standard deviation, one value per RGB channel.
       Std: float32[] }
 
+/// Ready-made transform specs and the paper's sizes.
 [<RequireQualifiedAccess>]
 module Spec =
     /// The paper's sizes: resize to 550, crop 448, pad 8 for the random crop.
     let paperResize = 550
+    /// The paper's crop side in pixels (448).
     let paperCrop = 448
+    /// The paper's padding for the random crop in pixels (8).
     let paperPadding = 8
     /// PMG normalises every channel with mean 0.5 and std 0.5, mapping [0, 1] to [-1, 1].
     let halfNormalisation = 0.5f
@@ -46,6 +50,7 @@ module Spec =
 
     /// The paper's training and evaluation transforms.
     let paperTrain = train paperResize paperCrop
+    /// The paper's evaluation transform: resize 550, centre crop 448.
     let paperTest = test paperResize paperCrop
 
     /// Floats in one transformed image (3 x Crop x Crop).

@@ -12,6 +12,7 @@ open Pmg.Fs.Model
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
 
+/// An ONNX graph this converter does not understand, weights that do not fit the backbone, or missing ImageNet weights.
 exception ImageNetError of string
 
 let private fail fmt = Printf.kprintf (ImageNetError >> raise) fmt
@@ -27,7 +28,9 @@ type InputConvention =
 
 /// A converted backbone: blocks per residual stage, and the state in torchvision's key names.
 type Converted =
-    { Blocks: int list
+    { /// Basic blocks in each of the four residual stages (2, 2, 2, 3 for ML.NET's ResNet18).
+      Blocks: int list
+      /// The backbone's weights under torchvision's keys.
       Entries: StateDict.Entries }
 
 // ---- Reading the graph ---------------------------------------------------------------------------------

@@ -9,71 +9,115 @@ open Pmg.Fs.Interop.Protobuf
 
 /// TensorProto.DataType values this project reads or writes.
 type ElementType =
+    /// 32-bit float.
     | Float = 1
+    /// 32-bit signed integer.
     | Int32 = 6
+    /// 64-bit signed integer.
     | Int64 = 7
+    /// 64-bit float.
     | Double = 11
 
 /// A dense tensor: its elements as little-endian bytes, whatever field of TensorProto carried them.
 type Tensor =
-    { Name: string
+    { /// Name that nodes use to read the tensor.
+      Name: string
+      /// Shape, outermost dimension first; empty for a scalar.
       Dims: int64 list
+      /// Element type.
       Type: ElementType
+      /// The elements, row-major, as little-endian bytes.
       Data: byte[] }
 
+    /// Number of elements.
     member t.Count = t.Dims |> List.fold (*) 1L
 
+    /// The elements as floats; fails unless Type is Float.
     member t.Floats: float32[] =
         if t.Type <> ElementType.Float then
             raise (ProtobufError(sprintf "tensor %s holds %A, not floats" t.Name t.Type))
         System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float32>(ReadOnlySpan t.Data).ToArray()
 
+/// The value of a node attribute.
 type Attribute =
+    /// A single float.
     | Float of float32
+    /// A single integer.
     | Int of int64
+    /// A string, decoded as UTF-8.
     | Text of string
+    /// A list of floats.
     | Floats of float32 list
+    /// A list of integers.
     | Ints of int64 list
+    /// A tensor.
     | TensorValue of Tensor
     /// A kind this project never reads (graphs, sparse tensors, type protos): kept by name only.
     | Unsupported of kind: int
 
+/// One operator in the graph.
 type Node =
-    { Name: string
+    { /// The node's name (may be empty).
+      Name: string
+      /// Operator name, e.g. "Conv".
       OpType: string
+      /// Operator set domain; "" for the default ONNX domain.
       Domain: string
+      /// Names of the tensors the node reads, in operator order.
       Inputs: string list
+      /// Names of the tensors the node writes, in operator order.
       Outputs: string list
+      /// Named attributes, in file order.
       Attributes: (string * Attribute) list }
 
+    /// The attribute of that name, or None.
     member n.Attribute(name: string) = n.Attributes |> List.tryFind (fst >> (=) name) |> Option.map snd
 
+/// One dimension of a graph input's or output's shape.
 type Dim =
+    /// A size fixed in the model.
     | Fixed of int64
+    /// A symbolic size given at run time, e.g. "batch".
     | Named of string
 
 /// A graph input or output: a tensor's element type and shape.
 type ValueInfo =
-    { Name: string
+    { /// Tensor name that nodes read or write.
+      Name: string
+      /// Element type.
       Type: ElementType
+      /// Dimensions, outermost first.
       Shape: Dim list }
 
+/// A model's computation: nodes, stored weights, inputs and outputs.
 type Graph =
-    { Name: string
+    { /// The graph's name.
+      Name: string
+      /// Operators, in file order.
       Nodes: Node list
+      /// Stored weights, referenced by name from node inputs.
       Initializers: Tensor list
+      /// Declared inputs; some exporters list the initializers here too.
       Inputs: ValueInfo list
+      /// Declared outputs.
       Outputs: ValueInfo list }
 
+/// A whole ONNX model: the graph and what describes it.
 type Model =
-    { IrVersion: int64
+    { /// Version of the ONNX file format (IR version).
+      IrVersion: int64
       /// Operator sets by domain ("" is the default ONNX domain).
       Opsets: (string * int64) list
+      /// Name of the tool that wrote the model.
       ProducerName: string
+      /// Version of that tool.
       ProducerVersion: string
+      /// The computation.
       Graph: Graph
+      /// Key-value metadata, in file order.
       Metadata: (string * string) list }
 
+/// A file that cannot be read as an ONNX model, or a model that cannot be written; the message names the cause.
 exception OnnxError of string
 
 // ---- Reading ------------------------------------------------------------------------------------------

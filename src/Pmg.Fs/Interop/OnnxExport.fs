@@ -13,14 +13,17 @@ open Pmg.Fs.Model
 type Preprocessing =
     { /// Both sides resized to this (bilinear), then the centre Crop x Crop.
       Resize: int
+      /// Side of the square centre crop the network takes, in pixels.
       Crop: int
       /// Per RGB channel, applied to pixels scaled to [0, 1].
       Mean: float32[]
+      /// Per RGB channel, the divisor applied after subtracting Mean.
       Std: float32[] }
 
 /// ONNX opset the graph is written for (BatchNormalization, Gemm, Elu, GlobalMaxPool are all older).
 let opset = 17L
 
+/// A network whose state_dict lacks a weight the graph needs.
 exception ExportError of string
 
 type private Builder(weights: Map<string, torch.Tensor>) =

@@ -9,11 +9,16 @@ open System.Text
 
 /// One field's payload as the wire format carries it; what it means is the message's business.
 type Value =
+    /// Wire type 0: integers, booleans and enums.
     | Varint of uint64
+    /// Wire type 1: 64-bit doubles and fixed integers, as raw bits.
     | Fixed64 of uint64
+    /// Wire type 2: strings, bytes, embedded messages and packed repeated fields; a slice of the message, not a copy.
     | Bytes of ReadOnlyMemory<byte>
+    /// Wire type 5: 32-bit floats and fixed integers, as raw bits.
     | Fixed32 of uint32
 
+/// A malformed message, or a field of another wire type than asked for (Onnx.parse also raises it for unsupported content).
 exception ProtobufError of string
 
 let private fail fmt = Printf.kprintf (ProtobufError >> raise) fmt
@@ -68,26 +73,31 @@ let fields (message: ReadOnlyMemory<byte>) : (int * Value) list =
 
 let private all (number: int) (fs: (int * Value) list) = fs |> List.filter (fst >> (=) number) |> List.map snd
 
+/// Every occurrence of a length-delimited field (embedded message, string or bytes), in order.
 let messages (number: int) (fs: (int * Value) list) : ReadOnlyMemory<byte> list =
     all number fs
     |> List.map (function
         | Bytes b -> b
         | v -> fail "field %d: expected bytes, found %A" number v)
 
+/// A string field (UTF-8): its last occurrence, or "" when absent.
 let text (number: int) (fs: (int * Value) list) : string =
     match messages number fs with
     | [] -> ""
     | bs -> Encoding.UTF8.GetString((List.last bs).Span)
 
+/// A repeated string field (UTF-8), every occurrence in order.
 let texts (number: int) (fs: (int * Value) list) : string list =
     messages number fs |> List.map (fun b -> Encoding.UTF8.GetString b.Span)
 
+/// A varint field: its last occurrence, or 0 when absent.
 let integer (number: int) (fs: (int * Value) list) : int64 =
     match all number fs |> List.tryLast with
     | None -> 0L
     | Some(Varint v) -> int64 v
     | Some v -> fail "field %d: expected a varint, found %A" number v
 
+/// A 32-bit float field: its last occurrence, or 0 when absent.
 let single (number: int) (fs: (int * Value) list) : float32 =
     match all number fs |> List.tryLast with
     | None -> 0.0f
@@ -143,31 +153,38 @@ type Writer() =
 
     member private w.Key(number: int, wire: int) = w.Varint(uint64 ((number <<< 3) ||| wire))
 
+    /// Appends an integer field as a varint (a negative value takes ten bytes).
     member w.Int64(number: int, v: int64) =
         w.Key(number, 0)
         w.Varint(uint64 v)
 
+    /// Appends a 32-bit float field.
     member w.Float32(number: int, v: float32) =
         w.Key(number, 5)
         stream.Write(BitConverter.GetBytes v)
 
+    /// Appends a length-delimited field holding `data`.
     member w.Bytes(number: int, data: ReadOnlySpan<byte>) =
         w.Key(number, 2)
         w.Varint(uint64 data.Length)
         stream.Write(data)
 
+    /// Appends a string field, UTF-8 encoded.
     member w.String(number: int, s: string) = w.Bytes(number, ReadOnlySpan<byte>(Encoding.UTF8.GetBytes s))
 
     /// An embedded message.
     member w.Message(number: int, m: Writer) = w.Bytes(number, ReadOnlySpan<byte>(m.ToArray()))
 
+    /// Appends a repeated integer field, packed into one length-delimited field.
     member w.PackedInt64s(number: int, vs: int64 seq) =
         let inner = Writer()
         for v in vs do
             inner.Varint(uint64 v)
         w.Bytes(number, ReadOnlySpan<byte>(inner.ToArray()))
 
+    /// Appends a repeated 32-bit float field, packed into one length-delimited field.
     member w.PackedFloat32s(number: int, vs: float32 seq) =
         w.Bytes(number, ReadOnlySpan<byte>(vs |> Seq.collect BitConverter.GetBytes |> Array.ofSeq))
 
+    /// The message written so far, as bytes.
     member _.ToArray() : byte[] = stream.ToArray()

@@ -16,6 +16,7 @@ open Pmg.Fs.Interop.Pickle
 /// Keys and tensors, in state_dict order.
 type Entries = (string * torch.Tensor) list
 
+/// A file without a readable state_dict, entries that do not fit a module, or a tensor that cannot be written.
 exception StateDictError of string
 
 let private badFile (msg: string) = raise (StateDictError msg)
@@ -219,11 +220,14 @@ let write (path: string) (entries: Entries) : unit =
 
 /// How entries differ from a module's state_dict.
 type Mismatch =
-    { Missing: string list
+    { /// Keys the module has and the entries lack (BatchNorm's num_batches_tracked excepted).
+      Missing: string list
+      /// Keys in the entries that the module does not have.
       Unexpected: string list
       /// Key, shape in the entries, shape in the module.
       Shapes: (string * int64[] * int64[]) list }
 
+    /// True when keys and shapes all agree.
     member m.IsEmpty = m.Missing.IsEmpty && m.Unexpected.IsEmpty && m.Shapes.IsEmpty
 
 /// BatchNorm's counter came with PyTorch 0.4.1; older files (torchvision's resnet50-19c8e357.pth) lack it,

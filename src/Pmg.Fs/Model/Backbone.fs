@@ -14,15 +14,21 @@ open Pmg.Fs.Runtime
 
 /// What one stage of a backbone outputs.
 type Stage =
-    { Name: string
+    { /// The stage's name: "stem" and "layer1".."layer4" (ResNet), or "block1".."block5" (VGG).
+      Name: string
+      /// Channels of the stage's output.
       Channels: int
       /// Input size divided by this stage's output size.
       Reduction: int }
 
+/// The residual block a ResNet is built of.
 type Block =
+    /// Two 3x3 convolutions (ResNet-18, -34); the block outputs its layer's width.
     | Basic
+    /// 1x1, 3x3 and 1x1 convolutions (ResNet-50 and deeper); the block outputs four times its layer's width.
     | Bottleneck
 
+/// A backbone's architecture and depth.
 type Family =
     /// Block kind and how many blocks each of the four residual layers holds.
     | ResNet of block: Block * layers: int list
@@ -32,14 +38,18 @@ type Family =
 /// A file inside a NuGet package that the project restores (paket.dependencies): weights that ship without a
 /// download.
 type Packaged =
-    { Package: string
+    { /// NuGet package id.
+      Package: string
+      /// Package version.
       Version: string
       /// Path inside the package folder.
       File: string }
 
 /// A backbone described as data.
 type Spec =
-    { Name: string
+    { /// Registry name, lower case (e.g. "resnet50").
+      Name: string
+      /// Architecture and depth.
       Family: Family
       /// Classes of the ImageNet classifier kept beside the stages (torchvision's `fc`) so that ImageNet and
       /// reference state_dicts load strictly; None where the weights' source has no classifier.
@@ -66,6 +76,7 @@ let private layerWidths = [ 64; 128; 256; 512 ]
 
 let private vggWidths = [ 64; 128; 256; 512; 512 ]
 
+/// Reading and describing where a backbone's weights come from.
 [<RequireQualifiedAccess>]
 module Weights =
     /// The command-line spelling: `imagenet`, `none` (random initialisation), or a file.
@@ -75,6 +86,7 @@ module Weights =
         | "none" | "scratch" -> Scratch
         | _ -> File text
 
+    /// A short phrase for reports: "from scratch", "ImageNet weights", or "weights from" and the file name.
     let describe =
         function
         | Scratch -> "from scratch"
@@ -92,6 +104,7 @@ let stages (spec: Spec) : Stage list =
             |> List.mapi (fun i w -> { Name = sprintf "layer%d" (i + 1); Channels = w * e; Reduction = 4 <<< max 0 i }))
     | Vgg _ -> vggWidths |> List.mapi (fun i w -> { Name = sprintf "block%d" (i + 1); Channels = w; Reduction = 2 <<< i })
 
+/// A head count that does not fit the backbone (see headStages).
 exception HeadError of string
 
 /// The stages PMG's granularity heads read: the last `heads` of the backbone's (S of L), each with its 1-based
@@ -127,6 +140,7 @@ let registry: Map<string, Spec> =
                     File = "tools/DnnImageModels/ResNet18Onnx/ResNet18.onnx" } } ]
     |> Map.ofList
 
+/// A backbone name not in the registry; the message lists the valid names.
 exception UnknownBackbone of string
 
 /// Looks a backbone up by name, with the valid names in the error.
@@ -198,9 +212,11 @@ type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
 [<AbstractClass>]
 type Features(name: string) =
     inherit Module<Tensor, Tensor>(name)
+    /// What each stage outputs, in order (see `stages`).
     abstract Stages: Stage list
     /// Outputs of stages 1..upTo (1-based), in order. Stopping early skips the deeper stages.
     abstract ForwardStages: x: Tensor * upTo: int -> Tensor list
+    /// Outputs of every stage, in order.
     member this.ForwardStages(x: Tensor) = this.ForwardStages(x, List.length this.Stages)
 
 /// A ResNet whose forward returns every stage's output. `fc` is torchvision's ImageNet classifier: PMG does not
@@ -239,8 +255,10 @@ type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
         |> Option.toObj
     do this.RegisterComponents()
 
+    /// The stem and layer1..layer4.
     override _.Stages = stageList
 
+    /// Outputs of the stem, then of layer1.. up to stage `upTo` (1-based; the stem is stage 1).
     override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
         use y = conv1.forward x
         use y = bn1.forward y
@@ -276,11 +294,13 @@ type VggNet(spec: Spec, convs: int list) as this =
     let features = Sequential(blocks |> List.concat |> Array.ofList)
     do this.RegisterComponents()
 
+    /// The five conv blocks.
     override _.Stages = stageList
 
     /// The torchvision-named layers (referenced here so that RegisterComponents sees the field).
     member _.Layers = features
 
+    /// Outputs of blocks 1..upTo (1-based), each taken after the block's max pool.
     override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
         blocks
         |> List.truncate upTo
@@ -290,6 +310,7 @@ type VggNet(spec: Spec, convs: int list) as this =
     /// The stage outputs' last, for shape checks.
     override this.forward(x) = this.ForwardStages x |> List.last
 
+/// Builds the backbone a spec describes, with freshly initialised weights.
 let create (spec: Spec) : Features =
     match spec.Family with
     | ResNet(block, layers) -> new ResNet(spec, block, layers)

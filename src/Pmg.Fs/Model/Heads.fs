@@ -12,11 +12,14 @@ open Microsoft.FSharp.Core.Operators
 /// Widths of the heads, from the paper: a 1x1 conv to FeatureSize, a 3x3 conv to BlockChannels,
 /// classifiers FeatureSize wide.
 type Config =
-    { FeatureSize: int
+    { /// Output channels of each head's 1x1 conv, and the hidden width of every classifier (512 in the paper).
+      FeatureSize: int
+      /// Output channels of each head's 3x3 conv, the width of a head's pooled feature (1024 in the paper).
       BlockChannels: int
       /// BatchNorm momentum in the conv blocks (the reference's BasicConv uses 0.01).
       BlockBnMomentum: float }
 
+    /// The paper's widths (512, 1024) with the reference's BN momentum 0.01.
     static member Paper = { FeatureSize = 512; BlockChannels = 1024; BlockBnMomentum = 0.01 }
 
 /// The reference's BasicConv: conv (no bias), BN, ReLU. Field names are the state-dict keys.
@@ -27,6 +30,7 @@ type BasicConv(inC: int64, outC: int64, kernel: int64, padding: int64, momentum:
     let relu = ReLU()
     do this.RegisterComponents()
 
+    /// Conv, BN, ReLU.
     override _.forward(x) =
         use y = conv.forward x
         use y = bn.forward y

@@ -19,10 +19,12 @@ type BatchNorm(features: int64, eps: float, momentum: float, dims: int list, nam
     /// Images per normalisation group while training; None: the whole batch.
     member val Group: int option = None with get, set
 
+    /// Fails unless the input has one of the dimension counts this norm takes.
     override _.ValidateInputDimensions(input: Tensor) =
         if not (List.contains (int (input.dim ())) dims) then
             invalidArg (nameof input) (sprintf "%s expects %A dimensions, got %d" name dims (input.dim ()))
 
+    /// Normalises the batch; while training with Group set, each group of at most Group images on its own.
     override this.forward(input: Tensor) =
         this.ValidateInputDimensions input
         if this.training then Ops.increment this.num_batches_tracked
@@ -59,4 +61,5 @@ let defaultMomentum = 0.1
 /// ELU as a module (the reference's nn.ELU).
 type Elu() =
     inherit nn.Module<Tensor, Tensor>("ELU")
+    /// ELU with alpha 1.
     override _.forward(x) = Ops.elu x

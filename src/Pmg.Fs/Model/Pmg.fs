@@ -12,19 +12,25 @@ open Microsoft.FSharp.Core.Operators
 type HeadId =
     /// The i-th granularity head (0 = the finest, on the earliest chosen stage).
     | Granularity of int
+    /// The classifier on the concatenated features of all heads.
     | Concat
 
 /// Everything that fixes the network's shape.
 type Config =
-    { Backbone: string
+    { /// Backbone name from Backbone.registry (e.g. "resnet50").
+      Backbone: string
+      /// Number of classes predicted; at least 1.
       Classes: int
       /// Heads sit on the last `Heads` stages of the backbone (S in the paper).
       Heads: int
+      /// Widths of the heads.
       Head: Heads.Config }
 
+    /// The paper's network for `classes` classes: ResNet-50, three heads, the paper's head widths.
     static member Paper(classes: int) =
         { Backbone = "resnet50"; Classes = classes; Heads = 3; Head = Heads.Config.Paper }
 
+/// A config the network cannot be built from (e.g. fewer than one class).
 exception ConfigError of string
 
 /// The stages the heads read, with their positions (Backbone.headStages for the config).
@@ -36,15 +42,20 @@ let headNames (config: Config) : string list = headStages config |> List.map (fu
 
 /// Logits of every head, then concat. `Combined` is the sum of all of them (the paper's ensemble).
 type Outputs =
-    { Heads: Tensor list
+    { /// Logits (batch x classes) of each granularity head, finest first.
+      Heads: Tensor list
+      /// Logits (batch x classes) of the classifier on the concatenated head features.
       Concat: Tensor }
 
+    /// Sum of every head's logits and concat's (the paper's ensemble); a new tensor on each access.
     member o.Combined = o.Heads @ [ o.Concat ] |> List.reduce Ops.add
+    /// The logits of the output `id` names.
     member o.Of(id: HeadId) =
         match id with
         | Granularity i -> o.Heads.[i]
         | Concat -> o.Concat
 
+/// The PMG network; its module names are the reference implementation's, so reference checkpoints load by name.
 type Network(config: Config) as this =
     inherit nn.Module<Tensor, Outputs>("PMG")
     let spec = Backbone.find config.Backbone
@@ -67,7 +78,9 @@ type Network(config: Config) as this =
             this.register_module (sprintf "conv_block%d" (i + 1), b)
             this.register_module (sprintf "classifier%d" (i + 1), c))
 
+    /// The config the network was built from.
     member _.Config = config
+    /// The backbone, registered as "features".
     member _.Backbone = features
     /// The stages the heads read, in head order, with their positions.
     member _.HeadStages = heads
@@ -82,6 +95,7 @@ type Network(config: Config) as this =
         { Heads = List.map2 (fun (c: nn.Module<Tensor, Tensor>) p -> c.forward p) classifiers pooled
           Concat = concatClassifier.forward (torch.cat (Array.ofList pooled, 1L)) }
 
+    /// Every head's logits and concat's for a batch of images (N, 3, H, W).
     override this.forward(x) = this.FromStages(features.ForwardStages x)
 
     /// Only what head `i` needs: the backbone up to its stage, its block and its classifier.
@@ -94,9 +108,11 @@ type Network(config: Config) as this =
     member _.BackboneParameters() : (string * Modules.Parameter) list =
         [ for struct (n, p) in features.named_parameters () -> "features." + n, p ]
 
+    /// Parameters outside the backbone (conv blocks and classifiers, the new layers), by name.
     member this.HeadParameters() : (string * Modules.Parameter) list =
         let backbone = this.BackboneParameters() |> List.map fst |> set
         [ for struct (n, p) in this.named_parameters () do
               if not (backbone.Contains n) then n, p ]
 
+/// Builds a network for a config, with freshly initialised weights.
 let create (config: Config) = new Network(config)

@@ -2,12 +2,15 @@ namespace Pmg.Fs.Runtime
 
 /// Where tensors live.
 type Device =
+    /// The CPU.
     | Cpu
     /// A CUDA GPU: the current one, or the one with this index.
     | Cuda of index: int option
 
+/// Raised for a device text that is not `cpu`, `cuda` or `cuda:N`.
 exception DeviceError of string
 
+/// Parsing, naming and loading devices.
 [<RequireQualifiedAccess>]
 module Device =
     /// `cpu`, `cuda` or `cuda:N`.
@@ -21,12 +24,14 @@ module Device =
             | _ -> raise (DeviceError(sprintf "device '%s': use cpu, cuda or cuda:N" text))
         | _ -> raise (DeviceError(sprintf "device '%s': use cpu, cuda or cuda:N" text))
 
+    /// The torch name of a device: `cpu`, `cuda` or `cuda:N`; the inverse of `parse`.
     let text =
         function
         | Cpu -> "cpu"
         | Cuda None -> "cuda"
         | Cuda(Some i) -> sprintf "cuda:%d" i
 
+    /// The native runtime a device needs: the CPU or the CUDA build of libtorch.
     let backend =
         function
         | Cpu -> Native.Cpu

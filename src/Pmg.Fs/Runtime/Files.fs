@@ -26,9 +26,11 @@ let writeAtomically (path: string) (write: Stream -> unit) : unit =
         if File.Exists tmp then File.Delete tmp
         reraise ()
 
+/// Writes `text` to `path` as UTF-8 (no byte-order mark), atomically as `writeAtomically` does.
 let writeTextAtomically (path: string) (text: string) : unit =
     writeAtomically path (fun s -> s.Write(ReadOnlySpan(Encoding.UTF8.GetBytes text)))
 
+/// Writes `bytes` to `path`, atomically as `writeAtomically` does.
 let writeBytesAtomically (path: string) (bytes: byte[]) : unit =
     writeAtomically path (fun s -> s.Write(ReadOnlySpan bytes))
 

@@ -57,9 +57,13 @@ let used () : int64 option = info () |> Option.map (fun (free, total) -> total -
 module DeviceStats =
     let private statArray = 3 * 4 * 8
     let private stat (array: int) (field: int) = array * statArray + field * 8
+    /// Byte offset of allocated_bytes.all.current in the returned stats.
     let allocatedCurrent = stat 4 0
+    /// Byte offset of allocated_bytes.all.peak in the returned stats.
     let allocatedPeak = stat 4 1
+    /// Byte offset of reserved_bytes.all.peak in the returned stats.
     let reservedPeak = stat 5 1
+    /// Size in bytes of the buffer the stats are returned into.
     let bufferBytes = 8192
 
 [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
@@ -71,8 +75,11 @@ let private allocatorSymbol = "_ZN3c104cuda20CUDACachingAllocator9allocatorE"
 let private nativeVtableSymbol = "_ZTVN3c104cuda20CUDACachingAllocator6Native22NativeCachingAllocatorE"
 let private nativeStatsSymbol = "_ZN3c104cuda20CUDACachingAllocator6Native22NativeCachingAllocator14getDeviceStatsEa"
 
+/// Peak figures of the CUDA caching allocator on one device.
 type AllocatorPeak =
-    { PeakAllocated: int64
+    { /// Peak bytes allocated to tensors (PyTorch's max_memory_allocated).
+      PeakAllocated: int64
+      /// Peak bytes the allocator reserved from the device (PyTorch's max_memory_reserved).
       PeakReserved: int64 }
 
 /// Why `peakAllocated` has no figure, for the n/a line.

@@ -10,19 +10,25 @@ open System.Security.Cryptography
 
 /// Which native backend to bring up.
 type Backend =
+    /// The CPU build of libtorch, from the NuGet package or PMG_LIBTORCH.
     | Cpu
+    /// A CUDA build of libtorch, from PMG_LIBTORCH or a Python PyTorch install.
     | Cuda
 
 /// What `ensure` found and did, for logs and the run manifest.
 type Loaded =
-    { Backend: Backend
+    { /// The backend that was brought up.
+      Backend: Backend
+      /// The folder libtorch was loaded from.
       LibTorchDir: string
+      /// The full path of TorchSharp's native glue library as loaded: the original, or its patched copy in the cache.
       LibTorchSharp: string
       /// The GLIBCXX_3.4.32 requirement was marked weak because the system libstdc++ lacks it.
       PatchedGlibcxx: bool
       /// oneDNN convolutions were turned off because this CPU's cache sizes are unreadable (SIGFPE in backward).
       MkldnnDisabled: bool }
 
+/// Raised when libtorch or its glue cannot be found or loaded, or is unusable; the message says what to do.
 exception NativeLoadError of string
 
 let private fail msg = raise (NativeLoadError msg)
@@ -365,8 +371,9 @@ let private bringUp (backend: Backend) =
       PatchedGlibcxx = patched
       MkldnnDisabled = noMkldnn }
 
-/// Brings the native backend up once per process; later calls return what the first did (a CPU process may
-/// still be upgraded to CUDA when nothing else was loaded). Call before any TorchSharp function.
+/// Brings the native backend up once per process; later calls return what the first did. A CPU request is
+/// served by a CUDA backend already loaded; CUDA after CPU fails (one backend per process). Call before any
+/// TorchSharp function.
 let ensure (backend: Backend) : Loaded =
     lock gate (fun () ->
         match loaded with

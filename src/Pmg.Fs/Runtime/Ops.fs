@@ -8,12 +8,14 @@ module Pmg.Fs.Runtime.Ops
 
 open TorchSharp
 
+/// Calls `f` with `value` as a Scalar that is kept alive until `f` returns, then disposed.
 let scalar (value: float) (f: Scalar -> 'T) : 'T =
     use s = value.ToScalar()
     let result = f s
     System.GC.KeepAlive s
     result
 
+/// Calls `f` with the integer `value` as a Scalar that is kept alive until `f` returns, then disposed.
 let scalarInt (value: int64) (f: Scalar -> 'T) : 'T =
     use s = value.ToScalar()
     let result = f s
@@ -24,7 +26,9 @@ let scalarInt (value: int64) (f: Scalar -> 'T) : 'T =
 /// `a + b` and `add_(b)` build a temporary Scalar 1 on every call: use `add` and `addInPlace` instead.
 let private one = (1L).ToScalar()
 
+/// a + b, without a temporary Scalar; returns a new tensor.
 let add (a: torch.Tensor) (b: torch.Tensor) : torch.Tensor = a.add (b, one)
+/// a += b in place, without a temporary Scalar; returns `a`.
 let addInPlace (a: torch.Tensor) (b: torch.Tensor) : torch.Tensor = a.add_ (b, one)
 
 /// t += 1 (an integer counter such as BatchNorm's num_batches_tracked).

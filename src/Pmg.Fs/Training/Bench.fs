@@ -13,32 +13,51 @@ open Pmg.Fs
 open Pmg.Fs.Data
 open Pmg.Fs.Runtime
 
+/// What a benchmark times.
 type Mode =
+    /// One training iteration: every step of the schedule with its backward and optimizer step.
     | Train
+    /// One inference forward, without gradients.
     | Eval
 
+/// What to benchmark and how.
 type Options =
-    { Experiment: Experiment.Experiment
+    { /// The experiment whose network, batch size, device and precision are timed (see `experiment`).
+      Experiment: Experiment.Experiment
+      /// Training iteration or inference forward.
       Mode: Mode
+      /// The speed and memory settings to time with (see `engineOf`).
       Engine: Engine.Engine
+      /// Side of the square random input, in pixels.
       ImageSize: int
+      /// Timed iterations; the result is their median.
       Iterations: int
+      /// Untimed iterations before the timed ones.
       Warmup: int }
 
 /// Peak memory of the run, as scripts/ref_bench.py reports it for PyTorch: on CUDA the caching allocator's peak
 /// allocated bytes (max_memory_allocated; Error says why it is not available) and the growth of device memory in
 /// use (cudaMemGetInfo); always the process's peak host memory.
 type Memory =
-    { Allocated: Result<int64, string> option
+    { /// Peak bytes allocated by the CUDA caching allocator; None off CUDA.
+      Allocated: Result<int64, string> option
+      /// Growth in bytes of device memory in use, from before the network was built to the end; None off CUDA.
       Growth: Result<int64, string> option
+      /// Peak working set of the process, in bytes.
       Host: int64 }
 
+/// A benchmark's median time, throughput, memory, and what was timed.
 type Result =
-    { Milliseconds: float
+    { /// Median time of one iteration, in milliseconds.
+      Milliseconds: float
+      /// Images per second: the batch size over the median time.
       ImagesPerSecond: float
+      /// Peak memory of the run.
       Memory: Memory
+      /// What was timed, in one line: mode, backbone, device, precision, batch, size, steps, iterations and engine.
       Description: string }
 
+/// A benchmark setting that cannot be used; the message lists the accepted values.
 exception BenchError of string
 
 /// The network-sized experiment a benchmark times: the paper's recipe on `backbone` for `classes` classes.

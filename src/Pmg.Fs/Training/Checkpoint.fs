@@ -15,12 +15,18 @@ open Pmg.Fs.Runtime
 let private formatName = "pmg-fs-checkpoint"
 let private formatVersion = 2
 
+/// Everything a run needs to resume, or a model to load: read by `load`, written by `save`.
 type Checkpoint =
-    { Experiment: Experiment.Experiment
+    { /// The experiment the run trains.
+      Experiment: Experiment.Experiment
+      /// Where training stood when it was saved.
       Progress: Trainer.Progress
+      /// The network's state_dict: tensors by name.
       Model: (string * torch.Tensor) list
+      /// The optimizer's momentum buffers by parameter name (Sgd.state).
       Optimizer: (string * torch.Tensor) list }
 
+/// A checkpoint that is missing, damaged, or not one this version reads; the message says what to do.
 exception CheckpointError of string
 
 // ---------------------------------------------------------------------------------------------------
@@ -68,6 +74,7 @@ let private parts (c: Checkpoint) =
 
 type private Format = { format: string; version: int; sha256: Map<string, string> }
 
+/// Writes a checkpoint to `path` atomically, with a SHA-256 of every part.
 let save (path: string) (c: Checkpoint) =
     let ps = parts c
     let format = { format = formatName; version = formatVersion; sha256 = ps |> List.map (fun (n, b) -> n, sha256 b) |> Map.ofList }
@@ -90,6 +97,7 @@ let private damaged (path: string) (what: string) =
         sprintf "%s is damaged (%s): it cannot be used; resume from or evaluate another checkpoint (the run's best.ckpt or last.ckpt), or train again" path what
     )
 
+/// Reads a checkpoint and checks every part against its SHA-256; the tensors are on the CPU (free them with `dispose`).
 let load (path: string) : Checkpoint =
     if Directory.Exists path then
         raise (CheckpointError(sprintf "%s is a folder: give the checkpoint file in it (last.ckpt or best.ckpt)" path))

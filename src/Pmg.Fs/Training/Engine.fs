@@ -4,6 +4,7 @@ module Pmg.Fs.Training.Engine
 
 open TorchSharp
 
+/// Speed and memory settings of a run; `plain` has all off, `forDevice` gives the defaults.
 type Engine =
     { /// Parameters, gradients and momentum in one flat tensor per learning-rate group (Sgd.Flat).
       FlatParameters: bool

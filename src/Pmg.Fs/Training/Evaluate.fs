@@ -7,10 +7,15 @@ open Pmg.Fs.Model
 
 /// Accuracies in [0, 1].
 type Accuracy =
-    { Heads: float list
+    { /// Top-1 of each granularity head, finest first.
+      Heads: float list
+      /// Top-1 of the classifier on the concatenated features.
       Concat: float
+      /// Top-1 of the sum of every head's and concat's logits (the paper's ensemble).
       Combined: float
+      /// Top-5 of the combined logits.
       CombinedTop5: float
+      /// Images evaluated; every accuracy is 0 when there were none.
       Images: int
       /// Rows: true class, columns: combined prediction.
       Confusion: int[,] }

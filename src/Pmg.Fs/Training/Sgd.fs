@@ -18,10 +18,14 @@ open Pmg.Fs.Runtime
 
 /// A set of parameters sharing one learning rate schedule; the rate of each step is an argument of `step`.
 type Group =
-    { Name: string
+    { /// Group name; the trainer uses "heads" (the new layers) and "backbone".
+      Name: string
+      /// The group's parameters by name; the names key the momentum buffers and a checkpoint's optimizer state.
       Parameters: (string * Modules.Parameter) list
+      /// Base learning rate, from which the rate function given to `step` derives each step's rate.
       BaseLr: float }
 
+/// Momentum (0: none) and L2 weight decay (this times each weight is added to its gradient), for every group.
 type Settings = { Momentum: float; WeightDecay: float }
 
 /// Where parameters and gradients are kept.
@@ -33,13 +37,20 @@ type Storage =
 
 /// One group's flat tensors and where each parameter sits in them: (name, offset, sizes, strides).
 type Slab =
-    { Values: torch.Tensor
+    { /// Every parameter of the group, each at its offset; the parameters are views of it.
+      Values: torch.Tensor
+      /// The gradients, laid out like Values; each parameter's .grad is a view of it.
       Grads: torch.Tensor
+      /// Each parameter's name, offset in elements, sizes and strides within Values and Grads.
       Slices: (string * int64 * int64[] * int64[]) list
+      /// The momentum buffer, laid out like Values; None before the first step, and always with momentum 0.
       mutable Momentum: torch.Tensor option }
 
+/// SGD over parameter groups, with its momentum buffers; made by `create`.
 type Optimizer =
-    { Settings: Settings
+    { /// Momentum and weight decay, shared by every group.
+      Settings: Settings
+      /// The groups that have parameters, in the order given to `create`.
       Groups: Group list
       /// Flat storage: one slab per group, in the groups' order; empty for per-parameter storage.
       Slabs: Slab list
@@ -50,6 +61,7 @@ type Optimizer =
 let private viewAt (flat: torch.Tensor) (offset: int64) (sizes: int64[]) (strides: int64[]) =
     flat.as_strided (sizes, strides, offset)
 
+/// Parameters that flat storage cannot hold, or saved optimizer state that does not fit this optimizer.
 exception StorageError of string
 
 /// Every parameter's view starts at a multiple of this many elements (256 bytes in fp32). Packed end to end, a
@@ -95,6 +107,7 @@ let private flatten (g: Group) : Slab =
             name, offset, sizes, strides)
     { Values = values; Grads = grads; Slices = slices; Momentum = None }
 
+/// An optimizer over the groups that have parameters (empty ones are dropped); `Flat` storage moves the parameters into slabs here.
 let create (storage: Storage) (settings: Settings) (groups: Group list) : Optimizer =
     let groups = groups |> List.filter (fun g -> not g.Parameters.IsEmpty)
     { Settings = settings
@@ -102,6 +115,7 @@ let create (storage: Storage) (settings: Settings) (groups: Group list) : Optimi
       Slabs = (match storage with Flat -> List.map flatten groups | PerParameter -> [])
       Buffers = Dictionary() }
 
+/// Sets every gradient to zero in place, keeping the gradient tensors.
 let zeroGrad (opt: Optimizer) =
     if opt.Slabs.IsEmpty then
         for g in opt.Groups do

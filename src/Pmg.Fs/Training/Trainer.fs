@@ -15,33 +15,47 @@ open Pmg.Fs.Experiment
 
 /// Images and class names of a run.
 type Data =
-    { Classes: string[]
+    { /// Class names; a label is an index into this array (0-based).
+      Classes: string[]
+      /// The training split.
       Train: Loader.Source
+      /// The test split, evaluated after every epoch.
       Test: Loader.Source }
 
+/// What one epoch gave: losses, accuracies, learning rates and speed (one row of metrics.csv).
 type EpochRecord =
-    { Epoch: int
+    { /// The epoch, 0-based.
+      Epoch: int
       /// Mean loss of each schedule step (weighted as trained); NaN for steps that did not run (warm-up).
       StepLosses: float list
       /// Top-1 of the last step on the training images it saw (concat on whole images).
       TrainAccuracy: float
+      /// Accuracies on the test split after this epoch.
       Test: Evaluate.Accuracy
+      /// Learning rate of the new layers in this epoch.
       Lr: float
+      /// Learning rate of the backbone in this epoch.
       BackboneLr: float
+      /// Images trained per second of training time.
       ImagesPerSecond: float
       /// Images that could not be read this epoch: file and reason.
       Skipped: (string * string) list
+      /// Training time of the epoch in seconds, evaluation excluded.
       Seconds: float }
 
 /// Where training stands after a completed epoch.
 type Progress =
     { /// Epochs completed (the next epoch to run, 0-based).
       EpochsDone: int
+      /// Best combined top-1 on the test split so far, in [0, 1]; -1 before the first epoch.
       BestCombined: float
+      /// The epoch (0-based) of BestCombined; -1 before the first epoch.
       BestEpoch: int }
 
+    /// Before the first epoch.
     static member Start = { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1 }
 
+/// Callbacks the trainer makes while it runs; its only way to files and the console.
 type Hooks =
     { /// epoch, batches done, batches in the epoch.
       Batch: int -> int -> int -> unit
@@ -50,15 +64,22 @@ type Hooks =
       /// After each epoch, with the progress that includes it (BestEpoch = record's epoch when it improved).
       Epoch: Progress -> EpochRecord -> unit }
 
+    /// Hooks that do nothing.
     static member None = { Batch = (fun _ _ _ -> ()); Evaluating = ignore; Epoch = fun _ _ -> () }
 
 /// The live objects of a run.
 type Session =
-    { Experiment: Experiment
+    { /// The experiment being trained.
+      Experiment: Experiment
+      /// The network, on Device.
       Net: Pmg.Network
+      /// SGD over two groups: "heads" (the new layers) and "backbone".
       Optimizer: Sgd.Optimizer
+      /// Generator of the jigsaw permutations, reseeded at every epoch start.
       Jigsaw: torch.Generator
+      /// Where the network and the batches live.
       Device: torch.Device
+      /// The speed and memory settings the session was built with.
       Engine: Engine.Engine }
 
 /// A loss that is not a finite number: training stops before anything of that epoch is kept.

@@ -12,6 +12,7 @@ open Pmg.Fs.Model
 type HeadMap =
     { /// "stage3", "stage4", "stage5" or "concat".
       Head: string
+      /// The explained class (0-based).
       Class: int
       /// Softmax probability of Class under this output's logits.
       Score: float
@@ -26,6 +27,7 @@ type Explanation =
       Class: int
       /// Softmax probability of Class under the combined logits.
       Combined: float
+      /// One map per granularity head, finest first, then concat's.
       Maps: HeadMap list }
 
 let private toArray2D (t: Tensor) : float32[,] =

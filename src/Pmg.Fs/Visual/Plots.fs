@@ -21,10 +21,14 @@ let private maxLabelRoom = 260
 
 /// metrics.csv as numeric columns, in file order.
 type Metrics =
-    { Header: string list
+    { /// Column names, in file order.
+      Header: string list
+      /// Each column's values by name, one per row (NaN where a cell is not a number).
       Columns: Map<string, float[]> }
 
+    /// Number of rows, counted in the "epoch" column (0 without one).
     member m.Rows = m.Columns |> Map.tryFind "epoch" |> Option.map Array.length |> Option.defaultValue 0
+    /// The column, or None where the file has no column of that name.
     member m.TryColumn(name: string) = Map.tryFind name m.Columns
     /// The column, or a clear error naming the columns the file has.
     member m.Column(name: string) =
@@ -49,6 +53,7 @@ let parseMetrics (lines: string seq) : Metrics =
         let column i = cells |> List.map (fun c -> if i < c.Length then number c.[i] else nan) |> Array.ofList
         { Header = names; Columns = names |> List.mapi (fun i n -> n, column i) |> Map.ofList }
 
+/// Reads and parses a metrics.csv file.
 let readMetrics (path: string) : Metrics = File.ReadAllLines path |> parseMetrics
 
 let private save (plot: Plot) (w: int) (h: int) (path: string) =

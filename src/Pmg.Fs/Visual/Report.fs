@@ -12,10 +12,15 @@ open Pmg.Fs.Training
 
 /// The files `writeRun` leaves in a run directory.
 let lossesPng = "losses.png"
+/// Plot of every output's test top-1 per epoch.
 let accuracyPng = "accuracy.png"
+/// The best checkpoint's confusion matrix.
 let confusionPng = "confusion.png"
+/// The best checkpoint's accuracy per class: index, name, images, correct, accuracy.
 let perClassCsv = "per_class_accuracy.csv"
+/// The Markdown report that ties the run's files together.
 let reportMd = "report.md"
+/// Every file writeRun writes into a run directory.
 let files = [ lossesPng; accuracyPng; confusionPng; perClassCsv; reportMd ]
 
 let private configJson = "config.json"
