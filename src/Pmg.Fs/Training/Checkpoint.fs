@@ -37,7 +37,10 @@ let private tensorBytes (entries: (string * torch.Tensor) list) : byte[] =
     (use w = new BinaryWriter(m, Text.Encoding.UTF8, true)
      w.Write(List.length entries)
      for name, t in entries do
-         use c = t.detach().cpu().contiguous ()
+         // The chain's temporaries belong to a scope: unreferenced, the GC could free one while libtorch still
+         // reads it (a segfault in at::native::to).
+         use _ = torch.NewDisposeScope()
+         let c = t.detach().cpu().contiguous ()
          w.Write name
          w.Write(int c.dtype)
          w.Write c.shape.Length

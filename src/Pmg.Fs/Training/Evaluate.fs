@@ -64,8 +64,8 @@ let run (precision: Pmg.Fs.Experiment.Precision) (net: Pmg.Network) (classes: in
         let cell = Ops.add (Ops.scalarInt (int64 classes) (fun (k: Scalar) -> y.mul k)) pred
         Ops.scalarInt 1L (fun one -> confusion.index_add_ (0L, cell, torch.ones_like pred, one)) |> ignore
         images <- images + int x.shape.[0]
-    let c = counts.cpu().data<int64>().ToArray()
-    let m = confusion.cpu().data<int64>().ToArray()
+    let c = (use host = counts.cpu () in host.data<int64>().ToArray())
+    let m = (use host = confusion.cpu () in host.data<int64>().ToArray())
     let frac (n: int64) = if images = 0 then 0.0 else float n / float images
     { Heads = [ for i in 0 .. heads - 1 -> frac c.[i] ]
       Concat = frac c.[heads]

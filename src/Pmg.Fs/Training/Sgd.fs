@@ -192,6 +192,8 @@ let restore (opt: Optimizer) (saved: (string * torch.Tensor) list) =
     use _ = torch.no_grad ()
     if opt.Slabs.IsEmpty then
         for KeyValue(name, t) in saved do
+            // The chain's temporaries belong to a scope: unreferenced, the GC could free one mid-call.
+            use _ = torch.NewDisposeScope()
             opt.Buffers.[name] <- t.``to``(known.[name].device).detach().clone().DetachFromDisposeScope()
     else
         for g, slab in List.zip opt.Groups opt.Slabs do

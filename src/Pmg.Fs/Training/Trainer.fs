@@ -241,7 +241,7 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> i
                 images + trained, skipped @ b.Skipped)
             (0, [])
     let seconds = clock.Elapsed.TotalSeconds
-    let v = sums.cpu().data<float>().ToArray()
+    let v = (use host = sums.cpu () in host.data<float>().ToArray())
     let n = float (max images 1)
     // Steps that did not run this epoch (warm-up) have no loss.
     let ran = active |> List.map fst |> Set.ofList

@@ -32,6 +32,8 @@ type Explanation =
 
 let private toArray2D (t: Tensor) : float32[,] =
     let h, w = int t.shape.[t.shape.Length - 2], int t.shape.[t.shape.Length - 1]
+    // The chain's temporaries belong to a scope: unreferenced, the GC could free one while libtorch still reads it.
+    use _ = torch.NewDisposeScope()
     let v = t.detach().cpu().to_type(ScalarType.Float32).contiguous().data<float32>().ToArray()
     Array2D.init h w (fun i j -> v.[i * w + j])
 
