@@ -105,7 +105,7 @@ let predict (m: Model) (image: Image<Rgb24>) : Prediction =
     let pixels = Transforms.apply spec (System.Random 0) image
     let x = torch.tensor(pixels, dimensions = ReadOnlySpan [| 1L; 3L; int64 m.Crop; int64 m.Crop |]).``to`` m.Device
     let out = m.Net.forward x
-    let arr (t: torch.Tensor) = t.squeeze(0L).cpu().to_type(torch.float32).data<float32>().ToArray()
+    let arr (t: torch.Tensor) = Pmg.Fs.Runtime.Ops.hostFloats (t.squeeze 0L)
     { Heads = List.zip (Pmg.headNames m.Net.Config) (out.Heads |> List.map arr)
       Concat = arr out.Concat
       Combined = arr out.Combined

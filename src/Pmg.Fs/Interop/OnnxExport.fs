@@ -41,11 +41,8 @@ type private Builder(weights: Map<string, torch.Tensor>) =
         | None -> raise (ExportError(sprintf "the network has no %s" key))
         | Some t ->
             if not (used |> Seq.exists (fun u -> u.Name = key)) then
-                // The chain's temporaries belong to a scope: unreferenced, the GC could free one while libtorch
-                // still reads it (a segfault in at::native::to).
-                use _ = torch.NewDisposeScope()
-                let c = t.detach().cpu().to_type(torch.float32).contiguous ()
-                used.Add { Name = key; Dims = List.ofArray c.shape; Type = Onnx.ElementType.Float; Data = c.bytes.ToArray() }
+                let data = Runtime.InteropServices.MemoryMarshal.AsBytes(ReadOnlySpan(Pmg.Fs.Runtime.Ops.hostFloats t)).ToArray()
+                used.Add { Name = key; Dims = List.ofArray t.shape; Type = Onnx.ElementType.Float; Data = data }
             key
 
     member _.Node(op: string, inputs: string list, attributes: (string * Onnx.Attribute) list, ?output: string) : string =

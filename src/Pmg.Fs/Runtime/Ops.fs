@@ -47,3 +47,16 @@ let elu (x: torch.Tensor) : torch.Tensor =
     use negated = clipped.neg ()
     use negPart = negated.expm1 ()
     add pos negPart
+
+/// A tensor's values on the host as fp32, in row-major order. The chain's temporaries (detach, cpu, cast,
+/// contiguous) live in a scope: unreferenced, the GC could free one while libtorch still reads it (a segfault in
+/// at::native::to).
+let hostFloats (t: torch.Tensor) : float32[] =
+    use _ = torch.NewDisposeScope()
+    t.detach().cpu().to_type(torch.float32).contiguous().data<float32>().ToArray()
+
+/// A tensor's values on the host in its own dtype, row-major, as raw little-endian bytes (temporaries scoped as in
+/// hostFloats).
+let hostBytes (t: torch.Tensor) : byte[] =
+    use _ = torch.NewDisposeScope()
+    t.detach().cpu().contiguous().bytes.ToArray()

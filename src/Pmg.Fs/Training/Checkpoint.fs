@@ -37,16 +37,12 @@ let private tensorBytes (entries: (string * torch.Tensor) list) : byte[] =
     (use w = new BinaryWriter(m, Text.Encoding.UTF8, true)
      w.Write(List.length entries)
      for name, t in entries do
-         // The chain's temporaries belong to a scope: unreferenced, the GC could free one while libtorch still
-         // reads it (a segfault in at::native::to).
-         use _ = torch.NewDisposeScope()
-         let c = t.detach().cpu().contiguous ()
          w.Write name
-         w.Write(int c.dtype)
-         w.Write c.shape.Length
-         for d in c.shape do
+         w.Write(int t.dtype)
+         w.Write t.shape.Length
+         for d in t.shape do
              w.Write d
-         let bytes = c.bytes.ToArray()
+         let bytes = Ops.hostBytes t
          w.Write bytes.Length
          w.Write bytes)
     m.ToArray()

@@ -32,9 +32,7 @@ type Explanation =
 
 let private toArray2D (t: Tensor) : float32[,] =
     let h, w = int t.shape.[t.shape.Length - 2], int t.shape.[t.shape.Length - 1]
-    // The chain's temporaries belong to a scope: unreferenced, the GC could free one while libtorch still reads it.
-    use _ = torch.NewDisposeScope()
-    let v = t.detach().cpu().to_type(ScalarType.Float32).contiguous().data<float32>().ToArray()
+    let v = Pmg.Fs.Runtime.Ops.hostFloats t
     Array2D.init h w (fun i j -> v.[i * w + j])
 
 /// Raw (unscaled) Grad-CAM as a (1, 1, h, w) tensor. The features are copied into a fresh leaf so that the

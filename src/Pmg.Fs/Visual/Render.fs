@@ -90,7 +90,7 @@ let ofInput (mean: float32[]) (std: float32[]) (x: torch.Tensor) : SKBitmap =
     use _ = torch.NewDisposeScope()
     let chw = if x.dim () = 4L then x.select (0L, 0L) else x
     let h, w = int chw.shape.[1], int chw.shape.[2]
-    let v = chw.detach().cpu().to_type(torch.ScalarType.Float32).contiguous().data<float32>().ToArray()
+    let v = Pmg.Fs.Runtime.Ops.hostFloats chw
     let plane = h * w
     let level (c: int) (i: int) = byte (Math.Clamp(MathF.Round((v.[c * plane + i] * std.[c] + mean.[c]) * 255f), 0f, 255f))
     let bmp = new SKBitmap(w, h, SKColorType.Rgba8888, SKAlphaType.Premul)
