@@ -10,7 +10,8 @@
 // Not linked: restored for the ImageNet weights it ships (Interop/ImageNet.fs reads them from the package folder).
 #r "nuget: Microsoft.ML.DnnImageFeaturizer.ResNet18, 0.23.1"
 
-#load "../src/Pmg.Fs/Runtime/Files.fs"
+#load "../src/Pmg.Fs/Errors.fs"
+      "../src/Pmg.Fs/Runtime/Files.fs"
       "../src/Pmg.Fs/Runtime/Native.fs"
       "../src/Pmg.Fs/Runtime/Device.fs"
       "../src/Pmg.Fs/Runtime/Ops.fs"

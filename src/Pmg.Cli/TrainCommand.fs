@@ -93,9 +93,9 @@ let run (a: ParseResults<TrainArgs>) =
     let epochClock = Stopwatch()
     let hooks: Trainer.Hooks =
         { Batch =
-            fun epoch i total ->
-                if i = 1 then epochClock.Restart()
-                let line = Progress.render (sprintf "epoch %d/%d" (epoch + 1) e.Epochs) (float i / float total) (sprintf "%d/%d" i total) epochClock.Elapsed
+            fun b ->
+                if b.Batch = 1 then epochClock.Restart()
+                let line = Progress.render (sprintf "epoch %d/%d" (b.Epoch + 1) e.Epochs) (float b.Batch / float b.Batches) (sprintf "%d/%d" b.Batch b.Batches) epochClock.Elapsed
                 Progress.show line false
           Evaluating = fun _ -> ()
           Epoch =

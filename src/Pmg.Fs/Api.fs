@@ -144,7 +144,8 @@ type Runs =
         let hooks =
             { Trainer.Hooks.None with
                 Batch =
-                    fun epoch batch batches ->
+                    fun b ->
+                        let epoch, batch, batches = b.Epoch, b.Batch, b.Batches
                         if cancellationToken.IsCancellationRequested then
                             raise (
                                 OperationCanceledException(

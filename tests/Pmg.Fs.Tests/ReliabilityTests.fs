@@ -12,6 +12,7 @@ open Pmg.Fs
 open Pmg.Fs.Model
 open Pmg.Fs.Training
 open Pmg.Fs.Tests.TestKit
+open Pmg.Fs.Tests.TestKit.Reliability
 open SixLabors.ImageSharp
 
 /// Every file under a folder with its SHA-256: what "nothing changed" compares.
@@ -38,27 +39,6 @@ let private folderDataset (root: string) (classes: string list) (images: int) (w
 
 let private goodImage (path: string) = (Data.Synthetic.renderClass 32 0 (path.GetHashCode())).SaveAsJpeg path
 
-/// One row of the table: what was tried, the exit code, the message's start, what was kept.
-type private Row = { Case: string; Exit: int; Says: string; Kept: string }
-
-/// The first line of stderr with the test's temporary folder shown as <dir>.
-let private says (dir: string) (err: string) =
-    let line = err.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.tryHead |> Option.defaultValue ""
-    let line = line.Replace(dir, "<dir>").Trim()
-    if line.Length > 110 then line.Substring(0, 107) + "..." else line
-
-let private rows = Collections.Concurrent.ConcurrentDictionary<int, Row>()
-
-/// Runs `pmg args`, checks the exit code and the message, records the row.
-let private tryCase (n: int) (case: string) (dir: string) (args: string list) (exit: int) (mentions: string list) (kept: string) =
-    let o = pmg args
-    Expect.equal o.Code exit (sprintf "%s: exit code (stderr: %s)" case o.Err)
-    for m in mentions do
-        Expect.stringContains o.Err m (sprintf "%s: the message names %s" case m)
-    Expect.isFalse (o.Err.Contains "   at ") (sprintf "%s: no stack trace: %s" case o.Err)
-    rows.[n] <- { Case = case; Exit = o.Code; Says = says dir o.Err; Kept = kept }
-    o
-
 let private table () =
     [ yield "| case | exit | the message starts | kept on disk |"
       yield "| --- | --- | --- | --- |"
@@ -70,12 +50,18 @@ let private reliabilityMd () = Path.Combine(repoRoot (), "RELIABILITY.md")
 let private begin' = "<!-- cases: produced by tests/Pmg.Fs.Tests/ReliabilityTests.fs -->"
 let private end' = "<!-- end of cases -->"
 
+/// Case lists of other files (no [<Tests>] of their own): they run here, in sequence, before the table check.
+/// Number ranges keep their rows apart: 1-99 here, 100-199 images and datasets, 200-299 run folders,
+/// 300-399 model files, 400-499 weights.
+let private cases: Test list = []
+
 [<Tests>]
 let tests =
     testSequenced
     <| testList
         "reliability"
-        [ test "run folders: never overwritten, resumed only when there is something to resume, with the same settings" {
+        [ yield! cases
+          test "run folders: never overwritten, resumed only when there is something to resume, with the same settings" {
               use tmp = new TempDir "rel-run"
               let run = tmp.File "run"
               copyDir (trainedRunDir ()) run
@@ -167,7 +153,7 @@ let tests =
               let resumed = Run.train e tmp.Path true Trainer.Hooks.None
               Expect.equal (resumed.History |> List.map _.Epoch) [ 1 ] "epoch 2 ran"
               Expect.isFalse (File.Exists stale) "stale temp file removed"
-              rows.[21] <- { Case = "a run killed while writing last.ckpt, then `--resume`"; Exit = 0; Says = "removed .last.ckpt.tmp-..., left by an interrupted write"; Kept = "the run; its last good last.ckpt" }
+              record 21 { Case = "a run killed while writing last.ckpt, then `--resume`"; Exit = 0; Says = "removed .last.ckpt.tmp-..., left by an interrupted write"; Kept = "the run; its last good last.ckpt" }
           }
 
           test "RELIABILITY.md lists these cases as they behave" {

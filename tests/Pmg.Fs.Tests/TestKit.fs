@@ -142,3 +142,37 @@ let trainedRunDir () = trainedRun.Force()
 
 /// The shared trained run's best.ckpt.
 let trainedCheckpoint () = Path.Combine(trainedRun.Force(), "best.ckpt")
+
+// ---------------------------------------------------------------------------------------------------
+// RELIABILITY.md's table of cases
+
+/// The rows of RELIABILITY.md's table. A case file (e.g. ReliabilityTests.fs) records a row per case with a number
+/// that orders the table; ReliabilityTests runs every case file's list in sequence, then checks the file.
+module Reliability =
+    open Expecto
+
+    /// One row of the table: what was tried, the exit code, the message's start, what was kept.
+    type Row = { Case: string; Exit: int; Says: string; Kept: string }
+
+    /// The first line of stderr with the test's temporary folder shown as <dir>.
+    let says (dir: string) (err: string) =
+        let line = err.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.tryHead |> Option.defaultValue ""
+        let line = line.Replace(dir, "<dir>").Trim()
+        if line.Length > 110 then line.Substring(0, 107) + "..." else line
+
+    /// Rows by case number.
+    let rows = ConcurrentDictionary<int, Row>()
+
+    /// Records a row that a test checked by other means than `tryCase`.
+    let record (n: int) (row: Row) = rows.[n] <- row
+
+    /// Runs `pmg args`, checks the exit code and that stderr names each of `mentions` without a stack trace,
+    /// records the row.
+    let tryCase (n: int) (case: string) (dir: string) (args: string list) (exit: int) (mentions: string list) (kept: string) =
+        let o = pmg args
+        Expect.equal o.Code exit (sprintf "%s: exit code (stderr: %s)" case o.Err)
+        for m in mentions do
+            Expect.stringContains o.Err m (sprintf "%s: the message names %s" case m)
+        Expect.isFalse (o.Err.Contains "   at ") (sprintf "%s: no stack trace: %s" case o.Err)
+        rows.[n] <- { Case = case; Exit = o.Code; Says = says dir o.Err; Kept = kept }
+        o

@@ -55,17 +55,38 @@ type Progress =
     /// Before the first epoch.
     static member Start = { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1 }
 
+/// What one training batch gave (one per iteration): read back from the device once per batch.
+type BatchRecord =
+    { /// The epoch, 0-based.
+      Epoch: int
+      /// Batches done in this epoch, 1-based (this one included).
+      Batch: int
+      /// Batches in the epoch.
+      Batches: int
+      /// Batches done since the run started, this one included: `Epoch * Batches + Batch`, the same whether
+      /// the run was resumed or not (TensorBoard's step).
+      GlobalStep: int64
+      /// Loss of each schedule step on this batch (weighted as trained); NaN for steps that did not run, and for
+      /// every step of a batch that was not trained (too small).
+      StepLosses: float list
+      /// Learning rate of each optimizer group ("heads", "backbone") in this epoch.
+      LearningRates: (string * float) list
+      /// Images trained in this batch (0 when it was skipped).
+      Images: int
+      /// Images per second since the epoch started.
+      ImagesPerSecond: float }
+
 /// Callbacks the trainer makes while it runs; its only way to files and the console.
 type Hooks =
-    { /// epoch, batches done, batches in the epoch.
-      Batch: int -> int -> int -> unit
+    { /// After each batch.
+      Batch: BatchRecord -> unit
       /// Start of evaluation after an epoch.
       Evaluating: int -> unit
       /// After each epoch, with the progress that includes it (BestEpoch = record's epoch when it improved).
       Epoch: Progress -> EpochRecord -> unit }
 
     /// Hooks that do nothing.
-    static member None = { Batch = (fun _ _ _ -> ()); Evaluating = ignore; Epoch = fun _ _ -> () }
+    static member None = { Batch = ignore; Evaluating = ignore; Epoch = fun _ _ -> () }
 
 /// The live objects of a run.
 type Session =
@@ -205,7 +226,7 @@ type private Trained =
       Seconds: float }
 
 /// One epoch of training. Losses and accuracy are summed on the device and read once at the end.
-let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> int -> unit) : Trained =
+let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: BatchRecord -> unit) : Trained =
     let e = s.Experiment
     let steps = List.length e.Schedule
     let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule
@@ -225,7 +246,7 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> i
             (fun (images, skipped) (i, b) ->
                 // BatchNorm cannot train on one sample: a last batch of one is never trained, and with DropLast (the
                 // reference's `if inputs.shape[0] < batch_size: continue`) no partial batch is.
-                let trained =
+                let trained, batchLosses =
                     if b.Size >= 2 && (not e.DropLast || b.Size = e.BatchSize) then
                         use _ = torch.NewDisposeScope()
                         let x, y = toDevice s.Engine s.Device b
@@ -234,11 +255,23 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> i
                         let correct = results |> List.last |> snd
                         let values = torch.stack (losses @ [ correct.to_type torch.float64 ])
                         Ops.scalar 1.0 (fun one -> sums.index_add_ (0L, positions, values, one)) |> ignore
-                        b.Size
+                        // One read per batch, after its last step: the per-batch record (progress, TensorBoard).
+                        let host = Ops.hostFloats (torch.stack(results |> List.map fst).to_type torch.float32)
+                        let byStep = Map.ofList (List.zip (List.map fst active) (List.ofArray host))
+                        b.Size, [ for i in 0 .. steps - 1 -> match byStep.TryFind i with Some v -> float v | None -> nan ]
                     else
-                        0
-                onBatch (i + 1) total
-                images + trained, skipped @ b.Skipped)
+                        0, List.replicate steps nan
+                let images = images + trained
+                onBatch
+                    { Epoch = epoch
+                      Batch = i + 1
+                      Batches = total
+                      GlobalStep = int64 epoch * int64 total + int64 (i + 1)
+                      StepLosses = batchLosses
+                      LearningRates = [ for g in s.Optimizer.Groups -> g.Name, lr g ]
+                      Images = trained
+                      ImagesPerSecond = float images / max 1e-9 clock.Elapsed.TotalSeconds }
+                images, skipped @ b.Skipped)
             (0, [])
     let seconds = clock.Elapsed.TotalSeconds
     let v = (use host = sums.cpu () in host.data<float>().ToArray())
@@ -261,7 +294,7 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: int -> i
 /// before any hook runs, when a step's loss is not finite.
 let epoch (s: Session) (data: Data) (hooks: Hooks) (progress: Progress) (epoch: int) : Progress * EpochRecord =
     let e = s.Experiment
-    let t = trainEpoch s data epoch (hooks.Batch epoch)
+    let t = trainEpoch s data epoch hooks.Batch
     let lrOf name = s.Optimizer.Groups |> List.find (fun g -> g.Name = name) |> lrAt e epoch
     let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule |> List.map fst
     match active |> List.tryFind (fun i -> not (Double.IsFinite t.StepLosses.[i])) with
