@@ -187,7 +187,7 @@ let tests =
           test "joint update: one SGD step on the sum of the steps' weighted losses" {
               use _ = torch.NewDisposeScope()
               // Whole images for every step (no jigsaw randomness) so the sum can be rebuilt from one forward.
-              let e = { tiny with Update = Experiment.Joint; Forward = Experiment.Full; Schedule = Schedule.withGrids [ 1; 1; 1 ] 2.0 }
+              let e = { tiny with Update = Experiment.Joint; Forward = Experiment.Full; Schedule = Schedule.withGrids (Backbone.find tiny.Model.Backbone) [ 1; 1; 1 ] 2.0 }
               let x, y = batch ()
               let joint = Trainer.createSession e
               joint.Net.train ()
