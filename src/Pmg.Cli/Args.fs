@@ -66,12 +66,8 @@ let within (flag: string) (lo: int) (hi: int) (value: int) : int =
     if value < lo || value > hi then raise (BadFlag(sprintf "%s %d: must be %d..%d" flag value lo hi))
     value
 
-/// The device flag's value.
-let device (value: string) : Pmg.Fs.Runtime.Device =
-    try
-        Pmg.Fs.Runtime.Device.parse value
-    with Pmg.Fs.Runtime.DeviceError m ->
-        raise (BadFlag("--" + m))
+/// The device flag's value (a bad one is an InvalidSetting the CLI reports with the flag).
+let device (value: string) : Pmg.Fs.Runtime.Device = Pmg.Fs.Runtime.Device.parse value
 
 /// The flags that load a trained model (eval, predict, cam) say the same thing everywhere; Argu cannot share union
 /// cases between commands, so the texts are shared instead.

@@ -20,13 +20,13 @@ let private describe (e: exn) : string * int =
         | InvalidSetting(s, m) -> sprintf "%s: %s" (flagOf s) m, 2
         | InvalidExperiment problems ->
             "invalid settings: " + (problems |> List.map (fun (s, m) -> sprintf "%s: %s" (flagOf s) m) |> String.concat "; "), 2
-        | RunFolder(_, m) -> sprintf "%s (--resume continues a run; --out chooses the folder)" m, 1
+        | RunFolder(_, m) when m.Contains "resume" -> sprintf "%s (--resume continues a run; --out chooses another folder)" m, 1
+        | RunFolder(_, m) -> sprintf "%s (--out)" m, 1
         | WeightsUnavailable m -> sprintf "%s (--pretrained FILE, or --pretrained none)" m, 1
         | TrainingFailed m when m.Contains "learning rate" -> sprintf "%s (--lr)" m, 1
         | TrainingFailed m when m.Contains "batch size" -> sprintf "%s (--batch-size, --partial-batches train)" m, 1
         | ModelFile(_, m) when m.Contains "ONNX model" -> sprintf "%s (--onnx FILE)" m, 1
         | e -> e.Message, 1
-    | Runtime.DeviceError m -> "--" + m, 2
     | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName, 1
     | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size", 1
     | :? System.Runtime.InteropServices.ExternalException as x ->

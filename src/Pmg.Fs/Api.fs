@@ -118,7 +118,7 @@ type Experiment internal (e: E.Experiment) =
     /// cpu, cuda or cuda:N.
     member this.WithDevice(device: string) =
         this.With(fun e ->
-            { e with Device = (try Runtime.Device.parse device with Runtime.DeviceError m -> Errors.setting Setting.Device m) })
+            { e with Device = Runtime.Device.parse device })
     /// The backbone's starting weights: "imagenet", "none", or a file (torchvision .pth/.safetensors, a Pmg.Fs
     /// checkpoint, an ONNX ResNet).
     member this.WithWeights(weights: string) = this.With(fun e -> { e with Weights = Model.Backbone.Weights.parse weights })
@@ -367,7 +367,7 @@ type TrainedModel private (m: ModelFiles.Loaded) =
             [<Optional>] imageSize: Nullable<int>,
             [<Optional>] classes: Nullable<int>
         ) =
-        let d = try Runtime.Device.parse device with Runtime.DeviceError msg -> Errors.setting Setting.Device msg
+        let d = Runtime.Device.parse device
         let o: ModelFiles.Overrides =
             { ModelFiles.Overrides.None with
                 Backbone = Option.ofObj backbone

@@ -287,7 +287,9 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
         let p = { p with Metrics = p.Metrics @ [ metricsRow r ] }
         // The commit point: everything after it is derived and rebuilt by a resume.
         let c = Checkpoint.ofSession s p
+        Files.TestHooks.killAt (sprintf "epoch-%d-before-commit" (r.Epoch + 1))
         Checkpoint.save (path lastName) c
+        Files.TestHooks.killAt (sprintf "epoch-%d-after-commit" (r.Epoch + 1))
         if p.BestEpoch = r.Epoch then Checkpoint.save (path bestName) c
         writeMetrics p
         hooks.Epoch p r

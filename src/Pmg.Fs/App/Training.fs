@@ -138,7 +138,7 @@ let experimentOn (data: Experiment.Data) (classes: int) (s: Settings) : Experime
             Seed = s.Seed |> Option.defaultValue e.Seed
             Device =
                 s.Device
-                |> Option.map (fun d -> try Runtime.Device.parse d with Runtime.DeviceError m -> Errors.setting Setting.Device m)
+                |> Option.map Runtime.Device.parse
                 |> Option.defaultValue e.Device
             CropToBox = s.CropToBox
             Weights = s.Weights |> Option.map Backbone.Weights.parse |> Option.defaultValue e.Weights

@@ -31,6 +31,25 @@ let private handlers =
          [ PosixSignal.SIGTERM; PosixSignal.SIGINT; PosixSignal.SIGHUP ]
          |> List.map (fun s -> PosixSignalRegistration.Create(s, fun _ -> removeInFlight ())))
 
+/// Test hooks: the suite stops a real process at a named point of the real writer path, as a kill or a signal
+/// would. `PMG_TEST_KILL_AT=<point>` kills the process (SIGKILL) when it reaches that point;
+/// `PMG_TEST_TERM_WRITING=<file name>` sends it SIGTERM while that file's temporary copy is half written.
+module TestHooks =
+    [<DllImport("libc", EntryPoint = "kill", SetLastError = true)>]
+    extern int private sendSignal(int pid, int signal)
+
+    /// Kills this process (as kill -9 would) when `PMG_TEST_KILL_AT` names `point`.
+    let killAt (point: string) =
+        if Environment.GetEnvironmentVariable "PMG_TEST_KILL_AT" = point then
+            Diagnostics.Process.GetCurrentProcess().Kill()
+            Threading.Thread.Sleep Threading.Timeout.Infinite
+
+    /// Sends SIGTERM to this process while `name` is being written, when `PMG_TEST_TERM_WRITING` names it.
+    let termWriting (name: string) =
+        if Environment.GetEnvironmentVariable "PMG_TEST_TERM_WRITING" = name then
+            sendSignal (Environment.ProcessId, 15) |> ignore
+            Threading.Thread.Sleep Threading.Timeout.Infinite
+
 /// Why an output cannot be written, in words that name it and the fix.
 let outputError (path: string) (e: exn) : PmgError =
     let full = try Path.GetFullPath path with _ -> path
@@ -75,6 +94,7 @@ let writeAtomically (path: string) (write: Stream -> unit) : unit =
         try
             (use fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None)
              write fs
+             TestHooks.termWriting (Path.GetFileName full)
              fs.Flush true)
             File.Move(tmp, full, true)
         with e ->
