@@ -51,6 +51,7 @@
       "../src/Pmg.Fs/Visual/Render.fs"
       "../src/Pmg.Fs/Visual/Plots.fs"
       "../src/Pmg.Fs/Visual/Report.fs"
+      "../src/Pmg.Fs/Visual/TensorBoard.fs"
       "../src/Pmg.Fs/Run.fs"
       "../src/Pmg.Fs/Inference.fs"
       "../src/Pmg.Fs/Api.fs"

@@ -15,7 +15,6 @@ let private errorText (e: exn) =
     match e with
     | Experiment.InvalidExperiment problems -> "invalid settings: " + String.concat "; " problems
     | Runtime.Native.NativeLoadError m
-    | Checkpoint.CheckpointError m
     | Inference.LoadError m
     | Interop.StateDict.StateDictError m
     | Interop.ImageNet.ImageNetError m
@@ -29,6 +28,7 @@ let private errorText (e: exn) =
     | Backbone.UnknownBackbone m
     | Backbone.HeadError m
     | Pmg.ConfigError m -> m
+    | :? PmgException as p -> p.Message
     | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
     | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size"
     | e ->
