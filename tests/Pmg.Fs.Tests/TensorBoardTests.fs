@@ -115,6 +115,15 @@ let readEvents (path: string) : Event list =
                   | Some s -> decode s |> List.choose (function 1, B v -> Some(value v) | _ -> None)
                   | None -> [] } ]
 
+/// The events of a file as TorchSharp's generated Event class (Google.Protobuf) parses them: a second reader.
+let private torchSharpEvents (path: string) : Tensorboard.Event list =
+    let bytes = File.ReadAllBytes path
+    let mutable pos = 0
+    [ while pos < bytes.Length do
+          let n = int (BitConverter.ToUInt64(bytes, pos))
+          yield Tensorboard.Event.Parser.ParseFrom(bytes, pos + 12, n)
+          pos <- pos + 16 + n ]
+
 /// (tag, step) of every summary value in the run folder's event files, in file order.
 let private tagSteps (dir: string) =
     [ for f in TensorBoard.eventFiles dir do
@@ -168,6 +177,12 @@ let tests =
               Expect.isTrue (name.StartsWith "events.out.tfevents.") name
               let events = readEvents files.Head
               Expect.equal events.Head.FileVersion (Some "brain.Event:2") "the first record is the file version"
+              let theirs = torchSharpEvents files.Head
+              Expect.equal (theirs |> List.map _.Step) (events |> List.map _.Step) "TorchSharp's Event parser reads the same steps"
+              Expect.equal
+                  (theirs |> List.map (fun ev -> if isNull ev.Summary then [] else [ for v in ev.Summary.Value -> v.Tag, v.SimpleValue ]))
+                  (events |> List.map (fun ev -> ev.Values |> List.map (fun v -> v.Tag, defaultArg v.Simple 0.0f)))
+                  "and the same tags and values"
               Expect.isTrue (events |> List.forall (fun ev -> ev.WallTime >= started && ev.WallTime < started + 3600.0)) "wall times are now"
               // 12 training images in batches of 4: 3 batches an epoch, global steps 1..6.
               let perEpoch = (d.Train.Count + e.BatchSize - 1) / e.BatchSize

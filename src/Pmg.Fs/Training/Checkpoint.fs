@@ -203,10 +203,11 @@ let ofSession (s: Trainer.Session) (progress: Trainer.Progress) : Checkpoint =
       Model = [ for kv in s.Net.state_dict () -> kv.Key, kv.Value ]
       Optimizer = Sgd.state s.Optimizer }
 
-/// Puts a checkpoint's model and optimizer state into a session.
+/// Puts a checkpoint's model and optimizer state into a session. A checkpoint without optimizer state (model-only,
+/// or saved before the first step) leaves the session's momentum buffers as they are.
 let restore (s: Trainer.Session) (c: Checkpoint) =
     Interop.StateDict.loadInto s.Net c.Model true
-    Sgd.restore s.Optimizer c.Optimizer
+    if not c.Optimizer.IsEmpty then Sgd.restore s.Optimizer c.Optimizer
 
 /// The checkpoint's tensors freed.
 let dispose (c: Checkpoint) =
