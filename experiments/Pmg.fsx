@@ -52,6 +52,7 @@
       "../src/Pmg.Fs/Visual/Render.fs"
       "../src/Pmg.Fs/Visual/Plots.fs"
       "../src/Pmg.Fs/Visual/Report.fs"
+      "../src/Pmg.Fs/Visual/TensorBoard.fs"
       "../src/Pmg.Fs/RunFolder.fs"
       "../src/Pmg.Fs/Run.fs"
       "../src/Pmg.Fs/App/Embedded.fs"
