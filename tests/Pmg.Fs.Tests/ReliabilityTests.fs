@@ -197,6 +197,27 @@ let private runFolderCases: Test list =
           tryCase 44 "an .onnx given to `--checkpoint`" tmp.Path [ "predict"; "--checkpoint"; onnx; "embedded:test:0" ] 1 [ onnx; "--onnx" ] "-" |> ignore
           let o = pmg [ "eval"; "--checkpoint"; ckpt; "--batch-size"; "1" ]
           Expect.equal o.Code 0 ("eval --batch-size 1 works: " + o.Err)
+      }
+
+      test "the GPU script's symbol preflight checks every C++ symbol the sources look up, wherever they are" {
+          let root = repoRoot ()
+          let inSources =
+              Directory.GetFiles(Path.Combine(root, "src"), "*.fs", SearchOption.AllDirectories)
+              |> Array.filter (fun f -> not (f.Contains "/bin/" || f.Contains "/obj/"))
+              |> Array.collect (fun f -> Text.RegularExpressions.Regex.Matches(File.ReadAllText f, "\"(_Z[A-Za-z0-9_]+)\"") |> Seq.map (fun m -> m.Groups.[1].Value) |> Array.ofSeq)
+              |> Set.ofArray
+          Expect.isNonEmpty inSources "the project looks symbols up by name"
+          let o = run "bash" [ Path.Combine(root, "scripts", "gpu-check.sh"); "--dry-run" ] (Some root) []
+          Expect.equal o.Code 0 o.Err
+          let listed = o.Out.Split('\n') |> Array.map _.Trim() |> Array.filter (fun l -> l.StartsWith "_Z") |> Set.ofArray
+          Expect.equal listed inSources "every symbol, none missing"
+          // With no sources to read, the dry run fails instead of checking nothing.
+          use empty = new TempDir "gpu-dry"
+          Directory.CreateDirectory(Path.Combine(empty.Path, "scripts")) |> ignore
+          File.Copy(Path.Combine(root, "scripts", "gpu-check.sh"), Path.Combine(empty.Path, "scripts", "gpu-check.sh"))
+          let bare = run "bash" [ Path.Combine(empty.Path, "scripts", "gpu-check.sh"); "--dry-run" ] (Some empty.Path) []
+          Expect.equal bare.Code 1 ("no sources, no dry run: " + bare.Out + bare.Err)
+          record 45 { Case = "`bash scripts/gpu-check.sh --dry-run` in a tree without the sources it reads"; Exit = bare.Code; Says = Reliability.says empty.Path bare.Err; Kept = "-" }
       } ]
 
 let private table () =
