@@ -91,9 +91,11 @@ let export (a: ParseResults<ExportArgs>) =
         let model = Inference.toOnnx m (Inference.classNames path m.Net.Config.Classes)
         Interop.OnnxExport.write out model
         printfn "wrote %s (%d nodes, input 1x3x%dx%d with a dynamic batch, outputs %s)"
-            out model.Graph.Nodes.Length m.Crop m.Crop (model.Graph.Outputs |> List.map _.Name |> String.concat ", ")
+            out model.Graph.Node.Count m.Crop m.Crop (model.Graph.Output |> Seq.map _.Name |> String.concat ", ")
     | _ ->
-        Interop.StateDict.export m.Net out
+        let description =
+            Interop.Description.describe m.Net (Inference.classNames path m.Net.Config.Classes) (Interop.Description.input m.Resize m.Crop)
+        Interop.StateDict.export m.Net description out
         printfn "wrote %s (%d entries, reference PMG key names)" out (m.Net.state_dict().Count)
     0
 

@@ -17,9 +17,6 @@ let private errorText (e: exn) =
     | Runtime.Native.NativeLoadError m
     | Checkpoint.CheckpointError m
     | Inference.LoadError m
-    | Interop.StateDict.StateDictError m
-    | Interop.ImageNet.ImageNetError m
-    | Interop.Onnx.OnnxError m
     | Inputs.ImageError m
     | Run.RunError m
     | Trainer.Diverged m
@@ -29,6 +26,7 @@ let private errorText (e: exn) =
     | Backbone.UnknownBackbone m
     | Backbone.HeadError m
     | Pmg.ConfigError m -> m
+    | :? PmgException as p -> p.Message
     | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
     | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size"
     | e ->

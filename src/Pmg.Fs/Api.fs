@@ -246,7 +246,8 @@ type TrainedModel private (path: string, m: Inference.Model, device: Runtime.Dev
     member _.ExportOnnx(path: string) = Inference.exportOnnx m classes path
 
     /// Writes a state_dict with the reference implementation's key names (.pth).
-    member _.ExportPyTorch(path: string) = Interop.StateDict.export m.Net path
+    member _.ExportPyTorch(path: string) =
+        Interop.StateDict.export m.Net (Interop.Description.describe m.Net classes (Interop.Description.input m.Resize m.Crop)) path
 
     interface IDisposable with
         member _.Dispose() = m.Net.Dispose()

@@ -42,6 +42,12 @@ type BatchNorm(features: int64, eps: float, momentum: float, dims: int list, nam
             torch.cat(Array.append [| first |] rest, 0L).MoveToOuterDisposeScope()
         | _ -> norm input this.running_mean this.running_var
 
+    /// The eval-mode operator: BatchNormalization with the running statistics and this norm's eps.
+    interface Graph.IExportable with
+        member _.Emit(b, prefix, inputs) =
+            let stats = [ "weight"; "bias"; "running_mean"; "running_var" ] |> List.map (fun k -> b.Weight(prefix + k))
+            [ b.Node("BatchNormalization", List.head inputs :: stats, [ "epsilon", Graph.Float(float32 eps) ]) ]
+
 /// Sets the training normalisation group of every BatchNorm in a module (see BatchNorm.Group).
 let setBatchNormGroup (group: int option) (m: nn.Module) =
     for sub in m.modules () do
@@ -63,3 +69,7 @@ type Elu() =
     inherit nn.Module<Tensor, Tensor>("ELU")
     /// ELU with alpha 1.
     override _.forward(x) = Ops.elu x
+
+    /// ELU with alpha 1, as its one operator.
+    interface Graph.IExportable with
+        member _.Emit(b, _, inputs) = [ b.Node("Elu", inputs, [ "alpha", Graph.Float 1.0f ]) ]

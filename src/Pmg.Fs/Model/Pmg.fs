@@ -104,6 +104,22 @@ type Network(config: Config) as this =
         let stagesOut = features.ForwardStages(x, l)
         blocks.[i].forward stagesOut.[l - 1] |> Heads.globalMaxPool |> classifiers.[i].forward
 
+    /// The eval-mode network as operators reading one image batch: outputs every head's logits (finest first),
+    /// concat's, then the combined sum (see Outputs).
+    interface Graph.IExportable with
+        member this.Emit(b, prefix, inputs) =
+            let stagesOut = features.EmitStages(b, prefix + Graph.childName this features + ".", List.head inputs)
+            let child (m: nn.Module) x = Graph.emitChild b prefix this m x
+            // Global max pooling (Heads.globalMaxPool) as pooling, then (N, C, 1, 1) -> (N, C).
+            let pooled =
+                List.map2 (fun (l, _) block ->
+                    let y = child block (List.item (l - 1) stagesOut)
+                    b.Node("Flatten", [ b.Node("GlobalMaxPool", [ y ], []) ], [ "axis", Graph.Int 1L ])) heads blocks
+            let logits = List.map2 child classifiers pooled
+            let concat = child concatClassifier (b.Node("Concat", pooled, [ "axis", Graph.Int 1L ]))
+            let all = logits @ [ concat ]
+            all @ [ b.Node("Sum", all, []) ]
+
     /// Parameters of the backbone and of everything else (the new layers), for the two learning rates, by name.
     member _.BackboneParameters() : (string * Modules.Parameter) list =
         [ for struct (n, p) in features.named_parameters () -> "features." + n, p ]
