@@ -178,9 +178,9 @@ let tests =
                 let file = Path.Combine(d, "five.pth")
                 StateDict.export (network 5 1L) (describe (network 5 1L)) file
                 let msg = errorOf (fun () -> StateDict.import (network 3 1L) file)
-                Expect.stringContains msg "checkpoint has 5 classes" "file's classes"
+                Expect.stringContains msg "the file has 5 classes" "file's classes"
                 Expect.stringContains msg "the model has 3" "model's classes"
-                Expect.stringContains msg "--classes 5" "what to pass"
+                Expect.stringContains msg "build the model with 5 classes" "the fix, in the library's words"
                 Expect.stringContains msg "classifier_concat.4.weight" "the mismatched key")
         }
 
@@ -225,7 +225,7 @@ let tests =
                 StateDict.write file (stateOf (Backbone.create (Backbone.find "resnet34")))
                 let msg = errorOf (fun () -> StateDict.loadPretrainedBackbone (network 3 1L) file)
                 Expect.stringContains msg "layer1.2.conv1.weight" "unexpected key named"
-                Expect.stringContains msg "--backbone resnet34" "hint")
+                Expect.stringContains msg "on the resnet34 backbone" "hint")
         }
 
         test "a checkpoint wrapping the state_dict and a legacy torch.save file read" {

@@ -361,7 +361,7 @@ let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string 
         m.Shapes
         |> List.tryFind (fun (k, s, _) -> Regex.IsMatch(k, @"(^|\.)classifier(\d+|_concat)\.4\.weight$") && s.Length = 2)
         |> Option.map (fun (k, s, w) ->
-            sprintf "the file has %d classes (%s %s), the model %d: build the model with %d classes" s.[0] k (shapeText s) w.[0] s.[0])
+            sprintf "the file has %d classes (%s %s), the model has %d: build the model with %d classes" s.[0] k (shapeText s) w.[0] s.[0])
     let backbone =
         if m.Missing.IsEmpty && m.Unexpected.IsEmpty && m.Shapes.IsEmpty then None
         else
