@@ -24,8 +24,7 @@ let private errorText (e: exn) =
     | Bench.BenchError m
     | DatasetError m
     | Backbone.UnknownBackbone m
-    | Backbone.HeadError m
-    | Pmg.ConfigError m -> m
+    | Backbone.HeadError m -> m
     | :? PmgException as p -> p.Message
     | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
     | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size"

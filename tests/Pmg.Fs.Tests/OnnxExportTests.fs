@@ -145,6 +145,35 @@ let tests =
                       Expect.stringContains message "export it again" (sprintf "%s: the fix: %s" name message)
           }
 
+          test "a model whose weights are not finite is refused by name, and every kind of file describes itself" {
+              use net = small "resnet18"
+              use dir = new TempDir "onnx-nan"
+              do
+                  use _ = torch.no_grad ()
+                  use _ = torch.NewDisposeScope()
+                  let w = net.state_dict().["classifier2.1.weight"]
+                  // x / 0 * 0: infinities times zero, NaN everywhere.
+                  w.copy_(w.div(torch.tensor 0.0f).mul(torch.tensor 0.0f)) |> ignore
+              let file = dir.File "nan.onnx"
+              // A diverged network exported as it is: the checksum matches, the weights are not finite.
+              Interop.OnnxExport.write file (Interop.OnnxExport.toOnnx net 32 (Array.init 4 string) (halfPrep 32))
+              let message =
+                  try
+                      Interop.OnnxExport.verify file
+                      failtest "accepted"
+                  with :? PmgException as e -> e.Message
+              Expect.stringContains message "nan.onnx" "names the file"
+              Expect.stringContains message "classifier2.1.weight" "names the weight"
+              Expect.stringContains message "not finite" message
+              for ext in [ "onnx"; "pth"; "safetensors" ] do
+                  let f = dir.File("m." + ext)
+                  let d = Interop.Description.describe net [| "a"; "b"; "c"; "d" |] (Interop.Description.input 40 32)
+                  if ext = "onnx" then Interop.OnnxExport.write f (Interop.OnnxExport.toOnnx net 32 d.Classes d.Input)
+                  else Interop.StateDict.export net d f
+                  let back = Interop.OnnxExport.describeFile f
+                  Expect.equal (back |> Option.map (fun b -> b.Network, b.Classes, b.Input)) (Some(d.Network, d.Classes, d.Input)) ext
+          }
+
           test "predict --onnx gives the same top-3 as predict --checkpoint on embedded test images" {
               use dir = new TempDir "onnx-predict"
               let checkpoint = trainedCheckpoint ()

@@ -135,3 +135,10 @@ let verify (path: string) : unit =
 /// The description an ONNX file carries (exports of this project), if any.
 let readDescription (path: string) : Description.ModelDescription option =
     Onnx.read path |> Onnx.metadata |> List.tryFind (fst >> (=) Description.key) |> Option.map (snd >> Description.ofJson path)
+
+/// The description any model file carries: an ONNX model's metadata (.onnx), a .pth's zip entry or a
+/// .safetensors' `__metadata__` (see StateDict.readDescription); None for a file without one (the reference's
+/// .pth: StateDict.inferConfig describes its network from its shapes).
+let describeFile (path: string) : Description.ModelDescription option =
+    if IO.Path.GetExtension(path).Equals(".onnx", StringComparison.OrdinalIgnoreCase) then readDescription path
+    else StateDict.readDescription path

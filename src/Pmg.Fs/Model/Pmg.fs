@@ -30,9 +30,6 @@ type Config =
     static member Paper(classes: int) =
         { Backbone = "resnet50"; Classes = classes; Heads = 3; Head = Heads.Config.Paper }
 
-/// A config the network cannot be built from (e.g. fewer than one class).
-exception ConfigError of string
-
 /// The stages the heads read, with their positions (Backbone.headStages for the config).
 let headStages (config: Config) = Backbone.headStages (Backbone.find config.Backbone) config.Heads
 
@@ -61,7 +58,7 @@ type Network(config: Config) as this =
     let spec = Backbone.find config.Backbone
     do
         if config.Classes < 1 then
-            raise (ConfigError(sprintf "Classes must be positive, got %d" config.Classes))
+            Pmg.Fs.Errors.setting Pmg.Fs.Setting.Classes (sprintf "the number of classes must be at least 1, got %d" config.Classes)
     let heads = headStages config
     let features = Backbone.create spec
     let blockOut = config.Head.BlockChannels
