@@ -36,7 +36,7 @@ type BasicConv(inC: int64, outC: int64, kernel: int64, padding: int64, momentum:
         use y = bn.forward y
         relu.forward y
 
-    /// Conv, BN, ReLU as operators.
+    // Conv, BN, ReLU as operators.
     interface Graph.IExportable with
         member this.Emit(b, prefix, inputs) =
             let e (m: Module<Tensor, Tensor>) y = Graph.emitChild b prefix this m y

@@ -42,7 +42,7 @@ type BatchNorm(features: int64, eps: float, momentum: float, dims: int list, nam
             torch.cat(Array.append [| first |] rest, 0L).MoveToOuterDisposeScope()
         | _ -> norm input this.running_mean this.running_var
 
-    /// The eval-mode operator: BatchNormalization with the running statistics and this norm's eps.
+    // The eval-mode operator: BatchNormalization with the running statistics and this norm's eps.
     interface Graph.IExportable with
         member _.Emit(b, prefix, inputs) =
             let stats = [ "weight"; "bias"; "running_mean"; "running_var" ] |> List.map (fun k -> b.Weight(prefix + k))
@@ -70,6 +70,6 @@ type Elu() =
     /// ELU with alpha 1.
     override _.forward(x) = Ops.elu x
 
-    /// ELU with alpha 1, as its one operator.
+    // ELU with alpha 1, as its one operator.
     interface Graph.IExportable with
         member _.Emit(b, _, inputs) = [ b.Node("Elu", inputs, [ "alpha", Graph.Float 1.0f ]) ]

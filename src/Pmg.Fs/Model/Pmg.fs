@@ -101,8 +101,8 @@ type Network(config: Config) as this =
         let stagesOut = features.ForwardStages(x, l)
         blocks.[i].forward stagesOut.[l - 1] |> Heads.globalMaxPool |> classifiers.[i].forward
 
-    /// The eval-mode network as operators reading one image batch: outputs every head's logits (finest first),
-    /// concat's, then the combined sum (see Outputs).
+    // The eval-mode network as operators reading one image batch: outputs every head's logits (finest first),
+    // concat's, then the combined sum (see Outputs).
     interface Graph.IExportable with
         member this.Emit(b, prefix, inputs) =
             let stagesOut = features.EmitStages(b, prefix + Graph.childName this features + ".", List.head inputs)
