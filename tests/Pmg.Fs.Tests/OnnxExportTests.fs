@@ -108,6 +108,13 @@ let tests =
               Expect.equal meta.["std"] "0.2,0.25,0.5" "std"
               Expect.equal meta.["backbone"] "resnet18" "backbone"
               Expect.equal meta.["outputs"] "stage3,stage4,stage5,concat,combined" "outputs"
+              // The modules' own settings, read from their fields: BatchNorm's eps (too small for the outputs to show).
+              let model = Interop.Onnx.read file
+              let eps = [ for n in model.Graph.Node do if n.OpType = "BatchNormalization" then (Interop.Onnx.attribute n "epsilon").Value.F ]
+              Expect.isNonEmpty eps "BatchNormalization nodes"
+              Expect.allEqual eps 1e-5f "every BatchNorm's eps is the module's"
+              let strides = [ for n in model.Graph.Node do if n.OpType = "Conv" then List.ofSeq (Interop.Onnx.attribute n "strides").Value.Ints ]
+              Expect.equal (strides |> List.filter ((=) [ 2L; 2L ]) |> List.length) 7 "resnet18: the stem, then conv1 and the projection of layer2..4's first blocks (1 + 3 + 3)"
               let d = (Interop.OnnxExport.readDescription file).Value
               Expect.equal d.Network net.Config "the network's config"
               Expect.equal d.Classes [| "a"; "b/c"; "d e" |] "class names"

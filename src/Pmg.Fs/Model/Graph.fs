@@ -52,8 +52,8 @@ let childName (parent: torch.nn.Module) (child: torch.nn.Module) : string =
     |> Option.defaultWith (fun () -> invalidOp (sprintf "%s is not a registered child of %s" (child.GetName()) (parent.GetName())))
 
 /// Writes one module reading one tensor, its weights under `prefix`; returns its output. Modules of this project
-/// write themselves (IExportable); TorchSharp's Sequential, Conv2d, Linear, ReLU and MaxPool2d are read from their
-/// fields (kernel, stride, padding, bias).
+/// write themselves (IExportable); TorchSharp's Sequential, Conv2d, Linear, BatchNorm (Layers.BatchNorm included),
+/// ReLU, ELU and MaxPool2d are read from their fields (kernel, stride, padding, bias, eps, alpha).
 let rec emit (b: IBuilder) (prefix: string) (m: torch.nn.Module) (x: string) : string =
     match box m with
     | :? IExportable as e ->
@@ -74,7 +74,13 @@ let rec emit (b: IBuilder) (prefix: string) (m: torch.nn.Module) (x: string) : s
     | :? Modules.Linear as l ->
         let weights = [ b.Weight(prefix + "weight") ] @ (if isNull l.bias then [] else [ b.Weight(prefix + "bias") ])
         b.Node("Gemm", x :: weights, [ "transB", Int 1L ])
+    | :? Modules.BatchNorm as n ->
+        // Eval mode: the running statistics, which a norm without them or without weights does not hold.
+        if not n.affine || not n.track_running_stats then unsupported m
+        let stats = [ "weight"; "bias"; "running_mean"; "running_var" ] |> List.map (fun k -> b.Weight(prefix + k))
+        b.Node("BatchNormalization", x :: stats, [ "epsilon", Float(float32 n.eps) ])
     | :? Modules.ReLU -> b.Node("Relu", [ x ], [])
+    | :? Modules.ELU as e -> b.Node("Elu", [ x ], [ "alpha", Float(float32 e.alpha) ])
     | :? Modules.MaxPool2d as p ->
         if p.ceil_mode || sides 1L p.dilation |> List.exists ((<>) 1L) then unsupported m
         let stride = if isNull p.stride || p.stride.Length = 0 then p.kernel_size else p.stride

@@ -42,12 +42,6 @@ type BatchNorm(features: int64, eps: float, momentum: float, dims: int list, nam
             torch.cat(Array.append [| first |] rest, 0L).MoveToOuterDisposeScope()
         | _ -> norm input this.running_mean this.running_var
 
-    // The eval-mode operator: BatchNormalization with the running statistics and this norm's eps.
-    interface Graph.IExportable with
-        member _.Emit(b, prefix, inputs) =
-            let stats = [ "weight"; "bias"; "running_mean"; "running_var" ] |> List.map (fun k -> b.Weight(prefix + k))
-            [ b.Node("BatchNormalization", List.head inputs :: stats, [ "epsilon", Graph.Float(float32 eps) ]) ]
-
 /// Sets the training normalisation group of every BatchNorm in a module (see BatchNorm.Group).
 let setBatchNormGroup (group: int option) (m: nn.Module) =
     for sub in m.modules () do
