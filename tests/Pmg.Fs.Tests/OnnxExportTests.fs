@@ -62,7 +62,7 @@ let private small (backbone: string) =
 let tests =
     testList
         "onnx export"
-        [ for backbone, sizes in [ "resnet18", [ 64; 96 ]; "resnet50", [ 64 ] ] do
+        [ for backbone, sizes in [ "resnet18", [ 64; 96 ]; "resnet50", [ 64; 96 ] ] do
               test (sprintf "ONNX Runtime's five outputs equal TorchSharp's for %s at %A px, batch 2 and 3" backbone sizes) {
                   use net = network backbone 7
                   use dir = new TempDir "onnx"
