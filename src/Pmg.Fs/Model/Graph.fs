@@ -1,7 +1,8 @@
 /// The network as a graph of operators, written by the modules themselves: each block of this project says what
-/// it computes (IExportable) from its own fields, and TorchSharp's layers inside a Sequential (Conv2d, Linear, ReLU,
-/// MaxPool2d, BatchNorm, ELU) are read from their fields by one generic function. So the structure lives once, in the modules; an exporter (Interop's
-/// ONNX writer) only maps the operators to its format. Operator and attribute names are ONNX's (opset 17).
+/// it computes (IExportable) from its own fields, and TorchSharp's layers inside a Sequential (Conv2d, Linear,
+/// BatchNorm, ReLU, ELU, MaxPool2d) are read from their fields by one generic function. So the structure lives
+/// once, in the modules; an exporter (Interop's ONNX writer) only maps the operators to its format. Operator and
+/// attribute names are ONNX's (opset 17).
 module Pmg.Fs.Model.Graph
 
 open TorchSharp
