@@ -73,7 +73,31 @@ let private records (bytes: byte[]) : (int * int * ReadOnlyMemory<byte>) list * 
 // ---------------------------------------------------------------------------------------------------
 // Event and Summary protobufs (TensorFlow's event.proto, summary.proto; TensorBoard's hparams plugin_data.proto)
 
-/// A 64-bit double field (wire type 1), which Protobuf.Writer does not write: the key byte and the raw bits.
+/// Protocol-buffer fields as the Event records need them, written through Google.Protobuf's coded stream.
+type private ProtoWriter() =
+    let buffer = new MemoryStream()
+    let out = new Google.Protobuf.CodedOutputStream(buffer, true)
+    let tag (field: int) (wire: Google.Protobuf.WireFormat.WireType) = out.WriteTag(field, wire)
+    member _.Int64(field: int, v: int64) =
+        tag field Google.Protobuf.WireFormat.WireType.Varint
+        out.WriteInt64 v
+    member _.Float32(field: int, v: float32) =
+        tag field Google.Protobuf.WireFormat.WireType.Fixed32
+        out.WriteFloat v
+    member _.String(field: int, v: string) =
+        tag field Google.Protobuf.WireFormat.WireType.LengthDelimited
+        out.WriteString v
+    member _.Bytes(field: int, v: ReadOnlySpan<byte>) =
+        tag field Google.Protobuf.WireFormat.WireType.LengthDelimited
+        out.WriteBytes(Google.Protobuf.ByteString.CopyFrom v)
+    member this.Message(field: int, m: ProtoWriter) =
+        let bytes: byte[] = m.ToArray()
+        this.Bytes(field, ReadOnlySpan<byte> bytes)
+    member _.ToArray() =
+        out.Flush()
+        buffer.ToArray()
+
+/// A 64-bit double field (wire type 1): the key byte and the raw bits.
 let private doubleField (number: int) (v: float) : byte[] =
     let b = Array.zeroCreate 9
     b.[0] <- byte ((number <<< 3) ||| 1)
@@ -81,32 +105,32 @@ let private doubleField (number: int) (v: float) : byte[] =
     b
 
 /// An Event: wall_time (1, seconds since 1970), step (2), then the fields `body` writes (file_version 3, summary 5).
-let private event (wallTime: float) (step: int64) (body: Protobuf.Writer -> unit) : byte[] =
-    let w = Protobuf.Writer()
+let private event (wallTime: float) (step: int64) (body: ProtoWriter -> unit) : byte[] =
+    let w = ProtoWriter()
     w.Int64(2, step)
     body w
     Array.append (doubleField 1 wallTime) (w.ToArray())
 
 /// Summary.Value: tag (1), then its value.
-let private summaryValue (tag: string) (value: Protobuf.Writer -> unit) =
-    let v = Protobuf.Writer()
+let private summaryValue (tag: string) (value: ProtoWriter -> unit) =
+    let v = ProtoWriter()
     v.String(1, tag)
     value v
     v
 
 /// SummaryMetadata (Value field 9) naming the plugin that reads the value, with its content.
 let private pluginMetadata (plugin: string) (content: byte[]) =
-    let data = Protobuf.Writer()
+    let data = ProtoWriter()
     data.String(1, plugin)
     data.Bytes(2, ReadOnlySpan content)
-    let m = Protobuf.Writer()
+    let m = ProtoWriter()
     m.Message(1, data)
     m
 
 /// An Event holding a Summary (field 5) of one value.
-let private summaryEvent (wallTime: float) (step: int64) (value: Protobuf.Writer) =
+let private summaryEvent (wallTime: float) (step: int64) (value: ProtoWriter) =
     event wallTime step (fun e ->
-        let s = Protobuf.Writer()
+        let s = ProtoWriter()
         s.Message(1, value)
         e.Message(5, s))
 
@@ -118,11 +142,11 @@ let private textValue (tag: string) (text: string) =
     summaryValue tag (fun w ->
         w.Message(9, pluginMetadata "text" [||])
         // TensorProto: dtype DT_STRING (7), shape [1], string_val (8).
-        let dim = Protobuf.Writer()
+        let dim = ProtoWriter()
         dim.Int64(1, 1L)
-        let shape = Protobuf.Writer()
+        let shape = ProtoWriter()
         shape.Message(2, dim)
-        let t = Protobuf.Writer()
+        let t = ProtoWriter()
         t.Int64(1, 7L)
         t.Message(2, shape)
         t.String(8, text)
@@ -146,7 +170,7 @@ let private pngHeader (png: byte[]) =
 let private imageValue (tag: string) (png: byte[]) =
     let width, height, colorspace = pngHeader png
     summaryValue tag (fun w ->
-        let i = Protobuf.Writer()
+        let i = ProtoWriter()
         i.Int64(1, int64 height)
         i.Int64(2, int64 width)
         i.Int64(3, colorspace)
@@ -162,12 +186,12 @@ type private HValue =
 let private hvalue (v: HValue) : byte[] =
     match v with
     | Number x -> doubleField 2 x
-    | Str s -> (let w = Protobuf.Writer() in w.String(3, s); w.ToArray())
-    | Bool b -> (let w = Protobuf.Writer() in w.Int64(4, (if b then 1L else 0L)); w.ToArray())
+    | Str s -> (let w = ProtoWriter() in w.String(3, s); w.ToArray())
+    | Bool b -> (let w = ProtoWriter() in w.Int64(4, (if b then 1L else 0L)); w.ToArray())
 
 /// The hparams plugin's value: HParamsPluginData (version 0) with one of its data fields.
 let private hparamsValue (tag: string) (field: int) (data: byte[]) =
-    let content = Protobuf.Writer()
+    let content = ProtoWriter()
     content.Bytes(field, ReadOnlySpan data)
     summaryValue tag (fun w -> w.Message(9, pluginMetadata "hparams" (content.ToArray())))
 
@@ -347,9 +371,9 @@ let logExperiment (w: Writer) =
         let e = w.Experiment
         // Indented four spaces: a Markdown code block, so the text plugin shows the JSON as written.
         let json = (Json.serialize e).Split('\n') |> Array.map (fun l -> "    " + l.TrimEnd '\r') |> String.concat "\n"
-        let start = Protobuf.Writer()
+        let start = ProtoWriter()
         for name, v in hparams e do
-            let entry = Protobuf.Writer()
+            let entry = ProtoWriter()
             entry.String(1, name)
             entry.Bytes(2, ReadOnlySpan(hvalue v))
             start.Message(1, entry)
@@ -394,7 +418,7 @@ let logEpoch (w: Writer) (r: Trainer.EpochRecord) =
 let logEnd (w: Writer) (images: (string * byte[]) list) =
     let step = w.LastStep
     let now = wallNow ()
-    let endInfo = Array.append (let s = Protobuf.Writer() in s.Int64(1, 1L); s.ToArray()) (doubleField 2 now)
+    let endInfo = Array.append (let s = ProtoWriter() in s.Int64(1, 1L); s.ToArray()) (doubleField 2 now)
     w.Append(
         step,
         [ for tag, png in images do
@@ -411,8 +435,19 @@ let flush (w: Writer) = w.Flush()
 
 /// The step of an event and whether it holds a summary (the file-version record holds none).
 let private stepOf (data: ReadOnlyMemory<byte>) =
-    let fields = Protobuf.fields data
-    Protobuf.integer 2 fields, fields |> List.exists (fun (n, _) -> n = 5)
+    let input = new Google.Protobuf.CodedInputStream(data.ToArray())
+    let mutable step = 0L
+    let mutable summary = false
+    let mutable tag = input.ReadTag()
+    while tag <> 0u do
+        match Google.Protobuf.WireFormat.GetTagFieldNumber tag with
+        | 2 -> step <- input.ReadInt64()
+        | 5 ->
+            summary <- true
+            input.SkipLastField()
+        | _ -> input.SkipLastField()
+        tag <- input.ReadTag()
+    step, summary
 
 /// Rewrites the run folder's event files without the summaries of steps after `step` (the committed epoch's last
 /// global step, `epochStep`), and without a record a kill cut off: a run killed mid-epoch logged batches that its
