@@ -7,6 +7,10 @@ open Argu
 /// A flag with a value it cannot take: exit code 2, like Argu's own usage errors.
 exception BadFlag of string
 
+/// A count with its noun, singular for one: `counted 1 "epoch"` is "1 epoch", `counted 8 "class"` "8 classes".
+let counted (n: int) (noun: string) : string =
+    sprintf "%d %s%s" n noun (if n = 1 then "" elif noun.EndsWith "s" then "es" else "s")
+
 /// A flag's value among named choices (case-insensitive).
 let choose (flag: string) (choices: (string * 'T) list) (value: string) : 'T =
     match choices |> List.tryFind (fun (name, _) -> name = value.Trim().ToLowerInvariant()) with
@@ -301,8 +305,8 @@ type Command =
             match a with
             | Train _ -> "train PMG (on the embedded dataset unless --dataset is given)."
             | Eval _ -> "evaluate a checkpoint: top-1 of every head, concat, combined; top-5 of combined."
-            | Predict _ -> "classify images."
-            | Export _ -> "write a checkpoint as a PyTorch state_dict."
+            | Predict _ -> "classify images with a checkpoint or an exported ONNX model (class names from classes.txt or the model)."
+            | Export _ -> "write a checkpoint as a PyTorch state_dict (.pth, the reference's key names) or an ONNX model (.onnx, for ONNX Runtime)."
             | Bench _ -> "time training iterations or inference on synthetic tensors, or the data pipeline."
             | Data _ -> "inspect a dataset: counts and unusable images."
             | Cam _ -> "Grad-CAM of every head for images, as PNG montages."

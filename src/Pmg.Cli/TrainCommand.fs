@@ -83,9 +83,9 @@ let run (a: ParseResults<TrainArgs>) =
     let out = a.GetResult(TrainArgs.Out, Path.Combine("runs", sprintf "%s-%s" (Experiment.runName e) (DateTime.Now.ToString "yyyyMMdd-HHmmss")))
     if a.Contains TrainArgs.Resume && not (a.Contains TrainArgs.Out) then
         raise (BadFlag "--resume needs --out RUN_DIR: the folder of the run to continue")
-    printfn "PMG %s (%s) on %s: %d classes, %d epochs, batch %d, %dpx crops of %dpx, steps %s, device %s"
+    printfn "PMG %s (%s) on %s: %s, %s, batch %d, %dpx crops of %dpx, steps %s, device %s"
         e.Model.Backbone (Backbone.Weights.describe e.Weights) (Experiment.dataName e)
-        e.Model.Classes e.Epochs e.BatchSize e.Input.Crop e.Input.Resize
+        (counted e.Model.Classes "class") (counted e.Epochs "epoch") e.BatchSize e.Input.Crop e.Input.Resize
         (e.Schedule |> List.map (fun s -> sprintf "%A n=%d w=%g" s.Head s.Grid s.LossWeight) |> String.concat "; ")
         (Runtime.Device.text e.Device)
     printfn "run directory: %s" (Path.GetFullPath out)
@@ -111,7 +111,7 @@ let run (a: ParseResults<TrainArgs>) =
                     eprintfn "  warning: %d unusable images skipped this epoch, e.g. %s: %s" r.Skipped.Length (fst r.Skipped.Head) (snd r.Skipped.Head) }
     let summary = Run.trainOn opened e out (a.Contains TrainArgs.Resume) hooks
     match summary.History with
-    | [] -> printfn "nothing to do: %s already holds %d epochs" out e.Epochs
+    | [] -> printfn "nothing to do: %s already holds %s" out (counted e.Epochs "epoch")
     | history ->
         let last = List.last history
         printfn ""
