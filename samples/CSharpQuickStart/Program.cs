@@ -77,7 +77,7 @@ static async Task<int> TourAsync()
         Check(batches.All(b => b.LearningRates["heads"] > 0 && b.LearningRates["backbone"] > 0 && b.ImagesPerSecond > 0), "learning rates and speed");
 
         var epoch = run.Epochs.Single();
-        Console.WriteLine($"epoch 1: train {epoch.TrainAccuracy:P1}, test combined {epoch.TestCombined:P1}, best -> {run.BestCheckpoint}");
+        Console.WriteLine($"epoch 1: train {epoch.TrainAccuracy:0.0%}, test combined {epoch.TestCombined:0.0%}, best -> {run.BestCheckpoint}");
         Check(run.BestEpoch == 1 && File.Exists(run.BestCheckpoint), "best.ckpt of epoch 1");
 
         using var model = TrainedModel.Load(run.BestCheckpoint, device: "cpu");
@@ -85,7 +85,7 @@ static async Task<int> TourAsync()
 
         // The same weights on the same 40 test images as the epoch's own evaluation.
         var evaluation = model.Evaluate(experiment);
-        Console.WriteLine($"evaluate: {evaluation.Images} images, combined {evaluation.Combined:P1}, top-5 {evaluation.CombinedTop5:P1}");
+        Console.WriteLine($"evaluate: {evaluation.Images} images, combined {evaluation.Combined:0.0%}, top-5 {evaluation.CombinedTop5:0.0%}");
         Check(evaluation.Images == 40, "40 test images");
         Check(Math.Abs(evaluation.Combined - epoch.TestCombined) <= 1.0 / 40, $"evaluation {evaluation.Combined} = training's {epoch.TestCombined}");
 
@@ -99,7 +99,7 @@ static async Task<int> TourAsync()
             Check(one[0].Class == batch[i][0].Class && Math.Abs(one[0].Score - batch[i][0].Score) < 1e-4f, $"image {i}: batch = single");
             Check(batch[i].Zip(batch[i].Skip(1)).All(p => p.First.Score >= p.Second.Score), "most likely first");
             Check(Math.Abs(batch[i].Sum(s => s.Score) - 1f) < 1e-3f, "softmax scores sum to 1");
-            Console.WriteLine($"image {i} (class {EmbeddedImages.ClassOf(i)}): {batch[i][0].Name} {batch[i][0].Score:P1}");
+            Console.WriteLine($"image {i} (class {EmbeddedImages.ClassOf(i)}): {batch[i][0].Name} {batch[i][0].Score:0.0%}");
         }
 
         // The images as files, for the two other processes.
@@ -112,6 +112,7 @@ static async Task<int> TourAsync()
         Check(new FileInfo(onnx).Length > 1_000_000, "model.onnx written");
 
         // ONNX Runtime alone, in a process that never loads libtorch; then the checkpoint in another process.
+        Check(LoadedLibTorch() is not null, "this process shows libtorch among its modules (what the ONNX process must not)");
         foreach (var (mode, file) in new[] { ("onnx", onnx), ("checkpoint", run.BestCheckpoint) })
         {
             var lines = RunSelf([mode, file, .. files]);
@@ -143,9 +144,16 @@ static int PredictWithOnnx(string model, string[] images)
         var top = onnx.Predict(file, topK: 1)[0];
         Console.WriteLine($"{Path.GetFileName(file)} {top.Class} {top.Score:R} {top.Name}");
     }
-    var torch = Process.GetCurrentProcess().Modules.Cast<ProcessModule>().FirstOrDefault(m => m.ModuleName.Contains("torch_cpu"));
-    Check(torch is null, $"ONNX Runtime alone: {torch?.FileName} was loaded");
+    var torch = LoadedLibTorch();
+    Check(torch is null, $"ONNX Runtime alone: {torch} was loaded");
     return 0;
+}
+
+// libtorch_cpu's file where this process has loaded it, else null.
+static string? LoadedLibTorch()
+{
+    using var self = Process.GetCurrentProcess();
+    return self.Modules.Cast<ProcessModule>().FirstOrDefault(m => m.ModuleName.Contains("torch_cpu"))?.FileName;
 }
 
 static int PredictWithCheckpoint(string checkpoint, string[] images)
