@@ -115,6 +115,8 @@ let main argv =
     with
     | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText ->
         printfn "%s" e.Message
+        if argv = [| "--help" |] then
+            printfn "`pmg --version` prints the version, the commit and the libtorch that loads; -h is --help; --flag=value is --flag value."
         0
     | :? ArguParseException as e ->
         eprintfn "pmg: %s" (usageError argv e.Message)
