@@ -14,15 +14,13 @@ open Pmg.Cli.TrainSettings
 
 let pct = Format.percent
 
-/// "1 epoch", "2 epochs"; `many` for irregular plurals.
-let private counted (n: int) (one: string) (many: string) = if n = 1 then sprintf "%d %s" n one else sprintf "%d %s" n many
-let private plural (n: int) (word: string) = counted n word (word + "s")
+let private plural (n: int) (word: string) = counted n word
 
 /// The one-line description of an experiment the banner prints.
 let banner (e: Experiment.Experiment) =
     sprintf "PMG %s (%s) on %s: %s, %s, batch %d, %dpx crops of %dpx, steps %s, device %s"
         e.Model.Backbone (Model.Backbone.Weights.describe e.Weights) (Experiment.dataName e)
-        (counted e.Model.Classes "class" "classes") (plural e.Epochs "epoch") e.BatchSize e.Input.Crop e.Input.Resize
+        (counted e.Model.Classes "class") (plural e.Epochs "epoch") e.BatchSize e.Input.Crop e.Input.Resize
         (e.Schedule |> List.map (fun s -> sprintf "%s x%g" (Schedule.stepName s) s.LossWeight) |> String.concat ", ")
         (Runtime.Device.text e.Device)
 

@@ -239,10 +239,15 @@ let private packagesRoot () =
     | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
     | p -> p
 
-/// A packaged file's path, or an error naming the package and the command that restores it.
+/// A packaged file's path, or an error naming the package and the command that restores it. The Pmg.Fs package
+/// and the pmg tool carry the file beside the app (imagenet/<package>/<version>/..., the cache's layout); a clone
+/// reads it from the NuGet cache.
 let packagedFile (p: Backbone.Packaged) : string =
-    let file = Path.Combine(packagesRoot (), p.Package.ToLowerInvariant(), p.Version, p.File)
-    if File.Exists file then file
+    let relative = Path.Combine(p.Package.ToLowerInvariant(), p.Version, p.File)
+    let beside = Path.Combine(AppContext.BaseDirectory, "imagenet", relative)
+    let file = Path.Combine(packagesRoot (), relative)
+    if File.Exists beside then beside
+    elif File.Exists file then file
     else
         fail "ImageNet weights not found at %s: they come from the NuGet package %s %s; run `dotnet tool restore && dotnet paket restore` in the repository (the README's commands do), or pass --pretrained FILE"
             file p.Package p.Version
