@@ -194,7 +194,9 @@ let private runFolderCases: Test list =
           let onnx = tmp.File "m.onnx"
           Expect.equal (pmg [ "export"; "--checkpoint"; ckpt; "--to"; "onnx"; "--out"; onnx ]).Code 0 "exported"
           tryCase 43 "`predict --onnx M --top-k 99` (the model has 8 classes)" tmp.Path [ "predict"; "--onnx"; onnx; "--top-k"; "99"; "embedded:test:0" ] 2 [ "--top-k" ] "-" |> ignore
-          tryCase 44 "an .onnx given to `--checkpoint`" tmp.Path [ "predict"; "--checkpoint"; onnx; "embedded:test:0" ] 1 [ onnx; "--onnx" ] "-" |> ignore
+          let viaCheckpoint = pmg [ "predict"; "--checkpoint"; onnx; "embedded:test:0" ]
+          Expect.equal viaCheckpoint.Code 0 ("predict takes an .onnx given as --checkpoint: " + viaCheckpoint.Err)
+          tryCase 44 "an .onnx given to `eval --checkpoint` (only predict runs ONNX models)" tmp.Path [ "eval"; "--checkpoint"; onnx ] 1 [ onnx; "--onnx" ] "-" |> ignore
           let o = pmg [ "eval"; "--checkpoint"; ckpt; "--batch-size"; "1" ]
           Expect.equal o.Code 0 ("eval --batch-size 1 works: " + o.Err)
       }
@@ -252,7 +254,7 @@ let tests =
               Expect.equal (snapshot run) before "unchanged"
               tryCase 2 "`train --resume` without `--out`" tmp.Path [ "train"; "--resume" ] 2 [ "--out" ] "nothing written" |> ignore
               let missing = tmp.File "typo"
-              tryCase 3 "`train --resume --out DIR` where DIR holds no run" tmp.Path [ "train"; "--resume"; "--out"; missing ] 1 [ missing; "last.ckpt" ] "nothing written" |> ignore
+              tryCase 3 "`train --resume --out DIR` where DIR holds no run" tmp.Path [ "train"; "--resume"; "--out"; missing ] 1 [ missing; "no run to resume" ] "nothing written" |> ignore
               Expect.isFalse (Directory.Exists missing) "no folder made"
               tryCase 4 "`train --resume` with another `--batch-size` than the run's" tmp.Path
                   [ "train"; "--resume"; "--out"; run; "--epochs"; "1"; "--image-size"; "24"; "--batch-size"; "16"; "--backbone"; "resnet18"; "--pretrained"; "none"; "--workers"; "1" ]
@@ -314,7 +316,7 @@ let tests =
               Expect.stringContains o.Out "embedded:test:1" "the image after it is still classified"
               tryCase 13 "`train --grids a,b,c`" tmp.Path [ "train"; "--grids"; "a,b,c" ] 2 [ "--grids" ] "nothing written" |> ignore
               tryCase 14 "`train --image-size 100000`" tmp.Path [ "train"; "--image-size"; "100000" ] 2 [ "--image-size" ] "nothing written" |> ignore
-              tryCase 15 "`train --image-size 7` (an 8x8 jigsaw of 7 px)" tmp.Path [ "train"; "--image-size"; "7"; "--out"; tmp.File "run7" ] 1 [ "jigsaw grid 8"; "at least 8 px" ] "nothing written" |> ignore
+              tryCase 15 "`train --image-size 7` (an 8x8 jigsaw of 7 px)" tmp.Path [ "train"; "--image-size"; "7"; "--out"; tmp.File "run7" ] 2 [ "jigsaw grid 8"; "at least 8 px" ] "nothing written" |> ignore
               Expect.isFalse (Directory.Exists(tmp.File "run7")) "no run folder"
               tryCase 16 "`predict --image-size 0`" tmp.Path [ "predict"; "--checkpoint"; ckpt; "--image-size"; "0"; "embedded:test:0" ] 2 [ "--image-size" ] "-" |> ignore
               tryCase 17 "`predict --device tpu`" tmp.Path [ "predict"; "--checkpoint"; ckpt; "--device"; "tpu"; "embedded:test:0" ] 2 [ "tpu" ] "-" |> ignore
