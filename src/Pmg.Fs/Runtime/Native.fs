@@ -28,10 +28,9 @@ type Loaded =
       /// oneDNN convolutions were turned off because this CPU's cache sizes are unreadable (SIGFPE in backward).
       MkldnnDisabled: bool }
 
-/// Raised when libtorch or its glue cannot be found or loaded, or is unusable; the message says what to do.
-exception NativeLoadError of string
 
-let private fail msg = raise (NativeLoadError msg)
+
+let private fail msg : 'a = Pmg.Fs.Errors.fail (Pmg.Fs.NativeRuntime msg)
 
 /// True on Linux x64, the platform whose libtorch package (libtorch-cpu-linux-x64) the library references and the
 /// only one where this module loads libtorch itself, with its work-arounds (the GLIBCXX weak-version edit of the
