@@ -48,13 +48,21 @@ let decode (bytes: byte[]) : (string * torch.Tensor) list =
           t.bytes <- Span bytes
           name, t ]
 
-/// True for a zip holding format.json: a Pmg.Fs checkpoint (or a damaged one), not a torch.save file.
+/// True for a Pmg.Fs checkpoint, whole or damaged: a zip holding format.json, or a .ckpt that starts like a zip
+/// but cannot be opened as one (cut off). torch.save zips (data.pkl) and pickles are not.
 let looksLikeCheckpoint (path: string) : bool =
     try
         use zip = ZipFile.OpenRead path
         not (isNull (zip.GetEntry "format.json"))
-    with _ ->
-        false
+    with
+    | :? InvalidDataException ->
+        Path.GetExtension(path).Equals(".ckpt", StringComparison.OrdinalIgnoreCase)
+        && (try
+                use f = File.OpenRead path
+                f.ReadByte() = int 'P' && f.ReadByte() = int 'K'
+            with _ ->
+                false)
+    | _ -> false
 
 let private sha256 (bytes: byte[]) = Convert.ToHexString(SHA256.HashData bytes).ToLowerInvariant()
 
