@@ -36,7 +36,7 @@ type private Server(files: Map<string, byte[]>, cutAfter: int option, chunkDelay
     let serve (ctx: HttpListenerContext) =
         Interlocked.Increment(&requests.contents) |> ignore
         try
-            match files.TryFind(ctx.Request.Url.AbsolutePath.TrimStart '/') with
+            match files.TryFind(Path.GetFileName ctx.Request.Url.AbsolutePath) with
             | None ->
                 ctx.Response.StatusCode <- 404
                 ctx.Response.Close()

@@ -272,8 +272,10 @@ module Hub =
         out.Flush true
         report true
 
-    /// True for the IOException a FileShare.None open raises while another holder has the file.
-    let private isSharingViolation (e: IOException) = (e.HResult &&& 0xFFFF) = 32
+    /// True for the IOException a FileShare.None open raises while another holder has the file: Windows'
+    /// ERROR_SHARING_VIOLATION, or flock's EWOULDBLOCK (Linux 11, macOS 35) as .NET reports it on Unix.
+    let private isSharingViolation (e: IOException) =
+        (e.HResult &&& 0xFFFF) = 32 || (not (OperatingSystem.IsWindows()) && (e.HResult = 11 || (OperatingSystem.IsMacOS() && e.HResult = 35)))
 
     /// Holds the download lock of `target` (a lock file beside it, freed when the holder exits), or None once
     /// another process has put the file in place meanwhile. Waits while another process downloads it.
