@@ -372,3 +372,43 @@ let tests =
                   Expect.stringContains err "XDG_CACHE_HOME" "names the fix"
               | _ -> () // This machine's libstdc++ loads the glue as it is: no copy is written anywhere.
           } ]
+
+/// RELIABILITY.md's rows 400-499 (run by ReliabilityTests): starting weights as a user meets them. The suite runs
+/// offline with an empty PyTorch cache of its own (Main.fs), as a machine without internet would.
+let cases: Test list =
+    [ test "starting weights: offline, a damaged cache file, a PMG checkpoint whole and cut" {
+          use tmp = new TempDir "rel-weights"
+          let cub = FgvcMini.dataset "CUB_200_2011"
+          let out = tmp.File "run"
+          let resnet50 = (Backbone.find "resnet50").Torchvision.Value
+          Reliability.tryCase 400 "`train --dataset cub` (ResNet50 from ImageNet) offline, PyTorch's cache empty" tmp.Path
+              [ "train"; "--dataset"; "cub"; "--root"; cub; "--epochs"; "1"; "--out"; out ]
+              1 [ resnet50.Url; Path.Combine((Hub.options ()).CacheDir, resnet50.File); "random weights" ] "nothing written"
+          |> ignore
+          Expect.isFalse (Directory.Exists out) "no run folder"
+          // A cut-off copy in the cache (the suite's own TORCH_HOME; no other test uses resnet101's file).
+          let resnet101 = (Backbone.find "resnet101").Torchvision.Value
+          let cached = Path.Combine((Hub.options ()).CacheDir, resnet101.File)
+          Directory.CreateDirectory(Path.GetDirectoryName cached) |> ignore
+          File.WriteAllBytes(cached, blob 7 4096)
+          Reliability.tryCase 401 "`train --backbone resnet101` with a damaged copy of its file in PyTorch's cache" tmp.Path
+              [ "train"; "--dataset"; "cub"; "--root"; cub; "--backbone"; "resnet101"; "--epochs"; "1"; "--out"; out ]
+              1 [ cached; "SHA-256"; "delete it" ] "the cached file, untouched"
+          |> ignore
+          Expect.equal (File.ReadAllBytes cached) (blob 7 4096) "not downloaded over, not deleted"
+          Expect.isFalse (Directory.Exists out) "no run folder"
+          let ckpt = trainedCheckpoint ()
+          let cut = tmp.File "cut.ckpt"
+          File.WriteAllBytes(cut, (File.ReadAllBytes ckpt).[.. 100_000])
+          Reliability.tryCase 402 "`train --pretrained CUT.ckpt` (a PMG checkpoint cut off)" tmp.Path
+              [ "train"; "--backbone"; "resnet18"; "--pretrained"; cut; "--epochs"; "1"; "--image-size"; "24"; "--out"; out ]
+              1 [ cut; "damaged" ] "nothing written"
+          |> ignore
+          Expect.isFalse (Directory.Exists out) "no run folder"
+          Reliability.tryCase 403 "`train --pretrained RUN/best.ckpt` (a PMG checkpoint's backbone)" tmp.Path
+              [ "train"; "--backbone"; "resnet18"; "--pretrained"; ckpt; "--epochs"; "1"; "--image-size"; "24"; "--batch-size"; "32"
+                "--workers"; "1"; "--out"; out ]
+              0 [] "the run"
+          |> ignore
+          Expect.stringContains (File.ReadAllText(Path.Combine(out, "config.json"))) "best.ckpt" "config.json names the weights"
+      } ]
