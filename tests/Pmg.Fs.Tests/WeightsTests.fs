@@ -167,6 +167,9 @@ let tests =
               let o = optionsFor dir.Path server
               let spec = resnet18As name
               Expect.equal (Hub.statusWith o spec Backbone.ImageNet) (Hub.WillDownload(server.BaseUrl + "/" + name, Path.Combine(o.CacheDir, name), 1)) "will be downloaded"
+              // What a download killed earlier left behind (its process is gone): removed by the next one.
+              Directory.CreateDirectory o.CacheDir |> ignore
+              File.WriteAllBytes(Path.Combine(o.CacheDir, sprintf ".%s.tmp-%d-deadbeef" name Int32.MaxValue), bytes.[.. 1000])
               let reports = Collections.Concurrent.ConcurrentQueue<WeightsDownloadEventArgs>()
               let handler = EventHandler<WeightsDownloadEventArgs>(fun _ e -> if e.Url.StartsWith server.BaseUrl then reports.Enqueue e)
               WeightsDownloads.Progress.AddHandler handler

@@ -301,7 +301,10 @@ module Hub =
         let dir = Path.GetDirectoryName target
         for f in Directory.GetFiles(dir, "." + Path.GetFileName target + ".tmp-*") do
             let alive =
-                match (Path.GetFileName f).Split('-') |> Array.tryItem 1 |> Option.map Int32.TryParse with
+                // .NAME.tmp-PID-RANDOM
+                let name = Path.GetFileName f
+                let rest = name.Substring(name.LastIndexOf ".tmp-" + 5)
+                match rest.Split('-') |> Array.tryHead |> Option.map Int32.TryParse with
                 | Some(true, pid) ->
                     try
                         use p = Process.GetProcessById pid
