@@ -105,9 +105,9 @@ let tests =
               let out = Path.Combine(dir.Path, "run")
               let refused = pmg [ "train"; "--dataset"; "cub"; "--root"; root; "--epochs"; "1"; "--out"; out ]
               Expect.notEqual refused.Code 0 "refused"
-              // The suite runs offline with an empty PyTorch cache (Main.fs). The library says "random weights";
-              // the command line adds its flag for them.
+              // The suite runs offline with an empty PyTorch cache (Main.fs).
               Expect.stringContains refused.Err "random weights" "names the other choice"
+              Expect.stringContains refused.Err "--pretrained none" "and its flag"
               Expect.stringContains refused.Err "resnet50-19c8e357.pth" "names the file"
               Expect.isFalse (Directory.Exists out) "nothing written"
               let ok =

@@ -45,3 +45,16 @@ let load (sample: Sample) (cropToBox: bool) : Image<Rgb24> =
     with _ ->
         img.Dispose()
         reraise ()
+
+/// Decodes an image file for prediction, or fails with an UnusableInput naming it and the reason.
+let loadChecked (path: string) : Image<Rgb24> =
+    if System.IO.Directory.Exists path then
+        Pmg.Fs.Errors.input path (sprintf "%s is a folder: give image files (e.g. %s/*.jpg)" path path)
+    if not (System.IO.File.Exists path) then Pmg.Fs.Errors.input path (sprintf "%s: no such file" path)
+    try
+        decode path
+    with
+    | :? UnknownImageFormatException ->
+        Pmg.Fs.Errors.input path (sprintf "%s is not an image this program can read (JPEG, PNG, BMP, GIF, TIFF, WebP)" path)
+    | :? InvalidImageContentException as e -> Pmg.Fs.Errors.input path (sprintf "%s is damaged: %s" path e.Message)
+    | :? System.IO.IOException as e -> Pmg.Fs.Errors.input path (sprintf "%s cannot be read: %s" path e.Message)

@@ -190,8 +190,12 @@ module Hub =
         | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
         | p -> p
 
+    /// The Pmg.Fs package and the pmg tool carry the file beside the app (imagenet/<package>/<version>/..., the
+    /// cache's layout); a clone reads it from the NuGet cache.
     let private packagedPath (p: Backbone.Packaged) =
-        Path.Combine(packagesRoot (), p.Package.ToLowerInvariant(), p.Version, p.File)
+        let relative = Path.Combine(p.Package.ToLowerInvariant(), p.Version, p.File)
+        let beside = Path.Combine(AppContext.BaseDirectory, "imagenet", relative)
+        if File.Exists beside then beside else Path.Combine(packagesRoot (), relative)
 
     let private packageMissing (p: Backbone.Packaged) =
         sprintf "ImageNet weights not found at %s: they come from the NuGet package %s %s; restore the repository's packages (`dotnet tool restore && dotnet paket restore`) or give a weights file"
