@@ -149,6 +149,8 @@ let private patchedCopy (original: string) =
                     Files.writeBytesAtomically target patched
                     true
                 with
+                // Files.writeAtomically words folder problems as OutputFailed; the next folder is tried.
+                | :? Pmg.Fs.PmgException
                 | :? IOException
                 | :? UnauthorizedAccessException -> false)
         match written with
