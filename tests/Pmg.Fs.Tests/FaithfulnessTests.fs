@@ -103,7 +103,7 @@ let tests =
               let root = FgvcMini.dataset "CUB_200_2011"
               use dir = new TempDir "refuse"
               let out = Path.Combine(dir.Path, "run")
-              let refused = pmg [ "train"; "--dataset"; "cub"; "--root"; root; "--epochs"; "1"; "--out"; out ]
+              let refused = pmg [ "train"; "--dataset"; "cub"; "--root"; root; "--epochs"; "1"; "--batch-size"; "4"; "--out"; out ]
               Expect.notEqual refused.Code 0 "refused"
               // The suite runs offline with an empty PyTorch cache (Main.fs).
               Expect.stringContains refused.Err "random weights" "names the other choice"

@@ -385,7 +385,7 @@ let cases: Test list =
           let out = tmp.File "run"
           let resnet50 = (Backbone.find "resnet50").Torchvision.Value
           Reliability.tryCase 400 "`train --dataset cub` (ResNet50 from ImageNet) offline, PyTorch's cache empty" tmp.Path
-              [ "train"; "--dataset"; "cub"; "--root"; cub; "--epochs"; "1"; "--out"; out ]
+              [ "train"; "--dataset"; "cub"; "--root"; cub; "--epochs"; "1"; "--batch-size"; "4"; "--out"; out ]
               1 [ resnet50.Url; Path.Combine((Hub.options ()).CacheDir, resnet50.File); "random weights" ] "nothing written"
           |> ignore
           Expect.isFalse (Directory.Exists out) "no run folder"
@@ -395,7 +395,7 @@ let cases: Test list =
           Directory.CreateDirectory(Path.GetDirectoryName cached) |> ignore
           File.WriteAllBytes(cached, blob 7 4096)
           let o =
-              pmg [ "train"; "--dataset"; "cub"; "--root"; cub; "--backbone"; "resnet101"; "--epochs"; "1"; "--out"; out ]
+              pmg [ "train"; "--dataset"; "cub"; "--root"; cub; "--backbone"; "resnet101"; "--epochs"; "1"; "--batch-size"; "4"; "--out"; out ]
           Expect.equal o.Code 1 o.Err
           for m in [ cached; "SHA-256"; "delete it" ] do
               Expect.stringContains o.Err m (sprintf "names %s" m)
