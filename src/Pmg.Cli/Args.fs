@@ -152,7 +152,7 @@ type TrainArgs =
             | Precision _ -> "fp32 (default) or bf16 (bf16 compute under libtorch's autocast, fp32 weights, gradients and optimizer state)."
             | Seed _ -> sprintf "random seed (default %d)." p.Seed
             | Device _ -> "cpu (default), cuda or cuda:N."
-            | Pretrained _ -> "the backbone's starting weights: imagenet (the ones that ship: resnet18-mlnet, the embedded default), none (random), or a file: torchvision's ImageNet state_dict (resnet50-19c8e357.pth, .safetensors) or an ONNX ResNet."
+            | Pretrained _ -> "the backbone's starting weights: imagenet (default: torchvision's file, fetched once into PyTorch's hub cache and hash-checked; resnet18-mlnet's ship), none (random), or a file: a torchvision state_dict (.pth, .safetensors), a Pmg.Fs checkpoint (its backbone) or an ONNX ResNet. PMG_OFFLINE=1 forbids downloads."
             | Crop_To_Box -> "crop each image to its bounding box (CUB, Cars, Aircraft, Dogs)."
             | Init _ -> "start every weight from a whole trained PMG model (a .ckpt, or a reference .pth): fine-tuning on new data."
             | Workers _ -> "image decoding threads (default: cores - 1)."

@@ -102,6 +102,15 @@ let main argv =
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         // The library's warnings, on stderr: the one console sink.
         Notices.Raised.Add(fun n -> eprintfn "warning: %s" n.Text)
+        // A download of starting weights: a bar with bytes, rate and time left.
+        WeightsDownloads.Progress.Add(fun d ->
+            let mb (b: int64) = float b / 1048576.0
+            let fraction = if d.TotalBytes > 0L then float d.Bytes / float d.TotalBytes else 0.0
+            let left = if d.Remaining.HasValue then d.Remaining.Value.ToString @"mm\:ss" else "--:--"
+            let line =
+                sprintf "%s %.1f/%s MB  %.1f MB/s  %s left" (IO.Path.GetFileName d.Path) (mb d.Bytes)
+                    (if d.TotalBytes > 0L then sprintf "%.1f" (mb d.TotalBytes) else "?") (float d.BytesPerSecond / 1048576.0) left
+            Progress.show (Progress.render "download" fraction line TimeSpan.Zero) d.Completed)
         Runtime.Native.ensure (Runtime.Device.backend (deviceIn argv)) |> ignore
         match results.GetSubCommand() with
         | Train a -> TrainCommand.run a

@@ -30,6 +30,9 @@ let run (a: ParseResults<TrainArgs>) =
     if resume && not (a.Contains TrainArgs.Out) then
         raise (BadFlag "--resume needs --out RUN_DIR: the folder of the run to continue")
     printfn "%s" (banner e)
+    match Interop.Hub.status (Model.Backbone.find e.Model.Backbone) e.Weights with
+    | Interop.Hub.WillDownload _ as s -> printfn "%s" s.Text
+    | _ -> ()
     let clock = Stopwatch.StartNew()
     let epochClock = Stopwatch()
     let mutable announced = false

@@ -143,8 +143,19 @@ type Experiment internal (e: E.Experiment) =
             | E.Embedded d -> { e with Data = E.Embedded { d with TrainPerClass = trainPerClass; TestPerClass = testPerClass } }
             | E.OnDisk _ -> Errors.setting Setting.Dataset "this experiment reads a dataset on disk, not the embedded images")
 
-    /// Why the experiment cannot run, one problem a line; empty when it can.
-    member _.Problems() : IReadOnlyList<string> = E.problems e |> List.map snd |> List.toArray :> _
+    /// Why the experiment cannot run, one problem a line; empty when it can. The starting weights are checked too
+    /// (without the network): weights that are missing while offline are a problem, and weights still to be
+    /// downloaded are said ("weights will be downloaded (98 MB) ...").
+    member _.Problems() : IReadOnlyList<string> =
+        let weights =
+            match Model.Backbone.registry.TryFind(e.Model.Backbone.ToLowerInvariant()) with
+            | Some spec ->
+                match Interop.Hub.status spec e.Weights with
+                | Interop.Hub.WillDownload _ as s -> [ s.Text ]
+                | s when s.IsProblem -> [ s.Text ]
+                | _ -> []
+            | None -> []
+        (E.problems e |> List.map snd) @ weights |> List.toArray :> _
     /// The experiment as config.json holds it.
     member _.ToJson() = Json.serialize e
     override _.ToString() = sprintf "PMG %s on %s, %d epochs" e.Model.Backbone (E.dataName e) e.Epochs

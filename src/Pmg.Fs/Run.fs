@@ -257,7 +257,17 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
         try
             let native = Native.ensure (Device.backend e.Device)
             let start = startOf e outDir resume
-            let s = Trainer.createSession e
+            // A continued run's weights come from its checkpoint: the starting weights are neither needed nor
+            // fetched again (an offline machine resumes without them). A fresh run resolves them first, for the
+            // manifest (the file, its SHA-256); loading then reads the same file.
+            let s, weights =
+                match start with
+                | Continue(Some _) ->
+                    let s = Trainer.createSession { e with Weights = Model.Backbone.Scratch }
+                    { s with Experiment = e }, None
+                | _ ->
+                    let weights = Interop.Hub.resolve (Model.Backbone.find e.Model.Backbone) e.Weights
+                    Trainer.createSession e, weights
             match start, e.Init with
             | Fresh, Some init ->
                 try
@@ -266,11 +276,11 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
                     s.Net.Dispose()
                     reraise ()
             | _ -> ()
-            start, (native, s)
+            start, (native, s, weights)
         with _ ->
             cleanUpFailedStart ()
             reraise ()
-    let native, s = s
+    let native, s, weights = s
     use _ = { new IDisposable with member _.Dispose() = s.Net.Dispose() }
     let committed =
         match start with
@@ -306,6 +316,9 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
                    gitCommit = gitCommit ()
                    started = started
                    resumedAtEpoch = (match start with Continue _ -> Some committed.EpochsDone | Fresh -> None)
+                   weights =
+                       weights
+                       |> Option.map (fun (w: Interop.Hub.Resolved) -> {| path = w.Path; sha256 = w.Sha256; source = sprintf "%A" w.Source; url = w.Url |})
                    ended = ended
                    datasetProblems = problems.Length |}
         )
