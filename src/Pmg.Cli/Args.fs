@@ -112,6 +112,7 @@ type TrainArgs =
     | Workers of n: int
     | Out of dir: string
     | Resume
+    | No_Tensorboard
 
     interface IArgParserTemplate with
         member a.Usage =
@@ -157,6 +158,7 @@ type TrainArgs =
             | Init _ -> "start every weight from a whole trained PMG model (a .ckpt, or a reference .pth): fine-tuning on new data."
             | Workers _ -> "image decoding threads (default: cores - 1)."
             | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>); never overwritten."
+            | No_Tensorboard -> "write no TensorBoard event files (they are written by default: tensorboard --logdir runs/)."
             | Resume -> "continue the run in --out (the same settings); a run killed at any moment continues, or completes its missing files."
 
 type EvalArgs =

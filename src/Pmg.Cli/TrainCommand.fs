@@ -61,7 +61,8 @@ let run (a: ParseResults<TrainArgs>) =
                 Progress.show line true
                 if not r.Skipped.IsEmpty then
                     eprintfn "  warning: %s skipped this epoch, e.g. %s: %s" (plural r.Skipped.Length "unusable image") (fst r.Skipped.Head) (snd r.Skipped.Head) }
-    let folder, summary = Training.train (e, opened) (Some folderShown) resume hooks
+    let options: Run.Options = { TensorBoard = not (a.Contains TrainArgs.No_Tensorboard) }
+    let folder, summary = Training.trainWith options (e, opened) (Some folderShown) resume hooks
     match summary.History with
     | [] ->
         announce ()

@@ -251,7 +251,8 @@ type Runs =
     /// Trains `experiment` into `runDirectory` on a worker thread. `progress` gets every epoch, `batchProgress`
     /// every batch. Cancelling stops within one batch with OperationCanceledException; the run keeps its last
     /// finished epoch, and `resume: true` continues it with the same losses as an uninterrupted run. A folder
-    /// holding a run is never overwritten, and one process writes a run at a time.
+    /// holding a run is never overwritten, and one process writes a run at a time. The run folder gets TensorBoard
+    /// event files unless `tensorBoard` is false.
     /// <exception cref="T:Pmg.Fs.RunFolderException">The folder holds another run, other files, or is in use.</exception>
     /// <exception cref="T:Pmg.Fs.InvalidSettingsException">The experiment cannot run.</exception>
     /// <exception cref="T:Pmg.Fs.TrainingException">Training diverged or found no usable image.</exception>
@@ -263,7 +264,8 @@ type Runs =
             [<Optional; DefaultParameterValue(false)>] resume: bool,
             [<Optional; DefaultParameterValue(null: IProgress<EpochResult>)>] progress: IProgress<EpochResult>,
             [<Optional; DefaultParameterValue(null: IProgress<BatchProgress>)>] batchProgress: IProgress<BatchProgress>,
-            [<Optional>] cancellationToken: CancellationToken
+            [<Optional>] cancellationToken: CancellationToken,
+            [<Optional; DefaultParameterValue(true)>] tensorBoard: bool
         ) : Task<RunResult> =
         let e = experiment.Value
         let hooks =
@@ -285,7 +287,7 @@ type Runs =
         Task.Run(
             (fun () ->
                 let opened = Run.openData e.Data e.CropToBox
-                let folder, summary = Training.train (e, opened) (Some runDirectory) resume hooks
+                let folder, summary = Training.trainWith { TensorBoard = tensorBoard } (e, opened) (Some runDirectory) resume hooks
                 RunResult(folder, summary, e.Epochs)),
             cancellationToken
         )

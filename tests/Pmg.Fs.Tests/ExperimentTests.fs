@@ -94,7 +94,7 @@ let tests =
           test "differences names every field that changes what a run learns, nested ones by path" {
               Expect.isEmpty (Experiment.differences paper { paper with Workers = 7; Device = Runtime.Cuda None }) "speed only"
               let other = { (Experiment.withLr 0.1 paper) with BatchSize = 8; Model = { paper.Model with Heads = 2 } }
-              Expect.equal (Experiment.differences paper other |> List.map (fun (f, _, _) -> f) |> List.sort) [ "BatchSize"; "Model.Heads"; "Optimizer.BackboneLr"; "Optimizer.Lr"; "Schedule" ] "fields"
+              Expect.equal (Experiment.differences paper other |> List.map (fun (f, _, _) -> f) |> List.sort) [ "BatchSize"; "Model.Heads"; "Optimizer.BackboneLr"; "Optimizer.Lr" ] "fields"
               Expect.contains (Experiment.differences paper other) ("BatchSize", "16", "8") "both values"
               // One folder spelled two ways is one value.
               let root = IO.Directory.CreateTempSubdirectory("pmg-root-").FullName

@@ -159,11 +159,15 @@ let defaultFolder (e: Experiment.Experiment) (now: DateTime) : string =
     Path.Combine("runs", sprintf "%s-%s" (Experiment.runName e) (now.ToString "yyyyMMdd-HHmmss"))
 
 /// Trains the experiment on its opened data in `folder` (a new one under runs/ when None), continuing the run there
-/// when `resume` (which needs the folder).
-let train (e: Experiment.Experiment, opened: Trainer.Data * Problem list) (folder: string option) (resume: bool) (hooks: Trainer.Hooks) : string * Run.Summary =
+/// when `resume` (which needs the folder), recording it as `options` say (TensorBoard on or off).
+let trainWith (options: Run.Options) (e: Experiment.Experiment, opened: Trainer.Data * Problem list) (folder: string option) (resume: bool) (hooks: Trainer.Hooks) : string * Run.Summary =
     let folder =
         match folder, resume with
         | Some f, _ -> f
         | None, true -> Errors.setting Setting.Resume "resuming needs the run's folder"
         | None, false -> defaultFolder e DateTime.Now
-    folder, Run.trainOn opened e folder resume hooks
+    folder, Run.trainWith options opened e folder resume hooks
+
+/// trainWith the default options (TensorBoard event files on).
+let train (experiment: Experiment.Experiment * (Trainer.Data * Problem list)) (folder: string option) (resume: bool) (hooks: Trainer.Hooks) : string * Run.Summary =
+    trainWith Run.Options.Default experiment folder resume hooks
