@@ -19,13 +19,10 @@ let loadImage (name: string) =
         match System.Int32.TryParse index with
         | true, i when i >= 0 -> Synthetic.render Synthetic.Config.Default split i
         | _ -> raise (ImageError(sprintf "%s: the index must be a number 0 or more" name))
-    | _ when Directory.Exists name -> raise (ImageError(sprintf "%s is a folder: give image files (e.g. %s/*.jpg)" name name))
-    | _ when not (File.Exists name) -> raise (ImageError(sprintf "%s: no such file" name))
     | _ ->
+        // Files get the one verdict training and `data` give them (content sniffed, truncation and lying headers
+        // refused); its error names the file, the reason and the fix.
         try
-            Images.load { Path = name; Label = 0; Box = None; TrimBottom = 0 } false
-        with
-        | :? SixLabors.ImageSharp.UnknownImageFormatException ->
-            raise (ImageError(sprintf "%s is not an image this program can read (JPEG, PNG, BMP, GIF, TIFF, WebP)" name))
-        | :? SixLabors.ImageSharp.InvalidImageContentException as e ->
-            raise (ImageError(sprintf "%s is damaged: %s" name e.Message))
+            Images.loadChecked name
+        with :? Pmg.Fs.PmgException as e ->
+            raise (ImageError e.Message)

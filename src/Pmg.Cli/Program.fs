@@ -14,6 +14,7 @@ open Pmg.Cli.Args
 let private errorText (e: exn) =
     match e with
     | Experiment.InvalidExperiment problems -> "invalid settings: " + String.concat "; " problems
+    | :? PmgException as p -> p.Message
     | Runtime.Native.NativeLoadError m
     | Checkpoint.CheckpointError m
     | Inference.LoadError m
@@ -25,7 +26,6 @@ let private errorText (e: exn) =
     | Trainer.Diverged m
     | Trainer.NothingTrained m
     | Bench.BenchError m
-    | DatasetError m
     | Backbone.UnknownBackbone m
     | Backbone.HeadError m
     | Pmg.ConfigError m -> m
@@ -46,6 +46,8 @@ let private deviceIn (argv: string[]) =
 [<EntryPoint>]
 let main argv =
     let parser = ArgumentParser.Create<Command>(programName = "pmg")
+    // The library's warnings (e.g. test images left out of an evaluation), one line each on stderr.
+    Notices.Raised.Add(fun n -> eprintfn "pmg: %s" n.Text)
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         Runtime.Native.ensure (Runtime.Device.backend (deviceIn argv)) |> ignore

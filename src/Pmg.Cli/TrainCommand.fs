@@ -23,8 +23,8 @@ let dataOf (dataset: string option) (root: string option) (level: string option)
         let kind =
             try
                 Dataset.parseWithLevel name level
-            with DatasetError m ->
-                raise (BadFlag("--dataset: " + m))
+            with :? PmgException as e ->
+                raise (BadFlag("--dataset: " + e.Message))
         match root with
         | Some r -> Experiment.OnDisk { Kind = kind; Root = r }
         | None -> raise (BadFlag(sprintf "--dataset %s needs --root DIR (the dataset's folder in its official layout)" name))

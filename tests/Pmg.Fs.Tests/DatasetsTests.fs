@@ -4,6 +4,7 @@ open System
 open System.IO
 open System.Text.Json
 open Expecto
+open Pmg.Fs
 open Pmg.Fs.Data
 open Pmg.Fs.Tests.TestKit
 
@@ -20,10 +21,10 @@ let rec private copyTree (source: string) (target: string) =
 let private datasetError (fragments: string list) (f: unit -> 'a) =
     try
         f () |> ignore
-        failtestf "expected a DatasetError mentioning %A" fragments
-    with DatasetError msg ->
+        failtestf "expected a DatasetInvalid error mentioning %A" fragments
+    with :? PmgException as e when (match e.Error with DatasetInvalid _ | InvalidSetting _ -> true | _ -> false) ->
         for fragment in fragments do
-            Expect.stringContains msg fragment "error message"
+            Expect.stringContains e.Message fragment "error message"
 
 let private expectWellFormed (index: DatasetIndex) =
     for s in Array.append index.Train index.Test do
