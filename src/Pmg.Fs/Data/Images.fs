@@ -273,19 +273,26 @@ let decodeBytes (bytes: byte[]) : Result<Image<Rgb24> * Info, string> =
 /// Reads a file and gives the verdict of `decodeBytes`, or the reason the file cannot be read (missing, a
 /// folder, a symlink loop, no permission).
 let read (path: string) : Result<Image<Rgb24> * Info, string> =
-    let link () =
+    // Looked at only when reading fails: the happy path costs one read.
+    let brokenLink () =
         try
             let info = FileInfo path
             not (isNull info.LinkTarget)
-        with _ -> false
+            && (match info.ResolveLinkTarget true with
+                | null -> true
+                | target -> not (File.Exists target.FullName || Directory.Exists target.FullName))
+        with _ -> true
     let bytes =
         try
-            if Directory.Exists path then Error "a folder, not an image file"
-            elif not (File.Exists path) && link () then Error "a symbolic link that loops or leads nowhere"
-            elif not (File.Exists path) then Error "missing image file"
-            else Ok(File.ReadAllBytes path)
+            Ok(File.ReadAllBytes path)
         with
+        | :? FileNotFoundException
+        | :? DirectoryNotFoundException ->
+            Error(if brokenLink () then "a symbolic link that loops or leads nowhere" else "missing image file")
+        | :? UnauthorizedAccessException when Directory.Exists path -> Error "a folder, not an image file"
         | :? UnauthorizedAccessException -> Error "not readable (permission denied)"
+        | :? IOException when Directory.Exists path -> Error "a folder, not an image file"
+        | :? IOException when brokenLink () -> Error "a symbolic link that loops or leads nowhere"
         | :? IOException as e -> Error(sprintf "not readable (%s)" (firstLine e.Message))
     match bytes with
     | Error e -> Error e

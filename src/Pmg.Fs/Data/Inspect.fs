@@ -65,7 +65,7 @@ let refusal (index: DatasetIndex) (report: Report) : string option =
         if Directory.Exists dir then dir else index.Root
     let noUsable split words =
         Some(
-            sprintf "%s has no usable %s images%s: replace or re-download them (the dataset's layout is described in its README)"
+            sprintf "%s has no usable %s images%s: replace the damaged files or download the dataset again"
                 (splitFolder split) words examples
         )
     let empty = report.TrainPerClass |> Array.indexed |> Array.filter (fun (_, n) -> n = 0) |> Array.map fst
