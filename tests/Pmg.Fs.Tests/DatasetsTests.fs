@@ -59,7 +59,7 @@ let private cubTests =
 
         test "a missing file names the file and the expected layout" {
             use dir = new TempDir "data"
-            datasetError [ "CUB-200-2011"; Path.Combine(dir.Path, "images.txt"); "Expected --root" ] (fun () ->
+            datasetError [ "CUB-200-2011"; Path.Combine(dir.Path, "images.txt"); "Expected the dataset folder" ] (fun () ->
                 Cub.load dir.Path)
         }
 

@@ -102,7 +102,7 @@ module Cub =
     let private name = "CUB-200-2011"
 
     let private expected =
-        "Expected --root to be the CUB_200_2011 folder holding images.txt, image_class_labels.txt, "
+        "Expected the dataset folder to be the CUB_200_2011 folder holding images.txt, image_class_labels.txt, "
         + "train_test_split.txt, classes.txt and images/"
 
     let private trainFlag = "1"
@@ -168,7 +168,7 @@ module Cars =
     let private name = "Stanford Cars"
 
     let private expected =
-        "Expected --root to be the stanford_cars folder holding devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+        "Expected the dataset folder to be the stanford_cars folder holding devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
         + "cars_test_annos_withlabels.mat (or devkit/cars_test_annos_withlabels.mat), cars_train/ and cars_test/; "
         + "or car_ims/ and cars_annos.mat"
 
@@ -246,7 +246,7 @@ module Aircraft =
     let levels = [ "variant", "variants.txt"; "family", "families.txt"; "manufacturer", "manufacturers.txt" ]
 
     let private expected level =
-        sprintf "Expected --root to be fgvc-aircraft-2013b or its data/ folder, holding images_%s_trainval.txt, " level
+        sprintf "Expected the dataset folder to be fgvc-aircraft-2013b or its data/ folder, holding images_%s_trainval.txt, " level
         + sprintf "images_%s_test.txt, %s, images_box.txt and images/" level
             (levels |> List.tryFind (fst >> (=) level) |> Option.map snd |> Option.defaultValue "variants.txt")
 
@@ -311,7 +311,7 @@ module Dogs =
     let private name = "Stanford Dogs"
 
     let private expected =
-        "Expected --root to be the stanford_dogs folder holding train_list.mat, test_list.mat and Images/ "
+        "Expected the dataset folder to be the stanford_dogs folder holding train_list.mat, test_list.mat and Images/ "
         + "(Annotation/ optional)"
 
     /// "n02085620-Chihuahua" -> "Chihuahua".
@@ -379,7 +379,7 @@ module Folder =
     let private name = "Folder dataset"
 
     let private expected =
-        "Expected --root to hold train/<class>/ and test/<class>/ folders of images (JPEG, PNG, BMP, GIF, WebP, TIFF, TGA, PBM)"
+        "Expected the dataset folder to hold train/<class>/ and test/<class>/ folders of images (JPEG, PNG, BMP, GIF, WebP, TIFF, TGA, PBM)"
 
     let private ordinal (items: string[]) = items |> Array.sortWith (fun a b -> String.CompareOrdinal(a, b))
 

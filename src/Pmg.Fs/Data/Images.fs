@@ -60,8 +60,9 @@ type Info =
 /// allocates anything, since a lying header would otherwise cost gigabytes of grey.
 let maxPixels = 100_000_000L
 
-/// What the user can do about an unusable image, said after the reason.
-let private fix = "re-download or re-export it, or remove it from the dataset"
+// What the user can do about an unusable image, said after the reason: a file given alone, a dataset's file.
+let private fix = "re-download or re-export it"
+let private datasetFix = fix + ", or remove it from the dataset"
 
 // A format's structure, read from its bytes before decoding: ImageSharp 2.1 fills a cut-off JPEG scan or PNG
 // stream with grey instead of failing, so completeness is checked here, from the format's own end markers and
@@ -204,7 +205,7 @@ module private Structure =
             else Ok(w, h)
 
     let webp (b: byte[]) : Result<int * int, string> =
-        if b.Length < 30 then Error "the file ends inside its header (cut off)"
+        if b.Length < 32 then Error "the file ends inside its header (cut off)"
         elif u32le b 4 + 8L > int64 b.Length then Error "the file is shorter than its RIFF header says (cut off)"
         elif starts b 12 "VP8X" then Ok(int (u32le b 24 &&& 0xFFFFFFL) + 1, int ((u32le b 27) &&& 0xFFFFFFL) + 1)
         elif starts b 12 "VP8L" then
@@ -302,15 +303,15 @@ let read (path: string) : Result<Image<Rgb24> * Info, string> =
 let verdict (path: string) : Result<Info, string> =
     read path |> Result.map (fun (image, info) -> image.Dispose(); info)
 
-/// The reason and the fix, as messages about an unusable image say them.
-let explain (reason: string) : string = sprintf "%s; %s" reason fix
+/// The reason and the fix, as messages about an unusable image of a dataset say them.
+let explain (reason: string) : string = sprintf "%s; %s" reason datasetFix
 
 /// Decodes a file as 8-bit RGB through the verdict; grayscale, palette and CMYK files are converted.
 /// Raises an UnusableInput error naming the file, the reason and the fix.
 let loadChecked (path: string) : Image<Rgb24> =
     match read path with
     | Ok(image, _) -> image
-    | Error reason -> Errors.input path (sprintf "%s: %s" path (explain reason))
+    | Error reason -> Errors.input path (sprintf "%s: %s; %s" path reason fix)
 
 /// Decodes a sample's file through the verdict and cuts it: TrimBottom always, the box only when `cropToBox`.
 /// Raises an UnusableInput error for a file the verdict refuses; callers decide whether that is fatal.
