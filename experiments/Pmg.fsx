@@ -7,6 +7,7 @@
 #r "nuget: TorchSharp.PyBridge, 1.4.4"
 #r "nuget: SixLabors.ImageSharp, 2.1.13"
 #r "nuget: ScottPlot, 5.1.59"
+#r "nuget: Microsoft.ML.OnnxRuntime, 1.31.1"
 // Not linked: restored for the ImageNet weights it ships (Interop/ImageNet.fs reads them from the package folder).
 #r "nuget: Microsoft.ML.DnnImageFeaturizer.ResNet18, 0.23.1"
 
@@ -51,6 +52,11 @@
       "../src/Pmg.Fs/Visual/Render.fs"
       "../src/Pmg.Fs/Visual/Plots.fs"
       "../src/Pmg.Fs/Visual/Report.fs"
+      "../src/Pmg.Fs/RunFolder.fs"
       "../src/Pmg.Fs/Run.fs"
-      "../src/Pmg.Fs/Inference.fs"
+      "../src/Pmg.Fs/App/Embedded.fs"
+      "../src/Pmg.Fs/App/ModelFiles.fs"
+      "../src/Pmg.Fs/App/Predictor.fs"
+      "../src/Pmg.Fs/App/Training.fs"
+      "../src/Pmg.Fs/App/Views.fs"
       "../src/Pmg.Fs/Api.fs"

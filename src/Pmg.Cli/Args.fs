@@ -7,6 +7,45 @@ open Argu
 /// A flag with a value it cannot take: exit code 2, like Argu's own usage errors.
 exception BadFlag of string
 
+/// The flag that sets a library setting, for messages.
+let flagOf (s: Pmg.Fs.Setting) : string =
+    match s with
+    | Pmg.Fs.Setting.Dataset -> "--dataset"
+    | Pmg.Fs.Setting.Root -> "--root"
+    | Pmg.Fs.Setting.Level -> "--level"
+    | Pmg.Fs.Setting.Backbone -> "--backbone"
+    | Pmg.Fs.Setting.Weights -> "--pretrained"
+    | Pmg.Fs.Setting.Epochs -> "--epochs"
+    | Pmg.Fs.Setting.WarmupEpochs -> "--warmup-epochs"
+    | Pmg.Fs.Setting.BatchSize -> "--batch-size"
+    | Pmg.Fs.Setting.ImageSize -> "--image-size"
+    | Pmg.Fs.Setting.Resize -> "--resize"
+    | Pmg.Fs.Setting.Padding -> "--image-size"
+    | Pmg.Fs.Setting.LearningRate -> "--lr"
+    | Pmg.Fs.Setting.BackboneLearningRate -> "--backbone-lr"
+    | Pmg.Fs.Setting.Heads -> "--heads"
+    | Pmg.Fs.Setting.Grids -> "--grids"
+    | Pmg.Fs.Setting.BatchNormGroup -> "--bn-group"
+    | Pmg.Fs.Setting.Workers -> "--workers"
+    | Pmg.Fs.Setting.Seed -> "--seed"
+    | Pmg.Fs.Setting.Device -> "--device"
+    | Pmg.Fs.Setting.Precision -> "--precision"
+    | Pmg.Fs.Setting.Classes -> "--classes"
+    | Pmg.Fs.Setting.TopK -> "--top-k"
+    | Pmg.Fs.Setting.Image -> "IMAGE"
+    | Pmg.Fs.Setting.Checkpoint -> "--checkpoint"
+    | Pmg.Fs.Setting.ModelPath -> "--checkpoint"
+    | Pmg.Fs.Setting.Output -> "--out"
+    | Pmg.Fs.Setting.Resume -> "--resume"
+    | Pmg.Fs.Setting.Format -> "--to"
+    | Pmg.Fs.Setting.Engine -> "--engine"
+    | Pmg.Fs.Setting.Iterations -> "--iterations"
+    | Pmg.Fs.Setting.Init -> "--init"
+    | Pmg.Fs.Setting.PatchOrder -> "--patch-order"
+    | Pmg.Fs.Setting.PartialBatches -> "--partial-batches"
+    | Pmg.Fs.Setting.Forward -> "--forward"
+    | Pmg.Fs.Setting.Update -> "--update"
+
 /// A flag's value among named choices (case-insensitive).
 let choose (flag: string) (choices: (string * 'T) list) (value: string) : 'T =
     match choices |> List.tryFind (fun (name, _) -> name = value.Trim().ToLowerInvariant()) with
@@ -27,12 +66,8 @@ let within (flag: string) (lo: int) (hi: int) (value: int) : int =
     if value < lo || value > hi then raise (BadFlag(sprintf "%s %d: must be %d..%d" flag value lo hi))
     value
 
-/// The device flag's value.
-let device (value: string) : Pmg.Fs.Runtime.Device =
-    try
-        Pmg.Fs.Runtime.Device.parse value
-    with Pmg.Fs.Runtime.DeviceError m ->
-        raise (BadFlag("--" + m))
+/// The device flag's value (a bad one is an InvalidSetting the CLI reports with the flag).
+let device (value: string) : Pmg.Fs.Runtime.Device = Pmg.Fs.Runtime.Device.parse value
 
 /// The flags that load a trained model (eval, predict, cam) say the same thing everywhere; Argu cannot share union
 /// cases between commands, so the texts are shared instead.
@@ -70,6 +105,7 @@ type TrainArgs =
     | Device of device: string
     | Pretrained of weights: string
     | Crop_To_Box
+    | Init of file: string
     | Workers of n: int
     | Out of dir: string
     | Resume
@@ -115,9 +151,10 @@ type TrainArgs =
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Pretrained _ -> "the backbone's starting weights: imagenet (the ones that ship: resnet18-mlnet, the embedded default), none (random), or a file: torchvision's ImageNet state_dict (resnet50-19c8e357.pth, .safetensors) or an ONNX ResNet."
             | Crop_To_Box -> "crop each image to its bounding box (CUB, Cars, Aircraft, Dogs)."
+            | Init _ -> "start every weight from a whole trained PMG model (a .ckpt, or a reference .pth): fine-tuning on new data."
             | Workers _ -> "image decoding threads (default: cores - 1)."
             | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>); never overwritten."
-            | Resume -> "continue the run in --out from its last.ckpt (the same settings)."
+            | Resume -> "continue the run in --out (the same settings); a run killed at any moment continues, or completes its missing files."
 
 type EvalArgs =
     | [<Mandatory>] Checkpoint of file: string

@@ -11,31 +11,30 @@ open Pmg.Fs.Model
 open Pmg.Fs.Training
 open Pmg.Cli.Args
 
-let private errorText (e: exn) =
+/// The line a failure prints, with the flags that fix it, and the exit code: 2 for a value a flag cannot take,
+/// 1 for anything else.
+let private describe (e: exn) : string * int =
     match e with
-    | Experiment.InvalidExperiment problems -> "invalid settings: " + String.concat "; " problems
-    | :? PmgException as p -> p.Message
-    | Runtime.Native.NativeLoadError m
-    | Checkpoint.CheckpointError m
-    | Inference.LoadError m
-    | Interop.StateDict.StateDictError m
-    | Interop.ImageNet.ImageNetError m
-    | Interop.Onnx.OnnxError m
-    | Inputs.ImageError m
-    | Run.RunError m
-    | Trainer.Diverged m
-    | Trainer.NothingTrained m
-    | Bench.BenchError m
-    | Backbone.UnknownBackbone m
-    | Backbone.HeadError m
-    | Pmg.ConfigError m -> m
-    | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName
-    | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size"
-    | e ->
-        // Not one of ours: often libtorch's own error, so say which libtorch was loaded.
+    | :? PmgException as p ->
+        match p.Error with
+        | InvalidSetting(s, m) -> sprintf "%s: %s" (flagOf s) m, 2
+        | InvalidExperiment problems ->
+            "invalid settings: " + (problems |> List.map (fun (s, m) -> sprintf "%s: %s" (flagOf s) m) |> String.concat "; "), 2
+        | RunFolder(_, m) when m.Contains "resume" -> sprintf "%s (--resume continues a run; --out chooses another folder)" m, 1
+        | RunFolder(_, m) -> sprintf "%s (--out)" m, 1
+        | WeightsUnavailable m -> sprintf "%s (--pretrained FILE, or --pretrained none)" m, 1
+        | TrainingFailed m when m.Contains "learning rate" -> sprintf "%s (--lr)" m, 1
+        | TrainingFailed m when m.Contains "batch size" -> sprintf "%s (--batch-size, --partial-batches train)" m, 1
+        | ModelFile(_, m) when m.Contains "ONNX model" -> sprintf "%s (--onnx FILE)" m, 1
+        | e -> e.Message, 1
+    | :? FileNotFoundException as f -> sprintf "file not found: %s" f.FileName, 1
+    | :? OutOfMemoryException -> "out of memory: lower --batch-size or --image-size", 1
+    | :? System.Runtime.InteropServices.ExternalException as x ->
+        // libtorch's own error: say which libtorch was loaded.
         match Runtime.Native.current () with
-        | Some l -> sprintf "%s (libtorch %s from %s)" e.Message (Runtime.Native.libTorchVersion ()) l.LibTorchDir
-        | None -> e.Message
+        | Some l -> sprintf "%s (libtorch %s from %s)" (x.Message.Split('\n').[0]) (Runtime.Native.libTorchVersion ()) l.LibTorchDir, 1
+        | None -> x.Message, 1
+    | e -> e.Message, 1
 
 /// The device a command line asks for, so that the native runtime for it loads before anything else.
 let private deviceIn (argv: string[]) =
@@ -46,10 +45,10 @@ let private deviceIn (argv: string[]) =
 [<EntryPoint>]
 let main argv =
     let parser = ArgumentParser.Create<Command>(programName = "pmg")
-    // The library's warnings (e.g. test images left out of an evaluation), one line each on stderr.
-    Notices.Raised.Add(fun n -> eprintfn "pmg: %s" n.Text)
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
+        // The library's warnings, on stderr: the one console sink.
+        Notices.Raised.Add(fun n -> eprintfn "warning: %s" n.Text)
         Runtime.Native.ensure (Runtime.Device.backend (deviceIn argv)) |> ignore
         match results.GetSubCommand() with
         | Train a -> TrainCommand.run a
@@ -69,6 +68,7 @@ let main argv =
         eprintfn "pmg: %s" m
         2
     | e ->
-        eprintfn "pmg: %s" (errorText e)
+        let line, code = describe e
+        eprintfn "pmg: %s" line
         if Environment.GetEnvironmentVariable "PMG_DEBUG" = "1" then eprintfn "%O" e
-        1
+        code

@@ -1,89 +1,197 @@
-/// The library for C# (and any .NET language): experiments from named recipes changed by methods, training as a
-/// Task with progress and cancellation, trained models that evaluate, predict and export, all in plain .NET types
-/// (arrays, IReadOnlyList, nullable). F# scripts can use it too, but the modules it wraps are the F# surface.
+/// The library for C# (and any .NET language), in plain .NET shapes: an immutable `Experiment` changed by `With*`
+/// methods, training as a Task with per-batch and per-epoch progress and cancellation, trained models (TorchSharp)
+/// and exported ONNX models (ONNX Runtime only) that predict, and `PmgException` (namespace Pmg.Fs) for every
+/// failure. Each member calls the application layer (Pmg.Fs.App) once: the rules live there, not here.
 namespace Pmg.Fs.Api
 
 open System
 open System.Collections.Generic
 open System.IO
-open System.Runtime.CompilerServices
 open System.Runtime.InteropServices
 open System.Threading
 open System.Threading.Tasks
 open SixLabors.ImageSharp
 open SixLabors.ImageSharp.PixelFormats
 open Pmg.Fs
+open Pmg.Fs.App
 open Pmg.Fs.Training
+
+module E = Pmg.Fs.Experiment
+
+/// One step of the progressive schedule: the output it trains, its jigsaw grid and its loss weight.
+[<Sealed>]
+type ScheduleStep internal (s: Schedule.Step) =
+    /// The output trained: "stage3", "stage4", "stage5" ... or "concat".
+    member _.Output = Model.Pmg.outputName s.Head
+    /// Patches per side of the jigsaw (1: the whole image).
+    member _.Grid = s.Grid
+    /// Factor on the step's loss.
+    member _.LossWeight = s.LossWeight
+    override _.ToString() = Schedule.stepName s
+
+/// Everything that decides a run, immutable: every `With*` returns a changed copy, and where one setting follows
+/// from another (the schedule from the backbone and heads, the resize from the crop, the backbone's learning rate
+/// from the new layers') it follows as it does on the command line.
+/// <exception cref="T:Pmg.Fs.InvalidSettingsException">A `With*` value the experiment cannot take.</exception>
+[<Sealed>]
+type Experiment internal (e: E.Experiment) =
+    member internal _.Value = e
+    /// The backbone's name.
+    member _.Backbone = e.Model.Backbone
+    /// Training epochs.
+    member _.Epochs = e.Epochs
+    /// Classes the model predicts.
+    member _.Classes = e.Model.Classes
+    /// Granularity heads.
+    member _.Heads = e.Model.Heads
+    /// Side of the crop the network sees, in pixels.
+    member _.ImageSize = e.Input.Crop
+    /// Side images are resized to before cropping, in pixels.
+    member _.Resize = e.Input.Resize
+    /// Images per batch.
+    member _.BatchSize = e.BatchSize
+    /// The new layers' base learning rate.
+    member _.LearningRate = e.Optimizer.Lr
+    /// The backbone's base learning rate.
+    member _.BackboneLearningRate = e.Optimizer.BackboneLr
+    /// Images per BatchNorm group while training; null: the whole batch.
+    member _.BatchNormGroup: Nullable<int> = match e.BatchNormGroup with Some k -> Nullable k | None -> Nullable()
+    /// The device: cpu, cuda or cuda:N.
+    member _.Device = Runtime.Device.text e.Device
+    /// Where the backbone's weights come from: imagenet, none, or a file.
+    member _.Weights =
+        match e.Weights with
+        | Model.Backbone.ImageNet -> "imagenet"
+        | Model.Backbone.Scratch -> "none"
+        | Model.Backbone.File f -> f
+    /// The dataset: embedded, cub, cars, aircraft, dogs or folder.
+    member _.Dataset = E.dataName e
+    /// The seed.
+    member _.Seed = e.Seed
+    /// The progressive schedule's steps, in order.
+    member _.Schedule: IReadOnlyList<ScheduleStep> = e.Schedule |> List.map ScheduleStep |> List.toArray :> _
+
+    member private _.With(f: E.Experiment -> E.Experiment) = Experiment(f e)
+
+    /// Another backbone by name (resnet18-mlnet, resnet18, resnet34, resnet50, resnet101, resnet152, vgg16).
+    member this.WithBackbone(name: string) = this.With(E.withBackbone name)
+    /// Epochs (warm-up is kept below them).
+    member this.WithEpochs(epochs: int) = this.With(E.withEpochs epochs)
+    /// First epochs that train only the concat classifier on whole images.
+    member this.WithWarmupEpochs(epochs: int) = this.With(fun e -> { e with WarmupEpochs = epochs })
+    /// Images per batch.
+    member this.WithBatchSize(batchSize: int) = this.With(fun e -> { e with BatchSize = batchSize })
+    /// The crop size in pixels; the resize keeps the recipe's ratio.
+    member this.WithImageSize(pixels: int) = this.With(E.withImageSize pixels)
+    /// The resize side in pixels, the crop unchanged.
+    member this.WithResize(pixels: int) = this.With(E.withResize pixels)
+    /// The new layers' learning rate; the backbone's follows at a tenth.
+    member this.WithLearningRate(lr: float) = this.With(E.withLr lr)
+    /// The backbone's learning rate alone (0 freezes it).
+    member this.WithBackboneLearningRate(lr: float) = this.With(E.withBackboneLr lr)
+    /// Granularity heads S, on the last S stages, with the paper's grids.
+    member this.WithHeads(heads: int) = this.With(E.withHeads heads)
+    /// Jigsaw grids per head, finest first (e.g. 8, 4, 2).
+    member this.WithGrids([<ParamArray>] grids: int[]) = this.With(E.withGrids (List.ofArray grids))
+    /// BatchNorm normalises groups of this many images while training (the reference's two GPUs: 8); null: the
+    /// whole batch.
+    member this.WithBatchNormGroup(images: Nullable<int>) = this.With(fun e -> { e with BatchNormGroup = Option.ofNullable images })
+    /// Train a last batch smaller than the batch size (true), or skip it as the reference does (false).
+    member this.WithPartialBatches(train: bool) = this.With(fun e -> { e with DropLast = not train })
+    /// "cycle" (every patch moves, as the reference) or "uniform" (any permutation).
+    member this.WithPatchOrder(order: string) =
+        this.With(fun e -> { e with JigsawDraw = Training.choose Setting.PatchOrder [ "cycle", Jigsaw.Cycle; "uniform", Jigsaw.Uniform ] order })
+    /// One patch permutation per image (true) or per batch (false, as the reference).
+    member this.WithPerSampleJigsaw(perSample: bool) =
+        this.With(fun e -> { e with Permutation = (if perSample then Jigsaw.PerSample else Jigsaw.PerBatch) })
+    /// "full" (every step runs the whole network) or "truncated" (granularity steps stop at their stage).
+    member this.WithForward(mode: string) =
+        this.With(fun e -> { e with Forward = Training.choose Setting.Forward [ "full", E.Full; "truncated", E.Truncated ] mode })
+    /// "progressive" (the paper) or "joint" (all steps' losses in one update).
+    member this.WithUpdate(mode: string) =
+        this.With(fun e -> { e with Update = Training.choose Setting.Update [ "progressive", E.Progressive; "joint", E.Joint ] mode })
+    /// "fp32" or "bf16" (mixed precision).
+    member this.WithPrecision(precision: string) =
+        this.With(fun e -> { e with Precision = Training.choose Setting.Precision [ "fp32", E.Fp32; "bf16", E.Bf16 ] precision })
+    /// The seed of weights, data order, augmentation and jigsaws.
+    member this.WithSeed(seed: int) = this.With(fun e -> { e with Seed = seed })
+    /// cpu, cuda or cuda:N.
+    member this.WithDevice(device: string) =
+        this.With(fun e ->
+            { e with Device = Runtime.Device.parse device })
+    /// The backbone's starting weights: "imagenet", "none", or a file (torchvision .pth/.safetensors, a Pmg.Fs
+    /// checkpoint, an ONNX ResNet).
+    member this.WithWeights(weights: string) = this.With(fun e -> { e with Weights = Model.Backbone.Weights.parse weights })
+    /// A whole trained PMG model to start every weight from (fine-tuning); null: none.
+    member this.WithInitialModel(path: string) =
+        this.With(fun e -> { e with Init = Option.ofObj path |> Option.map Runtime.Files.resolve })
+    /// Image decoding threads.
+    member this.WithWorkers(workers: int) = this.With(fun e -> { e with Workers = workers })
+    /// Crop every image to its annotated object box (CUB, Cars, Aircraft, Dogs).
+    member this.WithCropToBox(crop: bool) = this.With(fun e -> { e with CropToBox = crop })
+    /// FGVC-Aircraft's label level: "variant", "family" or "manufacturer".
+    member this.WithAircraftLevel(level: string) =
+        this.With(fun e ->
+            match e.Data with
+            | E.OnDisk({ Kind = Data.Dataset.Kind.Aircraft _ } as d) ->
+                { e with Data = E.OnDisk { d with Kind = Data.Dataset.parseWithLevel "aircraft" (Some level) } }
+            | _ -> Errors.setting Setting.Level "the label level applies to the aircraft dataset only")
+    /// The embedded dataset with another number of images per class (the same drawing otherwise).
+    member this.WithEmbeddedImages(trainPerClass: int, testPerClass: int) =
+        this.With(fun e ->
+            match e.Data with
+            | E.Embedded d -> { e with Data = E.Embedded { d with TrainPerClass = trainPerClass; TestPerClass = testPerClass } }
+            | E.OnDisk _ -> Errors.setting Setting.Dataset "this experiment reads a dataset on disk, not the embedded images")
+
+    /// Why the experiment cannot run, one problem a line; empty when it can.
+    member _.Problems() : IReadOnlyList<string> = E.problems e |> List.map snd |> List.toArray :> _
+    /// The experiment as config.json holds it.
+    member _.ToJson() = Json.serialize e
+    override _.ToString() = sprintf "PMG %s on %s, %d epochs" e.Model.Backbone (E.dataName e) e.Epochs
 
 /// Named starting points for an experiment.
 [<AbstractClass; Sealed>]
 type Recipes =
     /// The main job: PMG fine-tuned from the ImageNet weights that ship (resnet18-mlnet) on the embedded dataset.
-    static member Embedded: Experiment.Experiment = Experiment.embedded
+    static member Embedded = Experiment E.embedded
 
     /// The paper's recipe (ResNet50, 448 px, 200 epochs, the reference's settings) for a dataset on disk:
     /// `dataset` is cub, cars, aircraft, dogs or folder; `root` its folder in the official layout. The dataset is
-    /// indexed once to count its classes. ResNet50's ImageNet weights do not ship: set them with WithWeights.
-    static member Paper(dataset: string, root: string) : Experiment.Experiment =
-        let data = Experiment.OnDisk { Kind = Data.Dataset.parse dataset; Root = root }
+    /// indexed once to count its classes.
+    /// <exception cref="T:Pmg.Fs.InputException">The folder does not hold the dataset's layout.</exception>
+    static member Paper(dataset: string, root: string) : Experiment =
+        let data = Training.dataOf { Training.Settings.None with Dataset = Some dataset; Root = Some root }
         let d, _ = Run.openData data false
-        Experiment.forData data d.Classes.Length
+        Experiment(E.forData data d.Classes.Length)
 
-/// Changes of an experiment, each returning a new one; where one setting follows from another (the schedule
-/// from the backbone, the resize from the crop, the backbone's learning rate from the heads'), it follows here as
-/// it does for F# and the command line.
-[<Extension; AbstractClass; Sealed>]
-type ExperimentExtensions =
-    /// Another backbone by name (resnet18-mlnet, resnet18, resnet34, resnet50, resnet101, resnet152, vgg16).
-    [<Extension>]
-    static member WithBackbone(e: Experiment.Experiment, name: string) = Experiment.withBackbone name e
+    /// Your own images, root/train/&lt;class&gt;/* and root/test/&lt;class&gt;/*: the paper's settings on the backbone
+    /// whose ImageNet weights ship (resnet18-mlnet), so it runs with nothing to download.
+    /// <exception cref="T:Pmg.Fs.InputException">The folder does not hold that layout.</exception>
+    static member Folder(root: string) : Experiment =
+        let data = Training.dataOf { Training.Settings.None with Dataset = Some "folder"; Root = Some root }
+        let d, _ = Run.openData data false
+        Experiment({ E.withBackbone "resnet18-mlnet" (E.forData data d.Classes.Length) with Weights = Model.Backbone.ImageNet })
 
-    /// Epochs (warm-up is kept below them).
-    [<Extension>]
-    static member WithEpochs(e: Experiment.Experiment, epochs: int) = Experiment.withEpochs epochs e
-
-    /// The crop size; the resize keeps the recipe's ratio.
-    [<Extension>]
-    static member WithImageSize(e: Experiment.Experiment, pixels: int) = Experiment.withImageSize pixels e
-
-    /// The new layers' learning rate; the backbone's follows at a tenth.
-    [<Extension>]
-    static member WithLearningRate(e: Experiment.Experiment, lr: float) = Experiment.withLr lr e
-
-    /// Granularity heads S.
-    [<Extension>]
-    static member WithHeads(e: Experiment.Experiment, heads: int) = Experiment.withHeads heads e
-
-    /// Jigsaw grids per head, finest first (e.g. 8, 4, 2).
-    [<Extension>]
-    static member WithGrids(e: Experiment.Experiment, [<ParamArray>] grids: int[]) = Experiment.withGrids (List.ofArray grids) e
-
-    /// Images per batch.
-    [<Extension>]
-    static member WithBatchSize(e: Experiment.Experiment, batchSize: int) = { e with BatchSize = batchSize }
-
-    /// The seed of weights, data order, augmentation and jigsaws.
-    [<Extension>]
-    static member WithSeed(e: Experiment.Experiment, seed: int) = { e with Seed = seed }
-
-    /// cpu, cuda or cuda:N.
-    [<Extension>]
-    static member WithDevice(e: Experiment.Experiment, device: string) = { e with Device = Runtime.Device.parse device }
-
-    /// The backbone's starting weights: imagenet, none, or a file (torchvision .pth/.safetensors, ONNX ResNet).
-    [<Extension>]
-    static member WithWeights(e: Experiment.Experiment, weights: string) = { e with Weights = Model.Backbone.Weights.parse weights }
-
-    /// The embedded dataset with another number of images per class (the same drawing otherwise).
-    [<Extension>]
-    static member WithEmbeddedImages(e: Experiment.Experiment, trainPerClass: int, testPerClass: int) =
-        match e.Data with
-        | Experiment.Embedded d -> { e with Data = Experiment.Embedded { d with TrainPerClass = trainPerClass; TestPerClass = testPerClass } }
-        | Experiment.OnDisk _ -> invalidArg (nameof e) "WithEmbeddedImages: this experiment reads a dataset on disk"
-
-    /// Why the experiment cannot run, one problem a line; empty when it can.
-    [<Extension>]
-    static member Problems(e: Experiment.Experiment) : IReadOnlyList<string> = Experiment.problems e |> List.toArray :> _
+/// One trained batch: 1-based counters, each schedule step's loss, the learning rates and the speed.
+[<Sealed>]
+type BatchProgress internal (b: Trainer.BatchRecord, epochs: int) =
+    /// 1-based.
+    member _.Epoch = b.Epoch + 1
+    /// Epochs of the run.
+    member _.Epochs = epochs
+    /// 1-based batch within the epoch.
+    member _.Batch = b.Batch
+    /// Batches in the epoch.
+    member _.Batches = b.Batches
+    /// Batches since the run started (the same after a resume).
+    member _.GlobalStep = b.GlobalStep
+    /// Each schedule step's loss on this batch, as weighted in training (NaN for a step that did not run).
+    member _.StepLosses: IReadOnlyList<float> = List.toArray b.StepLosses :> _
+    /// Each optimizer group's learning rate ("heads", "backbone").
+    member _.LearningRates: IReadOnlyDictionary<string, float> = dict b.LearningRates |> Dictionary :> _
+    /// Images per second since the epoch started.
+    member _.ImagesPerSecond = b.ImagesPerSecond
+    override _.ToString() = sprintf "epoch %d/%d batch %d/%d" (b.Epoch + 1) epochs b.Batch b.Batches
 
 /// One trained epoch: accuracies in [0, 1], losses per schedule step (NaN for steps a warm-up epoch skipped).
 [<Sealed>]
@@ -129,40 +237,49 @@ type RunResult internal (directory: string, s: Run.Summary, epochs: int) =
 /// Training runs.
 [<AbstractClass; Sealed>]
 type Runs =
-    /// Trains `experiment` into `runDirectory` on a worker thread. Progress gets every epoch. Cancelling stops
-    /// within one batch with OperationCanceledException; the run keeps last.ckpt of its last finished epoch, and
-    /// `resume: true` continues it with the same losses as an uninterrupted run. A folder holding a run is never
-    /// overwritten: pass `resume: true` to continue it.
+    /// Trains `experiment` into `runDirectory` on a worker thread. `progress` gets every epoch, `batchProgress`
+    /// every batch. Cancelling stops within one batch with OperationCanceledException; the run keeps its last
+    /// finished epoch, and `resume: true` continues it with the same losses as an uninterrupted run. A folder
+    /// holding a run is never overwritten, and one process writes a run at a time.
+    /// <exception cref="T:Pmg.Fs.RunFolderException">The folder holds another run, other files, or is in use.</exception>
+    /// <exception cref="T:Pmg.Fs.InvalidSettingsException">The experiment cannot run.</exception>
+    /// <exception cref="T:Pmg.Fs.TrainingException">Training diverged or found no usable image.</exception>
+    /// <exception cref="T:System.OperationCanceledException">Cancelled through the token.</exception>
     static member TrainAsync
         (
-            experiment: Experiment.Experiment,
+            experiment: Experiment,
             runDirectory: string,
             [<Optional; DefaultParameterValue(false)>] resume: bool,
             [<Optional; DefaultParameterValue(null: IProgress<EpochResult>)>] progress: IProgress<EpochResult>,
+            [<Optional; DefaultParameterValue(null: IProgress<BatchProgress>)>] batchProgress: IProgress<BatchProgress>,
             [<Optional>] cancellationToken: CancellationToken
         ) : Task<RunResult> =
+        let e = experiment.Value
         let hooks =
             { Trainer.Hooks.None with
                 Batch =
                     fun b ->
-                        let epoch, batch, batches = b.Epoch, b.Batch, b.Batches
+                        if not (isNull batchProgress) then batchProgress.Report(BatchProgress(b, e.Epochs))
                         if cancellationToken.IsCancellationRequested then
                             raise (
                                 OperationCanceledException(
                                     sprintf "training cancelled in epoch %d after batch %d of %d; %s keeps its last finished epoch: train again with resume to continue"
-                                        (epoch + 1) batch batches runDirectory,
+                                        (b.Epoch + 1) b.Batch b.Batches runDirectory,
                                     cancellationToken
                                 )
                             )
                 Epoch =
                     fun _ r ->
-                        if not (isNull progress) then progress.Report(EpochResult(r, experiment.Epochs)) }
+                        if not (isNull progress) then progress.Report(EpochResult(r, e.Epochs)) }
         Task.Run(
-            (fun () -> RunResult(runDirectory, Run.train experiment runDirectory resume hooks, experiment.Epochs)),
+            (fun () ->
+                let opened = Run.openData e.Data e.CropToBox
+                let folder, summary = Training.train (e, opened) (Some runDirectory) resume hooks
+                RunResult(folder, summary, e.Epochs)),
             cancellationToken
         )
 
-/// A class and its softmax score (of the combined logits).
+/// A class and its probability under the combined prediction.
 [<Struct>]
 type ClassScore =
     { /// The class index.
@@ -190,78 +307,110 @@ type Evaluation internal (a: Evaluate.Accuracy) =
     /// Rows: true class, columns: combined prediction.
     member _.Confusion = Array2D.copy a.Confusion
 
-/// A trained model: a Pmg.Fs checkpoint (.ckpt) or a reference PyTorch state_dict (.pth).
-[<Sealed>]
-type TrainedModel private (path: string, m: Inference.Model, device: Runtime.Device) =
-    let classes = Inference.classNames path m.Net.Config.Classes
+/// What the two model classes share: predictions in plain .NET shapes.
+[<AbstractClass>]
+type Model internal (predictor: Predictor.IPredictor) =
+    let scores (k: int) (p: Predictor.Prediction) =
+        Predictor.top predictor.ClassNames k p |> List.map (fun s -> { Class = s.Class; Name = s.Name; Score = s.Score }) |> List.toArray
 
-    /// Loads a checkpoint on a device (cpu, cuda, cuda:N). A .pth needs `backbone` and the image size it was
-    /// trained at unless they are the paper's (resnet50, 448).
-    static member Load
-        (
-            checkpoint: string,
-            [<Optional; DefaultParameterValue("cpu")>] device: string,
-            [<Optional; DefaultParameterValue(null: string)>] backbone: string,
-            [<Optional>] imageSize: Nullable<int>
-        ) =
-        let d = Runtime.Device.parse device
-        let o = { Inference.Overrides.None with Backbone = Option.ofObj backbone; ImageSize = Option.ofNullable imageSize }
-        new TrainedModel(checkpoint, Inference.load checkpoint o d, d)
-
-    /// Class names: the run's classes.txt beside the checkpoint, or the class numbers.
-    member _.ClassNames: IReadOnlyList<string> = classes :> _
+    member internal _.Predictor = predictor
+    /// Class names in label order.
+    member _.ClassNames: IReadOnlyList<string> = predictor.ClassNames :> _
     /// The crop size the model takes (images are resized and centre-cropped to it).
-    member _.ImageSize = m.Crop
-    /// The backbone's name.
-    member _.Backbone = m.Net.Config.Backbone
+    member _.ImageSize = predictor.Input.Crop
 
     /// The `topK` most likely classes of one image, most likely first.
+    /// <exception cref="T:Pmg.Fs.InvalidSettingsException">topK outside 1..classes.</exception>
     member _.Predict(image: Image<Rgb24>, [<Optional; DefaultParameterValue(5)>] topK: int) : ClassScore[] =
-        let p = Inference.predict m image
-        p.Probabilities
-        |> Array.mapi (fun i s -> { Class = i; Name = classes.[i]; Score = s })
-        |> Array.sortByDescending _.Score
-        |> Array.truncate (max 1 topK)
+        predictor.Predict [ image ] |> List.head |> scores topK
 
-    /// The same from an image file (JPEG, PNG, BMP, GIF, TIFF, WebP).
+    /// The same for an image file (JPEG, PNG, BMP, GIF, TIFF, WebP).
+    /// <exception cref="T:Pmg.Fs.InputException">The file is missing or not a usable image.</exception>
     member this.Predict(imageFile: string, [<Optional; DefaultParameterValue(5)>] topK: int) : ClassScore[] =
-        use image = Data.Images.load { Path = imageFile; Label = 0; Box = None; TrimBottom = 0 } false
+        use image = Data.Images.loadChecked imageFile
         this.Predict(image, topK)
 
-    /// The same from a stream holding an encoded image.
+    /// The same for a stream holding an encoded image.
     member this.Predict(image: Stream, [<Optional; DefaultParameterValue(5)>] topK: int) : ClassScore[] =
         use decoded = Image.Load<Rgb24> image
         this.Predict(decoded, topK)
 
-    /// Every head's, concat's and the combined logits of one image, by output name (stage3 ... concat, combined).
+    /// The `topK` most likely classes of each image, in one batch.
+    member _.Predict(images: IEnumerable<Image<Rgb24>>, [<Optional; DefaultParameterValue(5)>] topK: int) : IReadOnlyList<ClassScore[]> =
+        predictor.Predict(List.ofSeq images) |> List.map (scores topK) |> List.toArray :> _
+
+    /// Every output's logits for one image, by name: stage3 ... concat, combined.
     member _.Logits(image: Image<Rgb24>) : IReadOnlyDictionary<string, float32[]> =
-        let p = Inference.predict m image
-        dict (p.Heads @ [ "concat", p.Concat; "combined", p.Combined ]) |> Dictionary :> _
+        (predictor.Predict [ image ] |> List.head).Outputs |> dict |> Dictionary :> _
 
-    /// Test accuracy on the test split of an experiment's data (e.g. Recipes.Embedded, or Recipes.Paper(...)).
-    member _.Evaluate(data: Experiment.Experiment, [<Optional; DefaultParameterValue(16)>] batchSize: int) =
-        Evaluation(Inference.evaluate m data.Data batchSize device)
-
-    /// Writes the eval-mode network as ONNX, with the class names and preprocessing in its metadata.
-    member _.ExportOnnx(path: string) = Inference.exportOnnx m classes path
-
-    /// Writes a state_dict with the reference implementation's key names (.pth).
-    member _.ExportPyTorch(path: string) = Interop.StateDict.export m.Net path
+    /// Frees the model (the network's tensors, or the ONNX Runtime session).
+    member _.Dispose() = predictor.Dispose()
 
     interface IDisposable with
-        member _.Dispose() = m.Net.Dispose()
+        member this.Dispose() = this.Dispose()
+
+/// A trained model run by TorchSharp: a Pmg.Fs checkpoint (.ckpt) or a PyTorch state_dict (.pth, .safetensors)
+/// with the reference's key names. Our files describe themselves; a foreign .pth may need its backbone, class count
+/// and image size.
+[<Sealed>]
+type TrainedModel private (m: ModelFiles.Loaded) =
+    inherit Model(Predictor.ofLoaded m)
+
+    /// Loads a model file on a device (cpu, cuda, cuda:N).
+    /// <exception cref="T:Pmg.Fs.ModelFileException">The file is missing, damaged, or not a PMG model.</exception>
+    /// <exception cref="T:Pmg.Fs.InvalidSettingsException">A given setting contradicts the file.</exception>
+    static member Load
+        (
+            path: string,
+            [<Optional; DefaultParameterValue("cpu")>] device: string,
+            [<Optional; DefaultParameterValue(null: string)>] backbone: string,
+            [<Optional>] imageSize: Nullable<int>,
+            [<Optional>] classes: Nullable<int>
+        ) =
+        let d = Runtime.Device.parse device
+        let o: ModelFiles.Overrides =
+            { ModelFiles.Overrides.None with
+                Backbone = Option.ofObj backbone
+                ImageSize = Option.ofNullable imageSize
+                Classes = Option.ofNullable classes }
+        new TrainedModel(ModelFiles.load path o d)
+
+    /// The backbone's name.
+    member _.Backbone = m.Net.Config.Backbone
+
+    /// Test accuracy on the test split of an experiment's data (e.g. Recipes.Embedded, or Recipes.Paper(...)).
+    member _.Evaluate(data: Experiment, [<Optional; DefaultParameterValue(16)>] batchSize: int) =
+        Evaluation(ModelFiles.evaluate m data.Value.Data batchSize)
+
+    /// Writes the eval-mode network as ONNX, with the class names, preprocessing and a checksum in its metadata.
+    /// <exception cref="T:Pmg.Fs.OutputException">The file cannot be written, or is the model itself.</exception>
+    member _.ExportOnnx(path: string) = ModelFiles.exportOnnx m path |> ignore
+
+    /// Writes a state_dict with the reference implementation's key names (.pth, or .safetensors), described inside.
+    /// <exception cref="T:Pmg.Fs.OutputException">The file cannot be written, or is the model itself.</exception>
+    member _.ExportPyTorch(path: string) = ModelFiles.exportPyTorch m path
+
+/// An exported ONNX model run by ONNX Runtime alone (libtorch is never loaded): what a deployment needs.
+[<Sealed>]
+type OnnxModel private (p: Predictor.IPredictor) =
+    inherit Model(p)
+
+    /// Loads and verifies an ONNX model written by ExportOnnx (or `pmg export --to onnx`).
+    /// <exception cref="T:Pmg.Fs.ModelFileException">The file is missing, damaged, or not exported by Pmg.Fs.</exception>
+    static member Load(path: string) = new OnnxModel(Predictor.onnx path)
 
 /// Images of the embedded dataset, to try a model without files.
 [<AbstractClass; Sealed>]
 type EmbeddedImages =
-    /// Image `index` of the embedded dataset's training (`test: false`) or test split, as the main job draws it.
+    /// Image `index` of the embedded dataset's test split (or its training split, `test: false`), as the main job
+    /// draws it.
+    /// <exception cref="T:Pmg.Fs.InvalidSettingsException">The index is outside the split.</exception>
     static member Get(index: int, [<Optional; DefaultParameterValue(true)>] test: bool) : Image<Rgb24> =
-        match Experiment.embedded.Data with
-        | Experiment.Embedded config -> Data.Synthetic.render config (if test then Data.Synthetic.Test else Data.Synthetic.Train) index
-        | Experiment.OnDisk _ -> invalidOp "the embedded recipe reads no files"
+        Embedded.image (if test then Data.Synthetic.Test else Data.Synthetic.Train) index
 
     /// The class of image `index` (the same in both splits).
-    static member ClassOf(index: int) : int =
-        match Experiment.embedded.Data with
-        | Experiment.Embedded config -> Data.Synthetic.label config index
-        | Experiment.OnDisk _ -> invalidOp "the embedded recipe reads no files"
+    static member ClassOf(index: int) : int = Embedded.classOf index
+
+    /// Images in the test split (or the training split, `test: false`).
+    static member Count([<Optional; DefaultParameterValue(true)>] test: bool) : int =
+        Embedded.count (if test then Data.Synthetic.Test else Data.Synthetic.Train)

@@ -41,6 +41,10 @@ type Setting =
     | Engine
     | Iterations
     | Init
+    | PatchOrder
+    | PartialBatches
+    | Forward
+    | Update
 
     /// The words a message uses for the setting ("image size", "learning rate").
     member s.Words =
@@ -76,6 +80,10 @@ type Setting =
         | Engine -> "engine"
         | Iterations -> "iterations"
         | Init -> "initial model"
+        | PatchOrder -> "patch order"
+        | PartialBatches -> "partial batches"
+        | Forward -> "forward mode"
+        | Update -> "update mode"
 
 /// Everything that can go wrong, as a value. Each case carries a message that names the input and says the fix.
 type PmgError =

@@ -103,6 +103,9 @@ type Experiment =
       CropToBox: bool
       /// The backbone's starting weights.
       Weights: Backbone.Weights
+      /// A whole PMG model (our checkpoint, or a state_dict with the reference's names) that every weight starts
+      /// from instead: fine-tuning a trained model on new data. None: the backbone's weights and fresh heads.
+      Init: string option
       /// Threads that decode and transform images; a resumed run may change it.
       Workers: int }
 
@@ -135,6 +138,7 @@ let paper (classes: int) (data: Data) : Experiment =
       CropToBox = false
       // For ResNet50 no ImageNet weights ship: a run must name torchvision's file or say `none` (Weights.parse).
       Weights = Backbone.ImageNet
+      Init = None
       Workers = max 1 (Environment.ProcessorCount - 1) }
 
 /// The main job: PMG as published (three heads on the last three stages, 8/4/2 jigsaws then concat x2, one SGD
@@ -180,16 +184,13 @@ let withBackbone (name: string) (e: Experiment) : Experiment =
 let withHeads (heads: int) (e: Experiment) : Experiment =
     { e with Model = { e.Model with Heads = heads }; Schedule = Schedule.progressive (Backbone.find e.Model.Backbone) heads }
 
-/// Raised with every problem of an impossible experiment, one message each.
-exception InvalidExperiment of string list
-
 /// Chosen jigsaw grids for the heads, finest first; concat keeps its step and weight.
 let withGrids (grids: int list) (e: Experiment) : Experiment =
     if grids.Length <> e.Model.Heads then
-        raise (InvalidExperiment [ sprintf "%d grids for %d heads: give one grid per head, finest first" grids.Length e.Model.Heads ])
+        Errors.setting Setting.Grids (sprintf "%d grids for %d heads: give one grid per head, finest first" grids.Length e.Model.Heads)
     let concatWeight =
         e.Schedule |> List.tryFind (fun s -> s.Head = Pmg.Concat) |> Option.map _.LossWeight |> Option.defaultValue 2.0
-    { e with Schedule = Schedule.withGrids grids concatWeight }
+    { e with Schedule = Schedule.withGrids (Backbone.find e.Model.Backbone) grids concatWeight }
 
 /// Crop size in pixels; the resize keeps the recipe's ratio (550/448 in the paper's).
 let withImageSize (crop: int) (e: Experiment) : Experiment =
@@ -221,44 +222,75 @@ let runName (e: Experiment) : string = sprintf "%s-%s" (dataName e) e.Model.Back
 
 // ---- Checking --------------------------------------------------------------------------------------------
 
-/// Every impossible setting at once (empty when there is none).
-let problems (e: Experiment) : string list =
-    let stages = Backbone.find e.Model.Backbone |> Backbone.stages |> List.length
-    [ if e.Epochs < 1 then "epochs must be at least 1"
-      if e.WarmupEpochs < 0 || e.WarmupEpochs >= e.Epochs then "warm-up epochs must be 0 or more and fewer than the epochs"
-      if e.BatchSize < 2 then "batch size must be at least 2 (the classifiers' BatchNorm needs two samples)"
+/// Every impossible setting at once, each with the setting it concerns (empty when there is none).
+let problems (e: Experiment) : (Setting * string) list =
+    match Backbone.registry.TryFind(e.Model.Backbone.ToLowerInvariant()) with
+    | None -> [ Setting.Backbone, sprintf "unknown backbone '%s'; choose one of: %s" e.Model.Backbone (String.concat ", " Backbone.registry.Keys) ]
+    | Some spec ->
+    let stages = Backbone.stages spec |> List.length
+    let headStages =
+        if e.Model.Heads >= 1 && e.Model.Heads <= stages - 1 then Backbone.headStages spec e.Model.Heads |> List.map fst else []
+    let finite (x: float) = Double.IsFinite x
+    [ if e.Epochs < 1 then Setting.Epochs, sprintf "epochs %d: must be at least 1" e.Epochs
+      if e.WarmupEpochs < 0 || e.WarmupEpochs >= e.Epochs then
+          Setting.WarmupEpochs, sprintf "warm-up epochs %d: must be 0 or more and fewer than the %d epochs" e.WarmupEpochs e.Epochs
+      if e.BatchSize < 2 then Setting.BatchSize, sprintf "batch size %d: must be at least 2 (the classifiers' BatchNorm needs two samples)" e.BatchSize
       match e.BatchNormGroup with
-      | Some k when k < 2 -> sprintf "BatchNorm groups of %d: need at least 2 images" k
+      | Some k when k < 2 -> Setting.BatchNormGroup, sprintf "BatchNorm groups of %d images: need at least 2" k
       | _ -> ()
-      if e.Input.Crop < 1 || e.Input.Resize < 1 then "image sizes must be positive"
-      if e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then
-          sprintf "crop %d is larger than resize %d plus padding" e.Input.Crop e.Input.Resize
-      if e.Model.Classes < 2 then "a classifier needs at least 2 classes"
+      if e.Input.Crop < 1 then Setting.ImageSize, sprintf "image size %d: must be positive" e.Input.Crop
+      if e.Input.Resize < 1 then Setting.Resize, sprintf "resize %d: must be positive" e.Input.Resize
+      if e.Input.Padding < 0 then Setting.Padding, sprintf "padding %d: must be 0 or more" e.Input.Padding
+      if e.Input.Crop >= 1 && e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then
+          Setting.ImageSize, sprintf "crop %d px is larger than the resize %d px plus padding: resize to at least %d px" e.Input.Crop e.Input.Resize (e.Input.Crop - 2 * e.Input.Padding)
+      if e.Model.Classes < 2 then Setting.Classes, sprintf "%d classes: a classifier needs at least 2" e.Model.Classes
       if e.Model.Heads < 1 || e.Model.Heads > stages - 1 then
-          sprintf "heads must be 1..%d for %s, got %d" (stages - 1) e.Model.Backbone e.Model.Heads
-      if e.Schedule.IsEmpty then "the schedule has no steps"
+          Setting.Heads, sprintf "heads %d: must be 1..%d for %s (heads sit on the last stages, never the stem)" e.Model.Heads (stages - 1) e.Model.Backbone
+      if e.Schedule.IsEmpty then Setting.Grids, "the schedule has no steps"
       for s in e.Schedule do
-          if s.Grid < 1 then sprintf "jigsaw grid %d: must be at least 1" s.Grid
+          if s.Grid < 1 then Setting.Grids, sprintf "jigsaw grid %d: must be at least 1" s.Grid
           elif s.Grid > e.Input.Crop then
-              sprintf "jigsaw grid %d on %d px crops: patches would be empty; use crops of at least %d px" s.Grid e.Input.Crop s.Grid
+              Setting.ImageSize, sprintf "jigsaw grid %d on %d px crops: patches would be empty; use crops of at least %d px" s.Grid e.Input.Crop s.Grid
+          if not (finite s.LossWeight) || s.LossWeight < 0.0 then Setting.Grids, sprintf "loss weight %g of step %s: must be a number, 0 or more" s.LossWeight (Schedule.stepName s)
           match s.Head with
-          | Pmg.Granularity i when i < 0 || i >= e.Model.Heads ->
-              sprintf "a step trains head %d but the model has %d heads" i e.Model.Heads
+          | Pmg.Stage l when not headStages.IsEmpty && not (headStages |> List.contains l) ->
+              Setting.Heads, sprintf "a step trains a head on stage %d, but the heads read stages %s" l (headStages |> List.map string |> String.concat ", ")
           | _ -> ()
-      if e.Optimizer.Lr <= 0.0 || e.Optimizer.BackboneLr < 0.0 then "the learning rate must be positive and the backbone's not negative (0 freezes the backbone)"
-      if e.Workers < 1 then "workers must be at least 1" ]
+      if not (finite e.Optimizer.Lr) || e.Optimizer.Lr <= 0.0 then
+          Setting.LearningRate, sprintf "learning rate %g: must be a positive number" e.Optimizer.Lr
+      if not (finite e.Optimizer.BackboneLr) || e.Optimizer.BackboneLr < 0.0 then
+          Setting.BackboneLearningRate, sprintf "backbone learning rate %g: must be a number, 0 or more (0 freezes the backbone)" e.Optimizer.BackboneLr
+      if not (finite e.Optimizer.Momentum) || e.Optimizer.Momentum < 0.0 || e.Optimizer.Momentum >= 1.0 then
+          Setting.LearningRate, sprintf "momentum %g: must be in [0, 1)" e.Optimizer.Momentum
+      if not (finite e.Optimizer.WeightDecay) || e.Optimizer.WeightDecay < 0.0 then
+          Setting.LearningRate, sprintf "weight decay %g: must be a number, 0 or more" e.Optimizer.WeightDecay
+      if e.Workers < 1 then Setting.Workers, sprintf "workers %d: must be at least 1" e.Workers
+      match e.Data with
+      | Embedded d when d.Classes < 2 || d.Classes > Synthetic.maxClasses ->
+          Setting.Classes, sprintf "%d embedded classes: must be 2..%d" d.Classes Synthetic.maxClasses
+      | Embedded d when d.TrainPerClass < 1 || d.TestPerClass < 1 ->
+          Setting.Dataset, sprintf "the embedded dataset needs at least one training and one test image a class (%d and %d)" d.TrainPerClass d.TestPerClass
+      | _ -> () ]
 
 /// The experiment unchanged, or InvalidExperiment with every problem.
 let validate (e: Experiment) : Experiment =
     match problems e with
     | [] -> e
-    | ps -> raise (InvalidExperiment ps)
+    | ps -> Errors.fail (InvalidExperiment ps)
 
 /// Fields that change how fast a run goes, not what it learns: a resumed run may change them.
 let private speedOnly = set [ "Workers"; "Device" ]
 
-/// The fields (dotted paths into nested records) whose values differ, ignoring the speed-only ones.
-let differences (a: Experiment) (b: Experiment) : string list =
+/// The data with its root folder resolved (absolute, links followed, no trailing separator), so that two spellings
+/// of one folder are one value.
+let resolveData (data: Data) : Data =
+    match data with
+    | OnDisk d -> OnDisk { d with Root = Files.resolve d.Root }
+    | Embedded _ -> data
+
+/// The fields (dotted paths into nested records) whose values differ, with the value in `a` and in `b`, ignoring
+/// the speed-only ones; dataset folders are compared after resolving them.
+let differences (a: Experiment) (b: Experiment) : (string * string * string) list =
     let rec diff (path: string) (t: Type) (x: obj) (y: obj) =
         if Reflection.FSharpType.IsRecord t then
             Reflection.FSharpType.GetRecordFields t
@@ -267,6 +299,7 @@ let differences (a: Experiment) (b: Experiment) : string list =
                 let name = if path = "" then f.Name else path + "." + f.Name
                 if path = "" && speedOnly.Contains f.Name then []
                 else diff name f.PropertyType (f.GetValue x) (f.GetValue y))
-        elif Json.line x = Json.line y then []
-        else [ path ]
-    diff "" typeof<Experiment> (box a) (box b)
+        else
+            let vx, vy = Json.line x, Json.line y
+            if vx = vy then [] else [ path, vx, vy ]
+    diff "" typeof<Experiment> (box { a with Data = resolveData a.Data }) (box { b with Data = resolveData b.Data })

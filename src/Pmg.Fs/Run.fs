@@ -1,7 +1,12 @@
 /// A training run on disk: resolves the data, trains, and leaves a record in the run directory (config.json,
 /// manifest.json, classes.txt, metrics.csv, last.ckpt, best.ckpt, the report). The imperative shell around the
 /// Trainer. A run folder is never overwritten: a new run needs an empty or new folder, and `resume` continues
-/// only the run that folder holds, with the same experiment.
+/// only the run that folder holds, with the same experiment. One process writes a run at a time (RunFolder.acquire).
+///
+/// An epoch commits as a whole: last.ckpt, written atomically, is the commit point; it holds the weights, the
+/// optimizer, the progress (best epoch so far) and every metrics row. best.ckpt, metrics.csv, the plots and the
+/// report are derived from what is committed and written after it, so after a kill at any moment `resume` either
+/// redoes the epoch (last.ckpt not yet replaced) or completes the missing pieces.
 module Pmg.Fs.Run
 
 open System
@@ -11,9 +16,6 @@ open Pmg.Fs.Data
 open Pmg.Fs.Experiment
 open Pmg.Fs.Runtime
 open Pmg.Fs.Training
-
-/// Something about the run folder or the data that stops a run before anything is written.
-exception RunError of string
 
 /// File name of the checkpoint written after every epoch.
 let lastName = "last.ckpt"
@@ -46,13 +48,17 @@ let openData (data: Data) (cropToBox: bool) : Trainer.Data * Problem list =
           Test = Loader.fromSamples index.Test cropToBox },
         report.Problems
 
-/// metrics.csv's header for an experiment (one loss column per schedule step, one accuracy per head).
+/// The name of a step's loss column: "loss_stage3_8x8", "loss_concat_whole".
+let lossColumn (step: Schedule.Step) = "loss_" + Schedule.stepKey step
+
+/// metrics.csv's header for an experiment: one loss column per schedule step and one accuracy column per head, named
+/// as everywhere else (stage3.., concat, combined).
 let metricsHeader (e: Experiment) =
     [ "epoch"
-      yield! [ for i in 1 .. e.Schedule.Length -> sprintf "loss_step%d" i ]
+      yield! e.Schedule |> List.map lossColumn
       "train_acc"
-      yield! [ for i in 1 .. e.Model.Heads -> sprintf "test_head%d" i ]
-      "test_concat"; "test_combined"; "test_combined_top5"; "lr"; "backbone_lr"; "images_per_s"; "skipped"; "seconds" ]
+      yield! Model.Pmg.headNames e.Model |> List.map (fun h -> "test_" + h)
+      "test_concat"; "test_combined"; "test_combined_top5"; "lr_heads"; "lr_backbone"; "images_per_s"; "skipped"; "seconds" ]
     |> String.concat ","
 
 /// metrics.csv's row for an epoch (epoch 1-based), in the columns of `metricsHeader`.
@@ -80,70 +86,156 @@ let private versionOf (t: Type) = t.Assembly.GetName().Version.ToString()
 type Summary =
     { /// Records of the epochs this call trained, in order (a resumed run: only the epochs after its checkpoint).
       History: Trainer.EpochRecord list
+      /// Epochs the run holds now (all of them once it is finished).
+      EpochsDone: int
       /// The epoch (0-based) with the best combined test accuracy over the whole run.
       BestEpoch: int
       /// Combined top-1 on the test split at BestEpoch, in [0, 1].
       BestCombined: float
+      /// Pieces a resume found missing and wrote from what was committed (best.ckpt, metrics.csv, the report).
+      Completed: string list
       /// Path of last.ckpt in the run folder.
       LastCheckpoint: string
       /// Path of best.ckpt in the run folder.
       BestCheckpoint: string }
 
-/// Whether a folder holds results of a run (a folder where a run stopped before its first epoch holds none).
-let private holdsRun (dir: string) =
-    [ lastName; bestName; metricsName ] |> List.exists (fun f -> File.Exists(Path.Combine(dir, f)))
+/// Where a call starts: a fresh run, or a run the folder holds (its committed checkpoint, if an epoch committed).
+type private Start =
+    | Fresh
+    | Continue of Checkpoint.Checkpoint option
 
-/// Where to start: a fresh run needs a folder without a run; a resumed one needs its last.ckpt, made by the same
-/// experiment (speed-only settings aside). Checked before anything is written.
-let private startOf (e: Experiment) (outDir: string) (resume: bool) : Checkpoint.Checkpoint option =
-    let last = Path.Combine(outDir, lastName)
-    match resume, holdsRun outDir with
-    | false, false -> None
-    | false, true ->
-        raise (RunError(sprintf "%s already holds a run: continue it with --resume, or give a new --out folder" outDir))
-    | true, _ when not (File.Exists last) ->
-        raise (
-            RunError(
-                sprintf "--resume: %s has no %s to continue (%s); drop --resume to start a new run there, or give the run's folder"
-                    outDir lastName (if Directory.Exists outDir then "no finished epoch" else "the folder does not exist")
-            )
+let private folderWords (names: string list) = names |> List.map (sprintf "'%s'") |> String.concat ", "
+
+/// Where to start: a fresh run needs a new or empty folder; resume needs a run of ours made by the same experiment
+/// (speed-only settings aside), checked against last.ckpt, or config.json when no epoch committed yet.
+let private startOf (e: Experiment) (dir: string) (resume: bool) : Start =
+    let last = Path.Combine(dir, lastName)
+    match RunFolder.state dir, resume with
+    | RunFolder.Foreign names, _ ->
+        Errors.fail (
+            RunFolder(dir, sprintf "%s holds files that are not a run of this program (%s): choose a new or empty folder" dir (folderWords names))
         )
-    | true, _ ->
-        let c = Checkpoint.load last
-        match Experiment.differences c.Experiment e with
-        | [] -> Some c
+    | (RunFolder.Missing | RunFolder.Empty), false -> Fresh
+    | (RunFolder.Missing | RunFolder.Empty), true ->
+        Errors.fail (RunFolder(dir, sprintf "%s holds no run to resume (%s): start a new run there without resuming, or give the run's folder" dir (if Directory.Exists dir then "it is empty" else "it does not exist")))
+    | RunFolder.Run, false ->
+        let epochs = if File.Exists last then "" else " (no epoch finished yet)"
+        Errors.fail (RunFolder(dir, sprintf "%s already holds a run%s: resume it, or choose a new folder" dir epochs))
+    | RunFolder.Run, true ->
+        let recorded =
+            if File.Exists last then
+                let c = Checkpoint.load last
+                Some c, c.Experiment, last
+            else
+                let config = Path.Combine(dir, configName)
+                if not (File.Exists config) then
+                    Errors.fail (RunFolder(dir, sprintf "%s holds neither %s nor %s: it cannot be resumed; start the run in a new folder" dir lastName configName))
+                let e' =
+                    try
+                        Json.deserialize<Experiment> (File.ReadAllText config)
+                    with ex ->
+                        Errors.fail (RunFolder(dir, sprintf "%s cannot be read (%s): the run cannot be resumed; start it in a new folder" config ex.Message))
+                None, e', config
+        let c, recordedExperiment, source = recorded
+        match Experiment.differences recordedExperiment e with
+        | [] -> Continue c
         | fields ->
-            Checkpoint.dispose c
-            raise (
-                RunError(
-                    sprintf "--resume: %s was trained with other settings (%s); resume with the same flags, or start a new run in another folder"
-                        last (String.concat ", " fields)
-                )
-            )
+            c |> Option.iter Checkpoint.dispose
+            let listed = fields |> List.map (fun (f, was, now) -> sprintf "%s: %s in the run, %s now" f was now) |> String.concat "; "
+            Errors.fail (RunFolder(dir, sprintf "%s was made with other settings (%s): resume with the run's settings, or start a new run in another folder" source listed))
 
-/// Trains `e` on data opened by `openData`, in `outDir`, continuing the run there when `resume`.
+/// The epoch a checkpoint's weights are from (EpochsDone - 1), if it reads.
+let private epochOf (path: string) =
+    try
+        let c = Checkpoint.load path
+        Checkpoint.dispose c
+        Some(c.Progress.EpochsDone - 1)
+    with _ -> None
+
+/// Every weight of a fresh session from a whole PMG model: our checkpoint (its model) or a state_dict with the
+/// reference's key names, strictly (every key, every shape). The optimizer starts fresh.
+let private initFrom (s: Trainer.Session) (path: string) =
+    if not (File.Exists path) then
+        Errors.fail (UnusableInput(path, sprintf "initial model %s does not exist: give a checkpoint (.ckpt) or a PMG state_dict (.pth)" path))
+    let entries =
+        if Checkpoint.isCheckpoint path then
+            let c = Checkpoint.load path
+            for _, t in c.Optimizer do
+                t.Dispose()
+            c.Model
+        else
+            Interop.StateDict.read path
+    try
+        let device = (s.Net.parameters () |> Seq.head).device
+        let onDevice = entries |> List.map (fun (k, t: TorchSharp.torch.Tensor) -> k, t.``to`` device)
+        try
+            Interop.StateDict.loadInto s.Net onDevice true
+        finally
+            onDevice |> List.iter (fun (_, t) -> t.Dispose())
+    finally
+        entries |> List.iter (fun (_, t) -> t.Dispose())
+
+/// Trains `e` on data opened by `openData`, in `outDir`, continuing the run there when `resume`. Everything that can
+/// be checked is checked before anything is written; a start that fails leaves no folder it made.
 let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e = validate e
     let d, problems = data
     if d.Classes.Length <> e.Model.Classes then
-        raise (InvalidExperiment [ sprintf "the dataset has %d classes but the model is built for %d" d.Classes.Length e.Model.Classes ])
-    let start = startOf e outDir resume
-    let native = Native.ensure (Device.backend e.Device)
-    let s = Trainer.createSession e
-    let progress =
+        Errors.setting Setting.Classes (sprintf "the dataset has %d classes but the model is built for %d" d.Classes.Length e.Model.Classes)
+    if e.DropLast && d.Train.Count < e.BatchSize then
+        Errors.setting
+            Setting.BatchSize
+            (sprintf "the training split has %d images, fewer than one batch of %d, and partial batches are skipped: lower the batch size to %d or less, or train partial batches"
+                d.Train.Count e.BatchSize (max 2 d.Train.Count))
+    if String.IsNullOrWhiteSpace outDir then Errors.setting Setting.Output "the run folder is empty text: give a folder"
+    let outDir = Path.GetFullPath outDir
+    let existed = Directory.Exists outDir
+    use folder = RunFolder.acquire outDir "training"
+    let path name = Path.Combine(outDir, name)
+    let cleanUpFailedStart () =
+        // Only a folder this call made, holding nothing but its lock: a failed start leaves no trace.
+        if not existed then
+            (folder :> IDisposable).Dispose()
+            try
+                if Directory.Exists outDir && Seq.isEmpty (Directory.EnumerateFileSystemEntries outDir) then Directory.Delete outDir
+            with _ -> ()
+    let start, s =
+        try
+            let native = Native.ensure (Device.backend e.Device)
+            let start = startOf e outDir resume
+            let s = Trainer.createSession e
+            match start, e.Init with
+            | Fresh, Some init ->
+                try
+                    initFrom s init
+                with _ ->
+                    s.Net.Dispose()
+                    reraise ()
+            | _ -> ()
+            start, (native, s)
+        with _ ->
+            cleanUpFailedStart ()
+            reraise ()
+    let native, s = s
+    use _ = { new IDisposable with member _.Dispose() = s.Net.Dispose() }
+    let committed =
         match start with
-        | Some c ->
+        | Continue(Some c) ->
             Checkpoint.restore s c
             Checkpoint.dispose c
-            for f in Files.removeStaleTemps outDir do
-                eprintfn "removed %s, left by an interrupted write" f
             c.Progress
-        | None -> Trainer.Progress.Start
-    let path name = Path.Combine(outDir, name)
+        | Continue None
+        | Fresh -> Trainer.Progress.Start
     let started = DateTimeOffset.Now
-    if start.IsNone then
+    let header = metricsHeader e
+    let writeMetrics (p: Trainer.Progress) =
+        Files.writeTextAtomically (path metricsName) (String.concat "\n" (header :: p.Metrics) + "\n")
+    match start with
+    | Fresh ->
+        Files.writeTextAtomically (path RunFolder.markerName) "a Pmg.Fs run folder: resume it with the same settings\n"
         Files.writeTextAtomically (path configName) (Json.serialize e)
         Files.writeTextAtomically (path classesName) (String.concat "\n" d.Classes + "\n")
+    | Continue _ -> ()
     let manifest (ended: DateTimeOffset option) =
         Files.writeTextAtomically (path manifestName) (
             Json.serialize
@@ -159,34 +251,47 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
                    mkldnnDisabled = native.MkldnnDisabled
                    gitCommit = gitCommit ()
                    started = started
-                   resumedAtEpoch = (if start.IsSome then Some progress.EpochsDone else None)
+                   resumedAtEpoch = (match start with Continue _ -> Some committed.EpochsDone | Fresh -> None)
                    ended = ended
                    datasetProblems = problems.Length |}
         )
     manifest None
-    // A resumed run keeps the rows of the epochs its checkpoint holds.
-    let kept =
-        if File.Exists(path metricsName) then
-            File.ReadAllLines(path metricsName) |> Array.skip 1 |> Array.filter (fun l -> l <> "") |> List.ofArray
-            |> List.filter (fun l -> int (l.Split(',').[0]) <= progress.EpochsDone)
-        else []
-    let rows = ref kept
-    let header = metricsHeader e
+    // Complete what the commit point implies but the folder lacks: best.ckpt when the best epoch is the committed
+    // one (its weights are last.ckpt's), and metrics.csv from the committed rows.
+    let completed =
+        [ if committed.EpochsDone > 0 then
+              if committed.BestEpoch = committed.EpochsDone - 1 && epochOf (path bestName) <> Some committed.BestEpoch then
+                  Checkpoint.save (path bestName) (Checkpoint.ofSession s committed)
+                  bestName
+              elif not (File.Exists(path bestName)) then
+                  Errors.fail (
+                      RunFolder(outDir, sprintf "%s is missing, and its epoch %d is not the last committed one: it cannot be rebuilt; evaluate last.ckpt instead, or train a new run" (path bestName) (committed.BestEpoch + 1))
+                  )
+              let expected = String.concat "\n" (header :: committed.Metrics) + "\n"
+              if not (File.Exists(path metricsName)) || File.ReadAllText(path metricsName) <> expected then
+                  writeMetrics committed
+                  metricsName ]
     let epochHook (p: Trainer.Progress) (r: Trainer.EpochRecord) =
-        rows.Value <- rows.Value @ [ metricsRow r ]
-        Files.writeTextAtomically (path metricsName) (String.concat "\n" (header :: rows.Value) + "\n")
+        let p = { p with Metrics = p.Metrics @ [ metricsRow r ] }
+        // The commit point: everything after it is derived and rebuilt by a resume.
         let c = Checkpoint.ofSession s p
+        Files.TestHooks.killAt (sprintf "epoch-%d-before-commit" (r.Epoch + 1))
         Checkpoint.save (path lastName) c
+        Files.TestHooks.killAt (sprintf "epoch-%d-after-commit" (r.Epoch + 1))
         if p.BestEpoch = r.Epoch then Checkpoint.save (path bestName) c
+        writeMetrics p
         hooks.Epoch p r
-    let final, history = Trainer.run s d progress { hooks with Epoch = epochHook }
+        p
+    let final, history =
+        Trainer.runWith s d committed hooks epochHook
     manifest (Some DateTimeOffset.Now)
-    // Plots, confusion matrix and report.md for the best checkpoint.
+    // Plots, confusion matrix and report.md for the best checkpoint: after training, or when a resume found the
+    // report missing.
+    let reportMissing = not (File.Exists(path Visual.Report.reportMd))
     let bestEval =
         match history |> List.tryFind (fun r -> r.Epoch = final.BestEpoch) with
         | Some r -> Some r.Test
-        | None when File.Exists(path bestName) ->
-            // Resumed after the best epoch: evaluate best.ckpt again.
+        | None when final.EpochsDone > 0 && (reportMissing || not completed.IsEmpty) && File.Exists(path bestName) ->
             let c = Checkpoint.load (path bestName)
             Checkpoint.restore s c
             Checkpoint.dispose c
@@ -194,8 +299,10 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
         | None -> None
     bestEval |> Option.iter (Visual.Report.writeRun outDir d.Classes)
     { History = history
+      EpochsDone = final.EpochsDone
       BestEpoch = final.BestEpoch
       BestCombined = final.BestCombined
+      Completed = completed @ (if history.IsEmpty && bestEval.IsSome then [ Visual.Report.reportMd ] else [])
       LastCheckpoint = path lastName
       BestCheckpoint = path bestName }
 

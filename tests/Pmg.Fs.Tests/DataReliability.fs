@@ -132,8 +132,8 @@ let cases: Test list =
           File.CreateSymbolicLink(loop, loop) |> ignore
           let o = tryCase 130 "`predict loop.jpg good.jpg` (a symlink loop)" tmp.Path [ "predict"; "--checkpoint"; ckpt; loop; good ] 1 [ loop; "symbolic link" ] "-"
           Expect.stringContains o.Out good "the good image classified"
-          let lines = o.Err.Split('\n', StringSplitOptions.RemoveEmptyEntries)
-          Expect.equal lines.Length 1 (sprintf "one line: %s" o.Err)
+          let lines = o.Err.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.filter (fun l -> l.Contains loop)
+          Expect.equal lines.Length 1 (sprintf "one line names it: %s" o.Err)
           let gone = tmp.File "gone.jpg"
           File.CreateSymbolicLink(gone, tmp.File "nowhere.jpg") |> ignore
           let o = tryCase 131 "`predict gone.jpg good.jpg` (a link to nothing)" tmp.Path [ "predict"; "--checkpoint"; ckpt; gone; good ] 1 [ gone; "leads nowhere" ] "-"

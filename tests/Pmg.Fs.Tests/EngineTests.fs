@@ -182,12 +182,12 @@ let tests =
               // multithreaded reductions (a few ulps); 1e-6 relative. A lost momentum buffer changes the update by
               // 0.9 x the previous one, ~1e-3 relative.
               Expect.isTrue (close 1e-6 (param a.Net "classifier1.4.weight") (param b.Net "classifier1.4.weight")) "same update"
-              Expect.throwsT<Sgd.StorageError> (fun () -> Sgd.restore b.Optimizer [ "features.conv1.weight", torch.zeros (64L, 3L, 7L, 7L) ]) "a partial state is refused"
+              Expect.throwsT<ModelFileException> (fun () -> Sgd.restore b.Optimizer [ "features.conv1.weight", torch.zeros (64L, 3L, 7L, 7L) ]) "a partial state is refused"
           }
           test "joint update: one SGD step on the sum of the steps' weighted losses" {
               use _ = torch.NewDisposeScope()
               // Whole images for every step (no jigsaw randomness) so the sum can be rebuilt from one forward.
-              let e = { tiny with Update = Experiment.Joint; Forward = Experiment.Full; Schedule = Schedule.withGrids [ 1; 1; 1 ] 2.0 }
+              let e = { tiny with Update = Experiment.Joint; Forward = Experiment.Full; Schedule = Schedule.withGrids (Backbone.find tiny.Model.Backbone) [ 1; 1; 1 ] 2.0 }
               let x, y = batch ()
               let joint = Trainer.createSession e
               joint.Net.train ()

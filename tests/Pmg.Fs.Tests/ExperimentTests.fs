@@ -84,17 +84,23 @@ let tests =
                       BatchNormGroup = Some 1
                       Input = { Resize = 10; Crop = 100; Padding = 0 }
                       Optimizer = { paper.Optimizer with Lr = 0.0 } }
-              match (try Ok(Experiment.validate bad) with Experiment.InvalidExperiment ps -> Error ps) with
-              | Ok _ -> failtest "accepted"
-              | Error ps ->
-                  Expect.equal ps.Length 6 (sprintf "epochs, warm-up, batch, BN group, crop, lr: %A" ps)
+              match (try Ok(Experiment.validate bad) with :? PmgException as e -> Error e.Error) with
+              | Error(InvalidExperiment ps) ->
+                  Expect.equal (ps |> List.map fst) [ Setting.Epochs; Setting.WarmupEpochs; Setting.BatchSize; Setting.BatchNormGroup; Setting.ImageSize; Setting.LearningRate ] (sprintf "epochs, warm-up, batch, BN group, crop, lr: %A" ps)
+              | other -> failtestf "accepted or another error: %A" other
               Expect.equal (Experiment.validate paper) paper "a valid one unchanged"
           }
 
           test "differences names every field that changes what a run learns, nested ones by path" {
               Expect.isEmpty (Experiment.differences paper { paper with Workers = 7; Device = Runtime.Cuda None }) "speed only"
               let other = { (Experiment.withLr 0.1 paper) with BatchSize = 8; Model = { paper.Model with Heads = 2 } }
-              Expect.equal (Experiment.differences paper other |> List.sort) [ "BatchSize"; "Model.Heads"; "Optimizer.BackboneLr"; "Optimizer.Lr" ] "fields"
+              Expect.equal (Experiment.differences paper other |> List.map (fun (f, _, _) -> f) |> List.sort) [ "BatchSize"; "Model.Heads"; "Optimizer.BackboneLr"; "Optimizer.Lr"; "Schedule" ] "fields"
+              Expect.contains (Experiment.differences paper other) ("BatchSize", "16", "8") "both values"
+              // One folder spelled two ways is one value.
+              let root = IO.Directory.CreateTempSubdirectory("pmg-root-").FullName
+              let a = { paper with Data = Experiment.OnDisk { Kind = Data.Dataset.Kind.Cub; Root = root } }
+              let b = { paper with Data = Experiment.OnDisk { Kind = Data.Dataset.Kind.Cub; Root = root + "/./" } }
+              Expect.isEmpty (Experiment.differences a b) "trailing slash and ./ resolved"
           }
 
           test "the embedded main job is the paper's method from ImageNet weights" {
@@ -107,9 +113,10 @@ let tests =
           }
 
           test "Recipes.Paper (the C# entry) is the paper's recipe with the class count read from the dataset" {
-              let e = Api.Recipes.Paper("cub", FgvcMini.dataset FgvcMini.Cub.folder)
+              let api = Api.Recipes.Paper("cub", FgvcMini.dataset FgvcMini.Cub.folder)
+              let e = Json.deserialize<Experiment.Experiment> (api.ToJson())
               Expect.equal e.Model.Classes FgvcMini.Cub.classes.Length "classes from the dataset"
-              Expect.equal e.Data (Experiment.OnDisk { Kind = Data.Dataset.parse "cub"; Root = FgvcMini.dataset FgvcMini.Cub.folder }) "the dataset"
+              Expect.equal e.Data (Experiment.OnDisk { Kind = Data.Dataset.parse "cub"; Root = Runtime.Files.resolve (FgvcMini.dataset FgvcMini.Cub.folder) }) "the dataset"
               let recipe = Experiment.paper e.Model.Classes e.Data
               Expect.equal { e with Data = recipe.Data } recipe "otherwise the paper's recipe"
           }

@@ -11,9 +11,9 @@ let tests =
         "schedule"
         [ test "the paper's schedule: 8, 4, 2 on the three heads, then concat on the whole image with weight 2" {
               let expected: Schedule.Step list =
-                  [ { Head = Granularity 0; Grid = 8; LossWeight = 1.0 }
-                    { Head = Granularity 1; Grid = 4; LossWeight = 1.0 }
-                    { Head = Granularity 2; Grid = 2; LossWeight = 1.0 }
+                  [ { Head = Stage 3; Grid = 8; LossWeight = 1.0 }
+                    { Head = Stage 4; Grid = 4; LossWeight = 1.0 }
+                    { Head = Stage 5; Grid = 2; LossWeight = 1.0 }
                     { Head = Concat; Grid = 1; LossWeight = 2.0 } ]
               Expect.equal Schedule.paper expected "steps"
           }
@@ -24,8 +24,9 @@ let tests =
               Expect.equal (Schedule.progressive resnet 4 |> List.map _.Grid) [ 16; 8; 4; 2; 1 ] "S = 4"
           }
           test "custom grids" {
-              let s = Schedule.withGrids [ 6; 3; 1 ] 1.0
+              let s = Schedule.withGrids (Model.Backbone.find "resnet50") [ 6; 3; 1 ] 1.0
               Expect.equal (s |> List.map (fun x -> x.Grid, x.LossWeight)) [ 6, 1.0; 3, 1.0; 1, 1.0; 1, 1.0 ] "grids and weights"
+              Expect.equal (s |> List.map (fun x -> Schedule.stepName x)) [ "stage3 6x6"; "stage4 3x3"; "stage5 whole"; "concat whole" ] "one name per head: the stage it reads"
           }
           test "cosine annealing: lr at epoch 0, half at mid, near zero at the end" {
               let lr = 0.002

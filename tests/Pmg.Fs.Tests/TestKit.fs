@@ -124,7 +124,7 @@ let checkpointOf (s: Trainer.Session) (progress: Trainer.Progress) : Checkpoint.
 
 /// Progress after `epochsDone` epochs, nothing best yet.
 let progress (epochsDone: int) : Trainer.Progress =
-    { EpochsDone = epochsDone; BestCombined = 0.0; BestEpoch = 0 }
+    { EpochsDone = epochsDone; BestCombined = 0.0; BestEpoch = 0; Metrics = [] }
 
 /// A small trained run of the embedded dataset (one epoch of ResNet18 at 24 px, from random weights), made once
 /// per test process through the CLI; its best.ckpt for the commands that read checkpoints.

@@ -272,6 +272,24 @@ let private backboneOf (keys: string list) : string option =
         | Pmg.Fs.Model.Backbone.ResNet(block, layers) -> layers = blocks && (block = Pmg.Fs.Model.Backbone.Bottleneck) = bottleneck
         | Pmg.Fs.Model.Backbone.Vgg _ -> false)
 
+/// The network a PMG state_dict holds, from its keys and shapes: backbone, heads, head widths, classes.
+let describeNetwork (path: string) (entries: Entries) : Pmg.Fs.Model.Pmg.Config =
+    let shape key = entries |> List.tryPick (fun (k, t: torch.Tensor) -> if k = key then Some t.shape else None)
+    let classes =
+        match shape "classifier_concat.4.weight" with
+        | Some s -> int s.[0]
+        | None -> raise (StateDictError(sprintf "%s has no classifier_concat.4.weight: it is not a PMG state_dict" path))
+    let heads = entries |> List.filter (fun (k, _) -> Regex.IsMatch(k, @"^conv_block\d+\.0\.conv\.weight$")) |> List.length
+    let featureSize = shape "conv_block1.0.conv.weight" |> Option.map (fun s -> int s.[0]) |> Option.defaultValue 512
+    let blockChannels = shape "conv_block1.1.conv.weight" |> Option.map (fun s -> int s.[0]) |> Option.defaultValue 1024
+    let keys = entries |> List.choose (fun (k, _) -> if k.StartsWith "features." then Some(k.Substring 9) else None)
+    let backbone = backboneOf keys |> Option.defaultValue "resnet50"
+    // torchvision's resnet18 and ML.NET's differ in layer4's blocks; both are found by backboneOf.
+    { Backbone = backbone
+      Classes = classes
+      Heads = max 1 heads
+      Head = { Pmg.Fs.Model.Heads.Config.Paper with FeatureSize = featureSize; BlockChannels = blockChannels } }
+
 /// Says what to change when the difference has a known cause: the class count or the backbone.
 let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string list =
     let classes =

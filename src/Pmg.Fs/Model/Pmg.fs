@@ -8,10 +8,11 @@ open Pmg.Fs.Runtime
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
 
-/// Which output of the network a step trains.
+/// Which output of the network a step trains. Heads are named by the backbone stage they read, the same everywhere
+/// (banner, config.json, metrics.csv, tables, report): `Stage 3` is "stage3", the paper's conv3_x head.
 type HeadId =
-    /// The i-th granularity head (0 = the finest, on the earliest chosen stage).
-    | Granularity of int
+    /// The granularity head on the backbone's stage at this 1-based position (3, 4, 5 for PMG-ResNet50).
+    | Stage of int
     /// The classifier on the concatenated features of all heads.
     | Concat
 
@@ -40,19 +41,40 @@ let headStages (config: Config) = Backbone.headStages (Backbone.find config.Back
 /// the paper's conv3_x..conv5_x).
 let headNames (config: Config) : string list = headStages config |> List.map (fun (l, _) -> sprintf "stage%d" l)
 
+/// The name of an output: "stage3" ... for granularity heads, "concat".
+let outputName (id: HeadId) : string =
+    match id with
+    | Stage l -> sprintf "stage%d" l
+    | Concat -> "concat"
+
+/// The output a name gives ("stage3", "concat"), if any.
+let tryOutput (name: string) : HeadId option =
+    match name.Trim().ToLowerInvariant() with
+    | "concat" -> Some Concat
+    | n when n.StartsWith "stage" ->
+        match System.Int32.TryParse(n.Substring 5) with
+        | true, l -> Some(Stage l)
+        | _ -> None
+    | _ -> None
+
 /// Logits of every head, then concat. `Combined` is the sum of all of them (the paper's ensemble).
 type Outputs =
     { /// Logits (batch x classes) of each granularity head, finest first.
       Heads: Tensor list
       /// Logits (batch x classes) of the classifier on the concatenated head features.
-      Concat: Tensor }
+      Concat: Tensor
+      /// Backbone stage positions of Heads, in the same order.
+      Stages: int list }
 
     /// Sum of every head's logits and concat's (the paper's ensemble); a new tensor on each access.
     member o.Combined = o.Heads @ [ o.Concat ] |> List.reduce Ops.add
     /// The logits of the output `id` names.
     member o.Of(id: HeadId) =
         match id with
-        | Granularity i -> o.Heads.[i]
+        | Stage l ->
+            match List.tryFindIndex ((=) l) o.Stages with
+            | Some i -> o.Heads.[i]
+            | None -> invalidArg (nameof id) (sprintf "no head reads stage %d (heads on stages %A)" l o.Stages)
         | Concat -> o.Concat
 
 /// The PMG network; its module names are the reference implementation's, so reference checkpoints load by name.
@@ -93,10 +115,17 @@ type Network(config: Config) as this =
     member this.FromStages(stagesOut: Tensor list) : Outputs =
         let pooled = this.Pooled stagesOut
         { Heads = List.map2 (fun (c: nn.Module<Tensor, Tensor>) p -> c.forward p) classifiers pooled
-          Concat = concatClassifier.forward (torch.cat (Array.ofList pooled, 1L)) }
+          Concat = concatClassifier.forward (torch.cat (Array.ofList pooled, 1L))
+          Stages = List.map fst heads }
 
     /// Every head's logits and concat's for a batch of images (N, 3, H, W).
     override this.forward(x) = this.FromStages(features.ForwardStages x)
+
+    /// The index of the head on stage position `l` (1-based), in head order.
+    member _.HeadIndex(l: int) : int =
+        match heads |> List.tryFindIndex (fun (p, _) -> p = l) with
+        | Some i -> i
+        | None -> invalidArg (nameof l) (sprintf "no head reads stage %d" l)
 
     /// Only what head `i` needs: the backbone up to its stage, its block and its classifier.
     member _.ForwardHead(x: Tensor, i: int) : Tensor =

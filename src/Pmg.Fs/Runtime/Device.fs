@@ -7,9 +7,6 @@ type Device =
     /// A CUDA GPU: the current one, or the one with this index.
     | Cuda of index: int option
 
-/// Raised for a device text that is not `cpu`, `cuda` or `cuda:N`.
-exception DeviceError of string
-
 /// Parsing, naming and loading devices.
 [<RequireQualifiedAccess>]
 module Device =
@@ -21,8 +18,8 @@ module Device =
         | t when t.StartsWith "cuda:" ->
             match System.Int32.TryParse(t.Substring 5) with
             | true, i when i >= 0 -> Cuda(Some i)
-            | _ -> raise (DeviceError(sprintf "device '%s': use cpu, cuda or cuda:N" text))
-        | _ -> raise (DeviceError(sprintf "device '%s': use cpu, cuda or cuda:N" text))
+            | _ -> Pmg.Fs.Errors.setting Pmg.Fs.Setting.Device (sprintf "device '%s': use cpu, cuda or cuda:N" text)
+        | _ -> Pmg.Fs.Errors.setting Pmg.Fs.Setting.Device (sprintf "device '%s': use cpu, cuda or cuda:N" text)
 
     /// The torch name of a device: `cpu`, `cuda` or `cuda:N`; the inverse of `parse`.
     let text =

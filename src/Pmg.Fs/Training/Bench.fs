@@ -57,9 +57,6 @@ type Result =
       /// What was timed, in one line: mode, backbone, device, precision, batch, size, steps, iterations and engine.
       Description: string }
 
-/// A benchmark setting that cannot be used; the message lists the accepted values.
-exception BenchError of string
-
 /// The network-sized experiment a benchmark times: the paper's recipe on `backbone` for `classes` classes.
 let experiment (backbone: string) (classes: int) (batch: int) (device: Device) (precision: Experiment.Precision) =
     { Experiment.paper classes (Experiment.Embedded Synthetic.Config.Default) with BatchSize = batch; Device = device; Precision = precision }
@@ -85,7 +82,7 @@ let engineOf (device: torch.Device) (spec: string) : Engine.Engine =
                 | "benchmark" -> { e with CudnnBenchmark = true }
                 | "tf32" -> { e with Tf32 = true }
                 | "pinned" -> { e with PinnedCopies = true }
-                | other -> raise (BenchError(sprintf "--engine: unknown feature '%s'; use default, plain, or a list of flat, nhwc, benchmark, tf32, pinned" other)))
+                | other -> Errors.setting Setting.Engine (sprintf "engine feature '%s' is unknown: use default, plain, or a list of flat, nhwc, benchmark, tf32, pinned" other))
             Engine.plain
 
 /// Times the network (Options.Mode) on random tensors. Weights start from the seed: speed does not depend on them.

@@ -54,7 +54,7 @@ let run (precision: Pmg.Fs.Experiment.Precision) (net: Pmg.Network) (classes: in
             use _ = computeRegion precision device
             net.forward x
         // Scores are compared and summed in fp32 whatever the forward ran in.
-        let out: Pmg.Outputs = { Heads = out.Heads |> List.map (fun h -> h.to_type torch.float32); Concat = out.Concat.to_type torch.float32 }
+        let out: Pmg.Outputs = { Heads = out.Heads |> List.map (fun h -> h.to_type torch.float32); Concat = out.Concat.to_type torch.float32; Stages = out.Stages }
         let combined = out.Combined
         let correct =
             [| yield! out.Heads |> List.map (fun h -> correctTopK 1 h y)

@@ -14,6 +14,7 @@ module Pmg.Fs.Training.Sgd
 
 open System.Collections.Generic
 open TorchSharp
+open Pmg.Fs
 open Pmg.Fs.Runtime
 
 /// A set of parameters sharing one learning rate schedule; the rate of each step is an argument of `step`.
@@ -61,9 +62,6 @@ type Optimizer =
 let private viewAt (flat: torch.Tensor) (offset: int64) (sizes: int64[]) (strides: int64[]) =
     flat.as_strided (sizes, strides, offset)
 
-/// Parameters that flat storage cannot hold, or saved optimizer state that does not fit this optimizer.
-exception StorageError of string
-
 /// Every parameter's view starts at a multiple of this many elements (256 bytes in fp32). Packed end to end, a
 /// head's Linear(512, classes) with a class count not divisible by 4 would leave every later parameter at an
 /// offset that is not 16-byte aligned, which keeps CUDA kernels off their vectorised paths (and cuDNN/cuBLAS
@@ -84,11 +82,11 @@ let private flatten (g: Group) : Slab =
     let first = List.head ps
     for name, p in g.Parameters do
         if p.dtype <> first.dtype || p.device.ToString() <> first.device.ToString() then
-            raise (StorageError(sprintf "group %s mixes dtypes or devices (%s); flat storage needs one of each" g.Name name))
+            Errors.fail (ModelFile("optimizer state", sprintf "group %s mixes dtypes or devices (%s); flat storage needs one of each" g.Name name))
         // Dense strides (contiguous in some dimension order) span exactly numel elements.
         let span = Array.fold2 (fun acc (size: int64) (stride: int64) -> acc + (size - 1L) * stride) 1L p.shape (p.stride ())
         if span <> p.numel () then
-            raise (StorageError(sprintf "parameter %s is not dense; flat storage cannot hold it" name))
+            Errors.fail (ModelFile("optimizer state", sprintf "parameter %s is not dense; flat storage cannot hold it" name))
     let offsets = slabOffsets (ps |> List.map (fun p -> p.numel ()))
     let total = List.last offsets
     // Zeros, not empty: the padding then stays zero through weight decay and momentum (never NaN garbage).
@@ -182,7 +180,7 @@ let restore (opt: Optimizer) (saved: (string * torch.Tensor) list) =
     let known = opt.Groups |> List.collect (fun g -> g.Parameters) |> Map.ofList
     for name, _ in saved do
         if not (known.ContainsKey name) then
-            raise (StorageError(sprintf "optimizer state names parameter '%s', which this model does not have" name))
+            Errors.fail (ModelFile("optimizer state", sprintf "optimizer state names parameter '%s', which this model does not have" name))
     let saved = Map.ofList saved
     for KeyValue(_, b) in opt.Buffers do
         b.Dispose()
@@ -201,7 +199,7 @@ let restore (opt: Optimizer) (saved: (string * torch.Tensor) list) =
             if present = 0 then
                 slab.Momentum <- None
             elif present < g.Parameters.Length then
-                raise (StorageError(sprintf "optimizer state holds %d of the %d momentum buffers of group %s; it must hold all or none" present g.Parameters.Length g.Name))
+                Errors.fail (ModelFile("optimizer state", sprintf "optimizer state holds %d of the %d momentum buffers of group %s; it must hold all or none" present g.Parameters.Length g.Name))
             else
                 let buf = torch.zeros_like(slab.Values).DetachFromDisposeScope()
                 nameViews opt slab buf

@@ -50,10 +50,13 @@ type Progress =
       /// Best combined top-1 on the test split so far, in [0, 1]; -1 before the first epoch.
       BestCombined: float
       /// The epoch (0-based) of BestCombined; -1 before the first epoch.
-      BestEpoch: int }
+      BestEpoch: int
+      /// metrics.csv's rows of the epochs done, committed with them (a run folder's metrics.csv is rebuilt from
+      /// these, so the table and the checkpoint never disagree).
+      Metrics: string list }
 
     /// Before the first epoch.
-    static member Start = { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1 }
+    static member Start = { EpochsDone = 0; BestCombined = -1.0; BestEpoch = -1; Metrics = [] }
 
 /// What one training batch gave (one per iteration): read back from the device once per batch.
 type BatchRecord =
@@ -103,12 +106,6 @@ type Session =
       /// The speed and memory settings the session was built with.
       Engine: Engine.Engine }
 
-/// A loss that is not a finite number: training stops before anything of that epoch is kept.
-exception Diverged of string
-
-/// An epoch in which no image could be read: training stops; the message names some of the files.
-exception NothingTrained of string
-
 /// The jigsaw generator's seed for an epoch: the data order and crops use (seed, epoch) too, so an epoch's
 /// randomness does not depend on how the run got there; a resumed run draws what an uninterrupted one would, and
 /// a checkpoint needs no generator state.
@@ -130,7 +127,7 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
     net.``to`` device |> ignore
     for missing in Engine.applySwitches engine device do
         // A speed option only: say so and go on.
-        eprintfn "warning: this libtorch cannot switch on %s; training goes on without it" missing
+        Notices.Say(sprintf "this libtorch cannot switch on %s; training goes on without it" missing)
     // Before the optimizer: flat storage keeps the strides it finds.
     if engine.ChannelsLast then Engine.toChannelsLast net
     let storage = if engine.FlatParameters then Sgd.Flat else Sgd.PerParameter
@@ -158,7 +155,7 @@ let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : to
     let logits =
         use _ = Evaluate.computeRegion s.Experiment.Precision s.Device
         match s.Experiment.Forward, step.Head with
-        | Truncated, Pmg.Granularity i -> s.Net.ForwardHead(input, i)
+        | Truncated, Pmg.Stage l -> s.Net.ForwardHead(input, s.Net.HeadIndex l)
         | _ -> (s.Net.forward input).Of step.Head
     logits.to_type torch.float32
 
@@ -309,9 +306,9 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: BatchRec
     if images = 0 then
         match skipped with
         | (f, why) :: _ ->
-            raise (NothingTrained(sprintf "epoch %d trained no image: %d unreadable, e.g. %s: %s; check the dataset with `pmg data`" (epoch + 1) skipped.Length f why))
+            Errors.fail (TrainingFailed(sprintf "epoch %d trained no image: %d unreadable, e.g. %s: %s; check the dataset (pmg data)" (epoch + 1) skipped.Length f why))
         | [] ->
-            raise (NothingTrained(sprintf "epoch %d trained no image: %d training images do not fill one batch of %d (partial batches are skipped; lower --batch-size, or --partial-batches train)" (epoch + 1) data.Train.Count e.BatchSize))
+            Errors.fail (TrainingFailed(sprintf "epoch %d trained no image: %d training images do not fill one batch of %d (partial batches are skipped): lower the batch size, or train partial batches" (epoch + 1) data.Train.Count e.BatchSize))
     { StepLosses = [ for i in 0 .. steps - 1 -> if ran.Contains i then v.[i] / n else nan ]
       TrainAccuracy = v.[steps] / n
       ImagesPerSecond = float images / seconds
@@ -327,10 +324,10 @@ let epoch (s: Session) (data: Data) (hooks: Hooks) (progress: Progress) (epoch: 
     let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule |> List.map fst
     match active |> List.tryFind (fun i -> not (Double.IsFinite t.StepLosses.[i])) with
     | Some i ->
-        raise (
-            Diverged(
-                sprintf "training diverged in epoch %d: step %d (%A, n=%d) has loss %g at learning rates %g (new layers) and %g (backbone); lower --lr"
-                    (epoch + 1) (i + 1) e.Schedule.[i].Head e.Schedule.[i].Grid t.StepLosses.[i] (lrOf "heads") (lrOf "backbone")
+        Errors.fail (
+            TrainingFailed(
+                sprintf "training diverged in epoch %d: step %d (%s) has loss %g at learning rates %g (new layers) and %g (backbone); lower the learning rate"
+                    (epoch + 1) (i + 1) (Schedule.stepName e.Schedule.[i]) t.StepLosses.[i] (lrOf "heads") (lrOf "backbone")
             )
         )
     | None -> ()
@@ -347,19 +344,25 @@ let epoch (s: Session) (data: Data) (hooks: Hooks) (progress: Progress) (epoch: 
           Skipped = t.Skipped
           Seconds = t.Seconds }
     let improved = test.Combined > progress.BestCombined
-    { EpochsDone = epoch + 1
-      BestCombined = (if improved then test.Combined else progress.BestCombined)
-      BestEpoch = (if improved then epoch else progress.BestEpoch) },
+    { progress with
+        EpochsDone = epoch + 1
+        BestCombined = (if improved then test.Combined else progress.BestCombined)
+        BestEpoch = (if improved then epoch else progress.BestEpoch) },
     record
 
-/// Trains from `start` to the experiment's last epoch: a fold of `epoch`, calling the Epoch hook after each.
-let run (s: Session) (data: Data) (start: Progress) (hooks: Hooks) : Progress * EpochRecord list =
+/// Trains from `start` to the experiment's last epoch: a fold of `epoch`. After each epoch `commit` gets the progress
+/// and the record and returns the progress to go on from (Run keeps its files there), then the Epoch hook runs.
+let runWith (s: Session) (data: Data) (start: Progress) (hooks: Hooks) (commit: Progress -> EpochRecord -> Progress) : Progress * EpochRecord list =
     let final, history =
         [ start.EpochsDone .. s.Experiment.Epochs - 1 ]
         |> List.fold
             (fun (progress, history) n ->
                 let progress, record = epoch s data hooks progress n
-                hooks.Epoch progress record
+                let progress = commit progress record
                 progress, record :: history)
             (start, [])
     final, List.rev history
+
+/// Trains from `start` to the experiment's last epoch: a fold of `epoch`, calling the Epoch hook after each.
+let run (s: Session) (data: Data) (start: Progress) (hooks: Hooks) : Progress * EpochRecord list =
+    runWith s data start hooks (fun p r -> hooks.Epoch p r; p)

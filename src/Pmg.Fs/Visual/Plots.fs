@@ -72,27 +72,27 @@ let private lines (plot: Plot) (series: (string * float[] * float[]) list) =
     // Epochs are whole numbers.
     plot.Axes.Bottom.TickGenerator <- TickGenerators.NumericAutomatic(IntegerTicksOnly = true)
 
-/// Mean training loss of each schedule step per epoch; `labels` name the loss_stepN columns in order.
-let losses (labels: string list) (m: Metrics) (path: string) : unit =
+/// Mean training loss of each schedule step per epoch: the `loss_<step>` columns (loss_stage3_8x8 ...), each
+/// labelled by its step.
+let losses (m: Metrics) (path: string) : unit =
     use plot = new Plot()
     let epochs = m.Column "epoch"
     let series =
-        m.Starting "loss_step"
-        |> List.mapi (fun i col -> (if i < labels.Length then labels.[i] else col), epochs, m.Column col)
+        m.Starting "loss_"
+        |> List.map (fun col -> col.Substring("loss_".Length).Replace('_', ' '), epochs, m.Column col)
     lines plot series
     plot.Title "Training loss per schedule step"
     plot.XLabel "epoch"
     plot.YLabel "mean loss (weighted as trained)"
     save plot width height path
 
-/// Test top-1 of every head (named by `heads`), concat and combined per epoch, in percent.
+/// Test top-1 of every head (the `test_<head>` columns), concat and combined per epoch, in percent.
 let accuracy (heads: string list) (m: Metrics) (path: string) : unit =
     use plot = new Plot()
     let epochs = m.Column "epoch"
     let pct (c: float[]) = c |> Array.map (fun v -> percent * v)
     let headSeries =
-        m.Starting "test_head"
-        |> List.mapi (fun i col -> (if i < heads.Length then heads.[i] else col), epochs, pct (m.Column col))
+        heads |> List.choose (fun h -> m.TryColumn("test_" + h) |> Option.map (fun c -> h, epochs, pct c))
     lines plot (headSeries @ [ "concat", epochs, pct (m.Column "test_concat"); "combined", epochs, pct (m.Column "test_combined") ])
     plot.Axes.SetLimitsY(0.0, percent)
     plot.Title "Test top-1 accuracy"

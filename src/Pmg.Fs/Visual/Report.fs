@@ -42,22 +42,9 @@ let perClass (classes: string[]) (confusion: int[,]) : (string * int * int * flo
 let private csvField (s: string) =
     if s.IndexOfAny [| ','; '"'; '\n' |] >= 0 then "\"" + s.Replace("\"", "\"\"") + "\"" else s
 
-let private stepText (heads: string list) (s: Schedule.Step) =
-    let head =
-        match s.Head with
-        | Pmg.Granularity i when i < heads.Length -> heads.[i]
-        | Pmg.Granularity i -> sprintf "head%d" (i + 1)
-        | Pmg.Concat -> "concat"
+let private stepText (s: Schedule.Step) =
     let input = if s.Grid <= 1 then "whole image" else sprintf "%dx%d jigsaw" s.Grid s.Grid
-    sprintf "%s on %s, weight %g" head input s.LossWeight
-
-/// Legend labels of the loss_stepN columns.
-let private stepLabels (e: Experiment) =
-    let heads = Pmg.headNames e.Model
-    e.Schedule
-    |> List.mapi (fun i s ->
-        let head = match s.Head with Pmg.Granularity h when h < heads.Length -> heads.[h] | Pmg.Granularity h -> sprintf "head%d" (h + 1) | Pmg.Concat -> "concat"
-        sprintf "step %d: %s (n=%d)" (i + 1) head s.Grid)
+    sprintf "%s on %s, weight %g" (Pmg.outputName s.Head) input s.LossWeight
 
 let private dataText (e: Experiment) =
     match e.Data with
@@ -72,7 +59,7 @@ let private settings (e: Experiment) : (string * string) list =
       "classes", string e.Model.Classes
       "backbone", sprintf "%s (%s)" e.Model.Backbone (Backbone.Weights.describe e.Weights)
       "heads", sprintf "%d (%s)" e.Model.Heads (String.concat ", " heads)
-      "schedule", e.Schedule |> List.map (stepText heads) |> String.concat "; "
+      "schedule", e.Schedule |> List.map stepText |> String.concat "; "
       "jigsaw permutation", sprintf "%A" e.Permutation
       "forward", sprintf "%A" e.Forward
       "epochs", string e.Epochs
@@ -90,7 +77,14 @@ let private table (header: string list) (rows: string list list) =
       yield! rows |> List.map line ]
 
 let private readExperiment (runDir: string) : Experiment =
-    Json.deserialize<Experiment> (File.ReadAllText(Path.Combine(runDir, configJson)))
+    let config = Path.Combine(runDir, configJson)
+    if not (Directory.Exists runDir) then Errors.input runDir (sprintf "%s does not exist: give the folder of a run made by training" runDir)
+    if not (File.Exists config) || not (File.Exists(Path.Combine(runDir, metricsCsv))) then
+        Errors.input runDir (sprintf "%s is not a run folder (it has no %s and %s): give the folder of a run made by training" runDir configJson metricsCsv)
+    try
+        Json.deserialize<Experiment> (File.ReadAllText config)
+    with :? Text.Json.JsonException as e ->
+        Errors.input config (sprintf "%s cannot be read (%s): it was not written by this version, or is damaged" config e.Message)
 
 /// Index (0-based row) of the epoch with the highest combined accuracy; the first one on ties, as the trainer
 /// keeps the first best.
@@ -99,7 +93,7 @@ let private bestRow (m: Plots.Metrics) =
     if c.Length = 0 then None else Some(c |> Array.indexed |> Array.maxBy (fun (i, v) -> v, -i) |> fst)
 
 let private outputsOfRow (heads: string list) (m: Plots.Metrics) (row: int) =
-    [ yield! heads |> List.mapi (fun i h -> h, (m.Column(sprintf "test_head%d" (i + 1))).[row])
+    [ yield! heads |> List.map (fun h -> h, (m.Column("test_" + h)).[row])
       "concat", (m.Column "test_concat").[row]
       "combined", (m.Column "test_combined").[row] ]
 
@@ -110,14 +104,15 @@ let writeRun (runDir: string) (classes: string[]) (best: Evaluate.Accuracy) : un
     let m = Plots.readMetrics (Path.Combine(runDir, metricsCsv))
     let heads = Pmg.headNames e.Model
     let at (name: string) = Path.Combine(runDir, name)
-    Plots.losses (stepLabels e) m (at lossesPng)
+    Plots.losses m (at lossesPng)
     Plots.accuracy heads m (at accuracyPng)
     Plots.confusion classes best.Confusion (at confusionPng)
     let rows = perClass classes best.Confusion
-    File.WriteAllLines(
-        at perClassCsv,
-        "class,name,images,correct,accuracy"
-        :: (rows |> List.mapi (fun i (name, total, correct, acc) -> sprintf "%d,%s,%d,%d,%s" i (csvField name) total correct (if Double.IsNaN acc then "" else inv acc))))
+    Runtime.Files.writeTextAtomically
+        (at perClassCsv)
+        ("class,name,images,correct,accuracy"
+         :: (rows |> List.mapi (fun i (name, total, correct, acc) -> sprintf "%d,%s,%d,%d,%s" i (csvField name) total correct (if Double.IsNaN acc then "" else inv acc)))
+         |> List.map (fun l -> l + "\n") |> String.concat "")
     let last = m.Rows - 1
     let bestEpoch = bestRow m
     let lastTable =
@@ -176,14 +171,14 @@ let writeRun (runDir: string) (classes: string[]) (best: Evaluate.Accuracy) : un
           ""
           yield! table [ "class"; "correct"; "top-1" ] worst
           "" ]
-    File.WriteAllText(at reportMd, String.concat "\n" md)
+    Runtime.Files.writeTextAtomically (at reportMd) (String.concat "\n" md)
 
 /// One Markdown report comparing runs: key settings, final and best accuracies, and the combined accuracy per
 /// epoch of every run in one plot (written beside `outFile` as <name>-combined.png).
 let compare (runDirs: string list) (outFile: string) : unit =
-    if runDirs.IsEmpty then invalidArg (nameof runDirs) "no run directories"
+    if runDirs.IsEmpty then Errors.setting Setting.Output "no run folders to compare: give one or more"
     let outDir = Path.GetDirectoryName(Path.GetFullPath outFile)
-    Directory.CreateDirectory outDir |> ignore
+    Runtime.Files.createFolder outDir
     let runs =
         runDirs
         |> List.map (fun dir ->
@@ -215,7 +210,7 @@ let compare (runDirs: string list) (outFile: string) : unit =
     let resultRows =
         List.zip names runs
         |> List.map (fun (name, (_, e, m)) ->
-            let heads = [ for i in 1 .. e.Model.Heads -> final m (sprintf "test_head%d" i) ]
+            let heads = Pmg.headNames e.Model |> List.map (fun h -> final m ("test_" + h))
             let best =
                 match bestRow m with
                 | Some r -> sprintf "%s (epoch %d)" (pct (m.Column "test_combined").[r]) (r + 1)
@@ -240,4 +235,4 @@ let compare (runDirs: string list) (outFile: string) : unit =
           ""
           sprintf "![combined top-1 per epoch](%s)" plotName
           "" ]
-    File.WriteAllText(outFile, String.concat "\n" md)
+    Runtime.Files.writeTextAtomically outFile (String.concat "\n" md)
