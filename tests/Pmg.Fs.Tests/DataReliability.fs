@@ -84,6 +84,7 @@ let cases: Test list =
           let o = tryCase 108 "`predict` on the WebP named .jpg" tmp.Path [ "predict"; "--checkpoint"; ckpt; webp ] 0 [] "-"
           Expect.stringContains o.Out webp "classified"
           Expect.stringContains o.Out "class " "a class"
+          record 108 { Case = "`predict` on the WebP named .jpg"; Exit = 0; Says = "(classified) " + lineWith tmp.Path "class " o.Out; Kept = "-" }
       }
 
       test "data exits 1 exactly on the layouts train refuses" {
@@ -130,7 +131,7 @@ let cases: Test list =
           BrokenImages.jpeg good 5
           let loop = tmp.File "loop.jpg"
           File.CreateSymbolicLink(loop, loop) |> ignore
-          let o = tryCase 130 "`predict loop.jpg good.jpg` (a symlink loop)" tmp.Path [ "predict"; "--checkpoint"; ckpt; loop; good ] 1 [ loop; "symbolic link" ] "-"
+          let o = tryCase 130 "`predict loop.jpg good.jpg` (a symlink loop)" tmp.Path [ "predict"; "--checkpoint"; ckpt; loop; good ] 1 [ loop; "symbolic link"; "point it at an image" ] "-"
           Expect.stringContains o.Out good "the good image classified"
           let lines = o.Err.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.filter (fun l -> l.Contains loop)
           Expect.equal lines.Length 1 (sprintf "one line names it: %s" o.Err)

@@ -60,9 +60,19 @@ type Info =
 /// allocates anything, since a lying header would otherwise cost gigabytes of grey.
 let maxPixels = 100_000_000L
 
-// What the user can do about an unusable image, said after the reason: a file given alone, a dataset's file.
-let private fix = "re-download or re-export it"
-let private datasetFix = fix + ", or remove it from the dataset"
+// The verdict's reasons for files that are not there as images; the fix for them is not a new download.
+let private missing = "missing image file"
+let private folder = "a folder, not an image file"
+let private brokenLinkReason = "a symbolic link that loops or leads nowhere"
+
+/// What the user can do about an unusable image, said after the reason: for a file given alone, or for one of
+/// a dataset's files (which can also be removed from the dataset).
+let private fixFor (inDataset: bool) (reason: string) =
+    let orRemove = if inDataset then ", or remove it from the dataset" else ""
+    if reason = missing then "check the path" + orRemove
+    elif reason = folder then "give image files (e.g. FOLDER/*.jpg)"
+    elif reason = brokenLinkReason then "point it at an image" + (if inDataset then " or remove it" else "")
+    else "re-download or re-export it" + orRemove
 
 // A format's structure, read from its bytes before decoding: ImageSharp 2.1 fills a cut-off JPEG scan or PNG
 // stream with grey instead of failing, so completeness is checked here, from the format's own end markers and
@@ -289,11 +299,11 @@ let read (path: string) : Result<Image<Rgb24> * Info, string> =
         with
         | :? FileNotFoundException
         | :? DirectoryNotFoundException ->
-            Error(if brokenLink () then "a symbolic link that loops or leads nowhere" else "missing image file")
-        | :? UnauthorizedAccessException when Directory.Exists path -> Error "a folder, not an image file"
+            Error(if brokenLink () then brokenLinkReason else missing)
+        | :? UnauthorizedAccessException when Directory.Exists path -> Error folder
         | :? UnauthorizedAccessException -> Error "not readable (permission denied)"
-        | :? IOException when Directory.Exists path -> Error "a folder, not an image file"
-        | :? IOException when brokenLink () -> Error "a symbolic link that loops or leads nowhere"
+        | :? IOException when Directory.Exists path -> Error folder
+        | :? IOException when brokenLink () -> Error brokenLinkReason
         | :? IOException as e -> Error(sprintf "not readable (%s)" (firstLine e.Message))
     match bytes with
     | Error e -> Error e
@@ -304,14 +314,16 @@ let verdict (path: string) : Result<Info, string> =
     read path |> Result.map (fun (image, info) -> image.Dispose(); info)
 
 /// The reason and the fix, as messages about an unusable image of a dataset say them.
-let explain (reason: string) : string = sprintf "%s; %s" reason datasetFix
+let explain (reason: string) : string = sprintf "%s; %s" reason (fixFor true reason)
 
 /// Decodes a file as 8-bit RGB through the verdict; grayscale, palette and CMYK files are converted.
 /// Raises an UnusableInput error naming the file, the reason and the fix.
 let loadChecked (path: string) : Image<Rgb24> =
     match read path with
     | Ok(image, _) -> image
-    | Error reason -> Errors.input path (sprintf "%s: %s; %s" path reason fix)
+    | Error reason ->
+        let fix = (fixFor false reason).Replace("FOLDER", path.TrimEnd('/'))
+        Errors.input path (sprintf "%s: %s; %s" path reason fix)
 
 /// Decodes a sample's file through the verdict and cuts it: TrimBottom always, the box only when `cropToBox`.
 /// Raises an UnusableInput error for a file the verdict refuses; callers decide whether that is fatal.
