@@ -1,156 +1,36 @@
-// Shared by the dataset scripts (cub.fsx, cars.fsx, aircraft.fsx, dogs.fsx): reads the arguments, finds the
-// dataset and the ImageNet weights, builds the experiment (the paper's recipe, or a miniature for --smoke), trains
-// it with Run.train and prints the results beside the paper's number.
-//   dotnet fsi experiments/<dataset>.fsx [--smoke] [--root DIR] [--pretrained FILE] [--epochs N]
-//                                        [--device cpu|cuda] [--precision fp32|bf16] [--out DIR]
+// Shared by the dataset scripts (cub.fsx, cars.fsx, aircraft.fsx, dogs.fsx): the paper's recipe on one dataset,
+// trained through the library's application layer, with the results printed beside the paper's number.
+//   dotnet fsi experiments/<dataset>.fsx --root DIR [any `pmg train` flag: --device cuda, --epochs N, --out DIR, ...]
+// The flags are `pmg train`'s, read by the command's own definitions (src/Pmg.Cli/Args.fs, TrainSettings.fs) and
+// turned into an experiment by the library's rules (Pmg.Fs.App.Training): no second parser, no second recipe, and
+// the same weights policy as the command (`--pretrained imagenet` by default: the reference's torchvision file).
 // A dataset script loads Pmg.fsx itself, then this file: `#load "Pmg.fsx"` here, nested under another script,
 // fails in dotnet fsi 10 (FS0247: the script module `Pmg` of Pmg.fsx clashes with the library's namespace `Pmg`
 // when the load is not at the top level).
+#r "nuget: Argu, 6.1.1"
+#load "../src/Pmg.Cli/Args.fs" "../src/Pmg.Cli/TrainSettings.fs"
 
 open System
-open System.IO
+open Argu
 open Pmg.Fs
+open Pmg.Fs.App
 open Pmg.Fs.Training
 
 /// What differs between the dataset scripts.
 type DatasetSpec =
-    { /// Dataset kind as Run/Dataset know it: cub, cars, aircraft, dogs.
+    { /// The dataset's name as `pmg train --dataset` takes it.
       Kind: string
       /// Human name for messages.
       Name: string
-      /// The official archive's folder name (also the test suite's generated miniature's).
+      /// The official archive's folder name.
       Fixture: string
-      /// Environment variable that holds the dataset root when --root is not given.
-      RootVariable: string
       /// The paper's ResNet50 top-1 (%), None where the paper does not report the dataset.
       PaperTop1: float option
       /// Where to get the dataset.
       Download: string }
 
-/// Exit code for "cannot run: something to download or set first" (1 is left to crashes).
-let missingInputExit = 2
-
-/// Environment variable for the ImageNet weights when --pretrained is not given.
-let pretrainedVariable = "PMG_PRETRAINED"
-
-/// torchvision's ResNet50 ImageNet weights, the paper's starting point.
-let pretrainedDownload = "https://download.pytorch.org/models/resnet50-19c8e357.pth"
-
-type Args =
-    { Smoke: bool
-      Root: string option
-      Pretrained: string option
-      Epochs: int option
-      Device: Runtime.Device
-      /// fp32, or bf16 mixed precision (bf16 compute, fp32 weights and optimizer state: for GPUs).
-      Precision: Experiment.Precision
-      Out: string option }
-
-/// `--flag value` pairs and the bare `--smoke`; anything else stops the script with the usage.
-let parseArgs (argv: string list) : Args =
-    let usage () =
-        eprintfn "usage: dotnet fsi <script> [--smoke] [--root DIR] [--pretrained FILE] [--epochs N] [--device cpu|cuda] [--precision fp32|bf16] [--out DIR]"
-        exit missingInputExit
-    let rec go (a: Args) args =
-        match args with
-        | [] -> a
-        | "--smoke" :: rest -> go { a with Smoke = true } rest
-        | "--root" :: v :: rest -> go { a with Root = Some v } rest
-        | "--pretrained" :: v :: rest -> go { a with Pretrained = Some v } rest
-        | "--epochs" :: v :: rest ->
-            match Int32.TryParse v with
-            | true, n when n >= 1 -> go { a with Epochs = Some n } rest
-            | _ -> usage ()
-        | "--device" :: v :: rest ->
-            match (try Some(Runtime.Device.parse v) with Runtime.DeviceError _ -> None) with
-            | Some d -> go { a with Device = d } rest
-            | None -> usage ()
-        | "--precision" :: "fp32" :: rest -> go { a with Precision = Experiment.Fp32 } rest
-        | "--precision" :: "bf16" :: rest -> go { a with Precision = Experiment.Bf16 } rest
-        | "--out" :: v :: rest -> go { a with Out = Some v } rest
-        | other :: _ ->
-            eprintfn "unknown argument: %s" other
-            usage ()
-    go { Smoke = false; Root = None; Pretrained = None; Epochs = None; Device = Runtime.Cpu; Precision = Experiment.Fp32; Out = None } argv
-
-/// A command-line value, else a non-empty environment variable.
-let private orEnv (variable: string) (value: string option) =
-    match value with
-    | Some v -> Some v
-    | None ->
-        match Environment.GetEnvironmentVariable variable with
-        | null | "" -> None
-        | v -> Some v
-
-/// Stops the script with a message that says what is missing, where to get it and what to set.
-let private missing (lines: string list) : 'a =
-    lines |> List.iter (eprintfn "%s")
-    exit missingInputExit
-
-let private resolveRoot (spec: DatasetSpec) (args: Args) : string =
-    match orEnv spec.RootVariable args.Root with
-    | Some root when Directory.Exists root -> root
-    | Some root ->
-        missing [ sprintf "%s: dataset root %s does not exist." spec.Name (Path.GetFullPath root)
-                  sprintf "Download it from %s, extract it, and pass --root <folder %s> or set %s." spec.Download spec.Fixture spec.RootVariable ]
-    | None when args.Smoke ->
-        missing [ sprintf "--smoke needs --root <folder %s>: a dataset in the official layout, full or miniature." spec.Fixture
-                  "(The test suite generates miniatures of all four datasets and passes them with --root.)" ]
-    | None ->
-        missing [ sprintf "%s: no dataset root given." spec.Name
-                  sprintf "Download it from %s, extract it (folder %s), then pass --root <folder> or set %s." spec.Download spec.Fixture spec.RootVariable
-                  "(--smoke --root <folder> runs a one-minute check of a small ResNet on it instead.)" ]
-
-/// The backbone and its weights: --pretrained (or PMG_PRETRAINED) as given, else the ImageNet weights that ship
-/// with the project, on their backbone (resnet18-mlnet), said aloud: the paper's numbers need ResNet50.
-let private resolveWeights (args: Args) : (string * Model.Backbone.Weights) option =
-    match orEnv pretrainedVariable args.Pretrained |> Option.map Model.Backbone.Weights.parse with
-    | Some(Model.Backbone.File file) when not (File.Exists file) ->
-        missing [ sprintf "ImageNet weights %s do not exist." (Path.GetFullPath file)
-                  sprintf "Download %s and pass --pretrained <file> or set %s." pretrainedDownload pretrainedVariable ]
-    | Some Model.Backbone.ImageNet
-    | None ->
-        eprintfn "no ResNet50 file given: starting from the ImageNet weights that ship (resnet18-mlnet); the paper's numbers need ResNet50 (download %s, pass --pretrained <file> or set %s)"
-            pretrainedDownload pretrainedVariable
-        Some("resnet18-mlnet", Model.Backbone.ImageNet)
-    | Some w -> Some("resnet50", w)
-
-/// The miniature that --smoke trains: the paper's method on a small ResNet with tiny images, so that the whole
-/// pipeline (reading the official layout, jigsaws, every head, evaluation, run directory) runs in about a minute.
-module Smoke =
-    let backbone = "resnet18"
-    let epochs = 1
-    let batchSize = 4
-    let input: Experiment.Input = { Resize = 36; Crop = 32; Padding = 2 }
-    let workers = 1
-
-let private smoke (e: Experiment.Experiment) : Experiment.Experiment =
-    let e = e |> Experiment.withBackbone Smoke.backbone |> Experiment.withEpochs Smoke.epochs
-    { e with
-        // The narrow heads of the embedded recipe: the paper's 512/1024-wide heads only cost time here.
-        Model = { e.Model with Head = Experiment.embedded.Model.Head }
-        BatchSize = Smoke.batchSize
-        Input = Smoke.input
-        Workers = Smoke.workers
-        Weights = Model.Backbone.Scratch }
-
-/// The experiment for a dataset: the paper's recipe, shrunk for --smoke. The class count comes from the dataset
-/// itself, so the fixture (a few classes) and the full dataset take the same path.
-let experiment (spec: DatasetSpec) (args: Args) : Experiment.Experiment * (Trainer.Data * Data.Problem list) =
-    let root = resolveRoot spec args
-    let weights = if args.Smoke then None else resolveWeights args
-    let data = Experiment.OnDisk { Kind = Data.Dataset.parse spec.Kind; Root = root }
-    let opened = Run.openData data false
-    let paper = { Experiment.paper (fst opened).Classes.Length data with Device = args.Device; Precision = args.Precision }
-    let paper =
-        match weights with
-        | Some(backbone, w) -> { Experiment.withBackbone backbone paper with Weights = w }
-        | None -> paper
-    let e = if args.Smoke then smoke paper else paper
-    (match args.Epochs with
-     | Some n -> Experiment.withEpochs n e
-     | None -> e),
-    opened
+/// Exit code of a bad or missing input (as `pmg`'s for a flag), 1 for anything else.
+let private badInput = 2
 
 let private printEpoch (e: Experiment.Experiment) (_: Trainer.Progress) (r: Trainer.EpochRecord) =
     printfn "epoch %d/%d  losses %s  train %.1f%%  test combined %.1f%%  concat %.1f%%  (%.1f img/s)"
@@ -170,23 +50,43 @@ let private printResults (spec: DatasetSpec) (e: Experiment.Experiment) (summary
     printfn "top-1 combined: last epoch %.1f%%, best epoch %.1f%% (epoch %d)   paper: %s"
         (100.0 * last.Test.Combined) (100.0 * summary.BestCombined) (summary.BestEpoch + 1) paper
     let recipe = Experiment.paper e.Model.Classes e.Data
-    if e.Epochs < recipe.Epochs || e.Model.Backbone <> recipe.Model.Backbone || e.Weights = Model.Backbone.Scratch then
+    if e.Epochs < recipe.Epochs || e.Model.Backbone <> recipe.Model.Backbone || e.Weights <> recipe.Weights then
         printfn "(not the paper's recipe: %d epochs, %s, %s; not comparable to the paper's number)"
             e.Epochs e.Model.Backbone (Model.Backbone.Weights.describe e.Weights)
 
-/// The whole script: arguments, experiment, training, results. Exits 2 when the dataset or weights are missing.
+/// The whole script: `pmg train`'s flags for this dataset, the experiment, training, results.
 let run (spec: DatasetSpec) =
-    let args = parseArgs (fsi.CommandLineArgs |> Array.toList |> List.tail)
-    let e, opened = experiment spec args
-    let outDir =
-        args.Out
-        |> Option.defaultWith (fun () ->
-            Path.Combine("runs", sprintf "%s-%s%s" spec.Kind (if args.Smoke then "smoke-" else "") (DateTime.Now.ToString "yyyyMMdd-HHmmss")))
-    printfn "PMG %s (%s) on %s (%s): %d classes, %d epochs, batch %d, %d px crops of %d px, device %s"
-        e.Model.Backbone (Model.Backbone.Weights.describe e.Weights) spec.Name (match e.Data with Experiment.OnDisk d -> d.Root | _ -> "embedded")
-        e.Model.Classes e.Epochs e.BatchSize e.Input.Crop e.Input.Resize (Runtime.Device.text e.Device)
-    printfn "run directory: %s (config.json and manifest.json record the settings and seed)" (Path.GetFullPath outDir)
-    let watch = Diagnostics.Stopwatch.StartNew()
-    let summary = Run.trainOn opened e outDir false { Trainer.Hooks.None with Epoch = printEpoch e }
-    printResults spec e summary
-    printfn "elapsed %s" (watch.Elapsed.ToString @"hh\:mm\:ss")
+    let argv = fsi.CommandLineArgs |> Array.tail
+    let parser = ArgumentParser.Create<Pmg.Cli.Args.TrainArgs>(programName = sprintf "dotnet fsi experiments/%s.fsx" spec.Kind)
+    let fail (message: string) (code: int) : 'a =
+        eprintfn "%s" message
+        exit code
+    let args =
+        try
+            parser.ParseCommandLine(argv, raiseOnUsage = true)
+        with :? ArguParseException as e ->
+            fail e.Message (if e.ErrorCode = ErrorCode.HelpText then 0 else badInput)
+    let settings = { Pmg.Cli.TrainSettings.settingsOf args with Dataset = Some spec.Kind }
+    if settings.Root.IsNone then
+        fail (sprintf "%s: no dataset folder given. Download it from %s, extract it (folder %s), then pass --root <folder>." spec.Name spec.Download spec.Fixture) badInput
+    let described (e: exn) =
+        match e with
+        | :? PmgException as p ->
+            match p.Error with
+            | InvalidSetting(s, m) -> sprintf "%s: %s" (Pmg.Cli.Args.flagOf s) m, badInput
+            | InvalidExperiment ps -> ps |> List.map (fun (s, m) -> sprintf "%s: %s" (Pmg.Cli.Args.flagOf s) m) |> String.concat "; ", badInput
+            | error -> error.Message, 1
+        | e -> e.Message, 1
+    try
+        let e, opened = Training.experiment settings
+        printfn "PMG %s (%s) on %s (%s): %d classes, %s, batch %d, %d px crops of %d px, device %s"
+            e.Model.Backbone (Model.Backbone.Weights.describe e.Weights) spec.Name (match e.Data with Experiment.OnDisk d -> d.Root | _ -> "embedded")
+            e.Model.Classes (if e.Epochs = 1 then "1 epoch" else sprintf "%d epochs" e.Epochs) e.BatchSize e.Input.Crop e.Input.Resize (Runtime.Device.text e.Device)
+        let watch = Diagnostics.Stopwatch.StartNew()
+        let folder, summary = Training.train (e, opened) (args.TryGetResult Pmg.Cli.Args.TrainArgs.Out) (args.Contains Pmg.Cli.Args.TrainArgs.Resume) { Trainer.Hooks.None with Epoch = printEpoch e }
+        printfn "run folder: %s (config.json and manifest.json record the settings and seed)" (IO.Path.GetFullPath folder)
+        if not summary.History.IsEmpty then printResults spec e summary
+        printfn "elapsed %s" (watch.Elapsed.ToString @"hh\:mm\:ss")
+    with e ->
+        let line, code = described e
+        fail line code

@@ -30,10 +30,7 @@ let ablations: (string * Experiment) list =
       "S = 1", withHeads 1 b
       "S = 2", withHeads 2 b
       "grids 4/2/1", withGrids [ 4; 2; 1 ] b
-      "baseline: plain backbone + one classifier",
-      { b with
-          Model = { b.Model with Heads = 1 }
-          Schedule = [ { Head = Model.Pmg.Concat; Grid = 1; LossWeight = 1.0 } ] } ]
+      "baseline: plain backbone + one classifier", plainBaseline b ]
 
 /// A name usable as a folder: letters and digits, the rest collapsed to '-'.
 let slug (name: string) =

@@ -14,7 +14,7 @@ let experiment =
     | Some epochs -> Experiment.embedded |> Experiment.withEpochs (int epochs)
     | None -> Experiment.embedded
 
-let runDir = IO.Path.Combine("runs", "quickstart-" + DateTime.Now.ToString "yyyyMMdd-HHmmss")
+let runDir = App.Training.defaultFolder experiment DateTime.Now
 
 let report (_: Trainer.Progress) (r: Trainer.EpochRecord) =
     printfn "epoch %d/%d  losses %s  test combined %.1f%%  (%.1f img/s)"

@@ -70,9 +70,13 @@ print_plan() {
     echo "total budget ${TOTAL_S} s (each step: budget + ${GRACE_S} s kill grace); the device tool allows 600 s a call"
 }
 
-# The C++ symbols the project looks up by name, from the source so that the list stays true.
+# The C++ symbols the project looks up by name, from every F# source under src/ (wherever the code moves, the list
+# follows it); the files they come from, for the plan.
+symbol_sources() {
+    grep -rlE --include='*.fs' '"_Z[A-Za-z0-9_]+"' src 2>/dev/null | sort
+}
 project_symbols() {
-    grep -ohE '"_Z[A-Za-z0-9_]+"' src/Pmg.Fs/Runtime/Native.fs src/Pmg.Fs/Runtime/Switches.fs src/Pmg.Cli/GpuMemory.fs | tr -d '"' | sort -u
+    grep -rohE --include='*.fs' '"_Z[A-Za-z0-9_]+"' src 2>/dev/null | tr -d '"' | sort -u
 }
 
 # ------------------------------------------------------------------------------------------------------------
@@ -171,7 +175,12 @@ case "${1:-}" in
         echo
         echo "reference: \$PY $ref --mode published|tuned [--eval]"
         echo "ours:      bash .devpack/run.sh $ours --precision fp32|bf16 [--mode eval]"
-        echo "symbols checked (from Runtime/Native.fs, Runtime/Switches.fs, GpuMemory.fs):"
+        sources=$(symbol_sources)
+        if [ -z "$sources" ]; then
+            echo "no F# source under src/ names a C++ symbol: run from the repository root (the preflight would check nothing)" >&2
+            exit 1
+        fi
+        echo "symbols checked (from $(echo $sources | tr ' ' ',')):"
         project_symbols | sed 's/^/  /'
         [ -x .devpack/run.sh ] || echo "note: .devpack/run.sh is missing here: run ../shared/device/pack.sh src/Pmg.Cli/Pmg.Cli.fsproj before the device call"
         exit 0 ;;

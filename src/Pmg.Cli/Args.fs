@@ -45,6 +45,9 @@ let flagOf (s: Pmg.Fs.Setting) : string =
     | Pmg.Fs.Setting.PartialBatches -> "--partial-batches"
     | Pmg.Fs.Setting.Forward -> "--forward"
     | Pmg.Fs.Setting.Update -> "--update"
+/// A count with its noun, singular for one: `counted 1 "epoch"` is "1 epoch", `counted 8 "class"` "8 classes".
+let counted (n: int) (noun: string) : string =
+    sprintf "%d %s%s" n noun (if n = 1 then "" elif noun.EndsWith "s" then "es" else "s")
 
 /// A flag's value among named choices (case-insensitive).
 let choose (flag: string) (choices: (string * 'T) list) (value: string) : 'T =
@@ -338,8 +341,8 @@ type Command =
             match a with
             | Train _ -> "train PMG (on the embedded dataset unless --dataset is given)."
             | Eval _ -> "evaluate a checkpoint: top-1 of every head, concat, combined; top-5 of combined."
-            | Predict _ -> "classify images."
-            | Export _ -> "write a checkpoint as a PyTorch state_dict."
+            | Predict _ -> "classify images with a checkpoint or an exported ONNX model (class names from classes.txt or the model)."
+            | Export _ -> "write a checkpoint as a PyTorch state_dict (.pth, the reference's key names) or an ONNX model (.onnx, for ONNX Runtime)."
             | Bench _ -> "time training iterations or inference on synthetic tensors, or the data pipeline."
             | Data _ -> "inspect a dataset: counts and unusable images."
             | Cam _ -> "Grad-CAM of every head for images, as PNG montages."

@@ -98,7 +98,7 @@ let export (a: ParseResults<ExportArgs>) =
         let model = ModelFiles.exportOnnx m out
         let i = m.Description.Input
         printfn "wrote %s (%d nodes, input 1x3x%dx%d with a dynamic batch, outputs %s)"
-            out model.Graph.Nodes.Length i.Crop i.Crop (model.Graph.Outputs |> List.map _.Name |> String.concat ", ")
+            out model.Graph.Node.Count i.Crop i.Crop (model.Graph.Output |> Seq.map _.Name |> String.concat ", ")
     | _ ->
         ModelFiles.exportPyTorch m out
         printfn "wrote %s (%d entries, reference PMG key names, described inside)" out (m.Net.state_dict().Count)

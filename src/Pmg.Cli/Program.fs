@@ -36,6 +36,57 @@ let private describe (e: exn) : string * int =
         | None -> x.Message, 1
     | e -> e.Message, 1
 
+/// The subcommands' names (train, eval, ...), from the Command union so that they cannot drift.
+let private commandNames =
+    Reflection.FSharpType.GetUnionCases typeof<Command> |> Array.map (fun c -> c.Name.ToLowerInvariant())
+
+/// The command line as Argu takes it: `-h` is `--help`, and `--flag=value` is `--flag value` (both spellings are
+/// common habits; Argu takes neither for a flag declared with a separate value).
+let normalise (argv: string[]) : string[] =
+    argv
+    |> Array.collect (fun a ->
+        if a = "-h" then [| "--help" |]
+        elif a.StartsWith "--" && a.Length > 2 && a.IndexOf '=' > 2 then
+            let i = a.IndexOf '='
+            [| a.Substring(0, i); a.Substring(i + 1) |]
+        else [| a |])
+
+/// A usage error as one line (Argu's own text is the error followed by the whole usage), with where to read more.
+let usageError (argv: string[]) (message: string) : string =
+    let first =
+        message.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+        |> Array.tryHead
+        |> Option.defaultValue message
+    let first = if first.StartsWith "ERROR: " then first.Substring 7 else first
+    let help =
+        match argv |> Array.tryFind (fun a -> Array.contains a commandNames) with
+        | Some c -> sprintf "pmg %s --help" c
+        | None -> "pmg --help"
+    sprintf "%s (see `%s`)" (first.TrimEnd '.') help
+
+/// `pmg --version`: this build (its version and the commit it was built from, where git was there to say), the
+/// library's, TorchSharp's and the libtorch that loads here.
+let private printVersion () : int =
+    let informational (a: Reflection.Assembly) =
+        match Attribute.GetCustomAttribute(a, typeof<Reflection.AssemblyInformationalVersionAttribute>) with
+        | :? Reflection.AssemblyInformationalVersionAttribute as v -> v.InformationalVersion
+        | _ -> string (a.GetName().Version)
+    let split (v: string) =
+        match v.IndexOf '+' with
+        | -1 -> v, "unknown"
+        | i -> v.Substring(0, i), v.Substring(i + 1)
+    let cli, commit = split (informational (Reflection.Assembly.GetExecutingAssembly()))
+    let library, _ = split (informational typeof<Runtime.Native.Loaded>.Assembly)
+    let torchSharp = typeof<TorchSharp.torch>.Assembly.GetName().Version
+    printfn "pmg %s (commit %s)" cli commit
+    printfn "Pmg.Fs %s, TorchSharp %d.%d.%d" library torchSharp.Major torchSharp.Minor torchSharp.Build
+    try
+        let l = Runtime.Native.ensure Runtime.Native.Cpu
+        printfn "libtorch %s from %s" (Runtime.Native.libTorchVersion ()) l.LibTorchDir
+    with e ->
+        printfn "libtorch: not loaded here (%s)" (fst (describe e))
+    0
+
 /// The device a command line asks for, so that the native runtime for it loads before anything else.
 let private deviceIn (argv: string[]) =
     match argv |> Array.tryFindIndex ((=) "--device") with
@@ -44,6 +95,8 @@ let private deviceIn (argv: string[]) =
 
 [<EntryPoint>]
 let main argv =
+    let argv = normalise argv
+    if argv = [| "--version" |] then printVersion () else
     let parser = ArgumentParser.Create<Command>(programName = "pmg")
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
@@ -61,9 +114,14 @@ let main argv =
         | Jigsaw a -> VisualCommands.jigsaw a
         | Report a -> VisualCommands.report a
     with
+    | :? ArguParseException as e when e.ErrorCode = ErrorCode.HelpText ->
+        printfn "%s" e.Message
+        if argv = [| "--help" |] then
+            printfn "`pmg --version` prints the version, the commit and the libtorch that loads; -h is --help; --flag=value is --flag value."
+        0
     | :? ArguParseException as e ->
-        (if e.ErrorCode = ErrorCode.HelpText then printfn "%s" e.Message else eprintfn "%s" e.Message)
-        if e.ErrorCode = ErrorCode.HelpText then 0 else 2
+        eprintfn "pmg: %s" (usageError argv e.Message)
+        2
     | BadFlag m ->
         eprintfn "pmg: %s" m
         2

@@ -10,47 +10,17 @@ open Pmg.Fs
 open Pmg.Fs.App
 open Pmg.Fs.Training
 open Pmg.Cli.Args
+open Pmg.Cli.TrainSettings
 
 let pct = Format.percent
 
-/// The settings the flags give.
-let settingsOf (a: ParseResults<TrainArgs>) : Training.Settings =
-    { Dataset = a.TryGetResult TrainArgs.Dataset
-      Root = a.TryGetResult TrainArgs.Root
-      Level = a.TryGetResult TrainArgs.Level
-      Backbone = a.TryGetResult TrainArgs.Backbone
-      Epochs = a.TryGetResult TrainArgs.Epochs
-      WarmupEpochs = a.TryGetResult TrainArgs.Warmup_Epochs
-      BatchSize = a.TryGetResult TrainArgs.Batch_Size
-      ImageSize = a.TryGetResult TrainArgs.Image_Size
-      Resize = a.TryGetResult TrainArgs.Resize
-      LearningRate = a.TryGetResult TrainArgs.Lr
-      BackboneLearningRate = a.TryGetResult TrainArgs.Backbone_Lr
-      Heads = a.TryGetResult TrainArgs.Heads
-      Grids = a.TryGetResult TrainArgs.Grids |> Option.map (positiveInts "--grids")
-      PerSampleJigsaw = a.Contains TrainArgs.Per_Sample_Jigsaw
-      PatchOrder = a.TryGetResult TrainArgs.Patch_Order
-      BatchNormGroup = a.TryGetResult TrainArgs.Bn_Group
-      PartialBatches = a.TryGetResult TrainArgs.Partial_Batches
-      Forward = a.TryGetResult TrainArgs.Forward
-      Update = a.TryGetResult TrainArgs.Update
-      Precision = a.TryGetResult TrainArgs.Precision
-      Seed = a.TryGetResult TrainArgs.Seed
-      Device = a.TryGetResult TrainArgs.Device
-      Weights = a.TryGetResult TrainArgs.Pretrained
-      Init = a.TryGetResult TrainArgs.Init
-      CropToBox = a.Contains TrainArgs.Crop_To_Box
-      Workers = a.TryGetResult TrainArgs.Workers }
-
-/// "1 epoch", "2 epochs"; `many` for irregular plurals.
-let private counted (n: int) (one: string) (many: string) = if n = 1 then sprintf "%d %s" n one else sprintf "%d %s" n many
-let private plural (n: int) (word: string) = counted n word (word + "s")
+let private plural (n: int) (word: string) = counted n word
 
 /// The one-line description of an experiment the banner prints.
 let banner (e: Experiment.Experiment) =
     sprintf "PMG %s (%s) on %s: %s, %s, batch %d, %dpx crops of %dpx, steps %s, device %s"
         e.Model.Backbone (Model.Backbone.Weights.describe e.Weights) (Experiment.dataName e)
-        (counted e.Model.Classes "class" "classes") (plural e.Epochs "epoch") e.BatchSize e.Input.Crop e.Input.Resize
+        (counted e.Model.Classes "class") (plural e.Epochs "epoch") e.BatchSize e.Input.Crop e.Input.Resize
         (e.Schedule |> List.map (fun s -> sprintf "%s x%g" (Schedule.stepName s) s.LossWeight) |> String.concat ", ")
         (Runtime.Device.text e.Device)
 

@@ -197,6 +197,12 @@ let withImageSize (crop: int) (e: Experiment) : Experiment =
     let resize = int (Math.Round(float crop * float e.Input.Resize / float e.Input.Crop))
     { e with Input = { e.Input with Crop = crop; Resize = resize } }
 
+/// The paper's baseline: the plain backbone with one classifier on its last stage's features, trained on whole
+/// images (one head, whose concat classifier alone is trained).
+let plainBaseline (e: Experiment) : Experiment =
+    let e = withHeads 1 e
+    { e with Schedule = [ { Head = Pmg.Concat; Grid = 1; LossWeight = 1.0 } ] }
+
 /// The resize side in pixels, leaving the crop as it is.
 let withResize (resize: int) (e: Experiment) : Experiment = { e with Input = { e.Input with Resize = resize } }
 

@@ -42,9 +42,10 @@ let permutations (gen: Generator) (mode: Permutation) (draw: Draw) (batch: int) 
     let cells = int64 (n * n)
     let rows = match mode with PerBatch -> 1L | PerSample -> int64 batch
     match draw with
-    | Uniform -> torch.rand([| rows; cells |], generator = gen).argsort(1L)
+    // float32 draws whatever the default dtype is (a float64 session reads them as float32 below).
+    | Uniform -> torch.rand([| rows; cells |], dtype = ScalarType.Float32, generator = gen).argsort(1L)
     | Cycle ->
-        use u = torch.rand([| rows; cells |], generator = gen)
+        use u = torch.rand([| rows; cells |], dtype = ScalarType.Float32, generator = gen)
         let all = u.data<float32>().ToArray()
         let perms = Array.init (int rows) (fun r -> sattolo all.[r * int cells .. (r + 1) * int cells - 1]) |> Array.concat
         torch.tensor(perms).reshape(rows, cells)

@@ -124,7 +124,7 @@ let private startOf (e: Experiment) (dir: string) (resume: bool) : Start =
     | RunFolder.Run, true ->
         let recorded =
             if File.Exists last then
-                let c = Checkpoint.load last
+                let c = Checkpoint.loadResumable last
                 Some c, c.Experiment, last
             else
                 let config = Path.Combine(dir, configName)
@@ -175,9 +175,51 @@ let private initFrom (s: Trainer.Session) (path: string) =
     finally
         entries |> List.iter (fun (_, t) -> t.Dispose())
 
+/// How a run records itself, beside what it learns.
+type Options =
+    { /// TensorBoard event files in the run folder (per batch and per epoch).
+      TensorBoard: bool }
+
+    /// Everything on.
+    static member Default = { TensorBoard = true }
+
+/// The images TensorBoard shows at the end of a run: the jigsaw inputs of one iteration and Grad-CAM of every head,
+/// for the first test image. Drawing them is not worth failing a finished run over: a failure is a notice.
+let private endImages (s: Trainer.Session) (d: Trainer.Data) (dir: string) : (string * byte[]) list =
+    let e = s.Experiment
+    let draw (name: string) (render: string -> unit) =
+        let file = Path.Combine(dir, sprintf ".%s.tmp-%d.png" name Environment.ProcessId)
+        try
+            try
+                render file
+                Some(name, File.ReadAllBytes file)
+            with ex ->
+                Notices.Say(sprintf "the %s image for TensorBoard could not be drawn: %s" name ex.Message)
+                None
+        finally
+            if File.Exists file then File.Delete file
+    if d.Test.Count = 0 then []
+    else
+        let spec = Transforms.Spec.test e.Input.Resize e.Input.Crop
+        let input () =
+            use image = d.Test.Load 0
+            let pixels = Transforms.apply spec (Random 0) image
+            TorchSharp.torch.tensor(pixels, dimensions = ReadOnlySpan [| 1L; 3L; int64 spec.Crop; int64 spec.Crop |]).``to`` s.Device
+        let steps = e.Schedule |> List.mapi (fun i st -> sprintf "step %d: %s" (i + 1) (Model.Pmg.outputName st.Head), st.Grid)
+        [ draw "jigsaw" (fun file ->
+              use _ = TorchSharp.torch.NewDisposeScope()
+              Visual.Render.jigsawMontage "the inputs of one progressive iteration" spec.Mean spec.Std (input ()) steps (int64 e.Seed) file)
+          draw "gradcam" (fun file ->
+              use _ = TorchSharp.torch.NewDisposeScope()
+              let x = input ()
+              let explanation = Visual.GradCam.forNetwork s.Net x None
+              use picture = Visual.Render.ofInput spec.Mean spec.Std x
+              Visual.Render.camMontage "Grad-CAM of every head" d.Classes picture explanation file) ]
+        |> List.choose id
+
 /// Trains `e` on data opened by `openData`, in `outDir`, continuing the run there when `resume`. Everything that can
 /// be checked is checked before anything is written; a start that fails leaves no folder it made.
-let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
+let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e = validate e
     let d, problems = data
     if d.Classes.Length <> e.Model.Classes then
@@ -261,7 +303,7 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
     let completed =
         [ if committed.EpochsDone > 0 then
               if committed.BestEpoch = committed.EpochsDone - 1 && epochOf (path bestName) <> Some committed.BestEpoch then
-                  Checkpoint.save (path bestName) (Checkpoint.ofSession s committed)
+                  Checkpoint.saveModel (path bestName) (Checkpoint.ofSession s committed)
                   bestName
               elif not (File.Exists(path bestName)) then
                   Errors.fail (
@@ -271,6 +313,14 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
               if not (File.Exists(path metricsName)) || File.ReadAllText(path metricsName) <> expected then
                   writeMetrics committed
                   metricsName ]
+    // TensorBoard: a resume first drops what a killed run logged past its commit, so no step appears twice.
+    if committed.EpochsDone > 0 then
+        Visual.TensorBoard.truncateAfter outDir (Visual.TensorBoard.epochStep e d.Train.Count (committed.EpochsDone - 1))
+    elif (match start with Continue _ -> true | Fresh -> false) then
+        Visual.TensorBoard.truncateAfter outDir 0L
+    use board = Visual.TensorBoard.openRun options.TensorBoard outDir e d.Train.Count
+    Visual.TensorBoard.logExperiment board
+    let hooks = { hooks with Batch = fun b -> Visual.TensorBoard.logBatch board b; hooks.Batch b }
     let epochHook (p: Trainer.Progress) (r: Trainer.EpochRecord) =
         let p = { p with Metrics = p.Metrics @ [ metricsRow r ] }
         // The commit point: everything after it is derived and rebuilt by a resume.
@@ -278,8 +328,10 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
         Files.TestHooks.killAt (sprintf "epoch-%d-before-commit" (r.Epoch + 1))
         Checkpoint.save (path lastName) c
         Files.TestHooks.killAt (sprintf "epoch-%d-after-commit" (r.Epoch + 1))
-        if p.BestEpoch = r.Epoch then Checkpoint.save (path bestName) c
+        if p.BestEpoch = r.Epoch then Checkpoint.saveModel (path bestName) c
         writeMetrics p
+        Visual.TensorBoard.logEpoch board r
+        Visual.TensorBoard.flush board
         hooks.Epoch p r
         p
     let final, history =
@@ -298,6 +350,7 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
             Some(Trainer.evaluate s d.Classes.Length d.Test)
         | None -> None
     bestEval |> Option.iter (Visual.Report.writeRun outDir d.Classes)
+    if not history.IsEmpty then Visual.TensorBoard.logEnd board (if options.TensorBoard then endImages s d outDir else [])
     { History = history
       EpochsDone = final.EpochsDone
       BestEpoch = final.BestEpoch
@@ -305,6 +358,10 @@ let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string)
       Completed = completed @ (if history.IsEmpty && bestEval.IsSome then [ Visual.Report.reportMd ] else [])
       LastCheckpoint = path lastName
       BestCheckpoint = path bestName }
+
+/// Trains with the default options (see trainWith).
+let trainOn (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
+    trainWith Options.Default data e outDir resume hooks
 
 /// Opens the experiment's data and trains it in `outDir` (see trainOn).
 let train (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =

@@ -20,7 +20,7 @@ type State =
     | Missing
     /// A folder with nothing of note in it (lock files and temporary files of ours aside).
     | Empty
-    /// A run of ours: its marker, or config.json and manifest.json (runs made before the marker).
+    /// A run of ours: its marker, or our config.json beside a checkpoint (runs made before the marker).
     | Run
     /// Something else: the names of (up to five of) its entries.
     | Foreign of string list
@@ -35,7 +35,13 @@ let state (dir: string) : State =
     else
         let names = Directory.EnumerateFileSystemEntries dir |> Seq.map Path.GetFileName |> Seq.filter (ours >> not) |> List.ofSeq
         let has n = names |> List.contains n
-        if has markerName || (has "config.json" && has "manifest.json") then Run
+        // Runs made before the marker: our config.json (it reads as an experiment) beside a checkpoint.
+        let legacyRun () =
+            (has "last.ckpt" || has "best.ckpt")
+            && (try
+                    Json.deserialize<Experiment.Experiment> (File.ReadAllText(Path.Combine(dir, "config.json"))) |> box |> isNull |> not
+                with _ -> false)
+        if has markerName || (has "config.json" && legacyRun ()) then Run
         elif names.IsEmpty then Empty
         else Foreign(names |> List.sort |> List.truncate 5)
 

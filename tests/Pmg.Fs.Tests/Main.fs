@@ -14,8 +14,20 @@ let private printer =
                 counts <- Some(summary.passed.Length, summary.failed.Length + summary.errored.Length)
                 p.summary config summary }
 
+/// A program that only loads a checkpoint through the C# door and predicts, as a deployment does: nothing else runs
+/// first in its process (no native runtime loaded beforehand).
+let private childPredict (checkpoint: string) (index: int) =
+    use model = Pmg.Fs.Api.TrainedModel.Load checkpoint
+    use image = Pmg.Fs.Api.EmbeddedImages.Get index
+    let top = model.Predict(image, 1).[0]
+    printfn "class %d %s %f" top.Class top.Name top.Score
+    0
+
 [<EntryPoint>]
 let main argv =
+    match argv with
+    | [| "--child-predict"; checkpoint; index |] -> childPredict checkpoint (int index)
+    | _ ->
     Pmg.Fs.Runtime.Native.ensure Pmg.Fs.Runtime.Native.Cpu |> ignore
     let code = Tests.runTestsInAssemblyWithCLIArgs [ Printer printer ] argv
     // On a line of its own, after Expecto's colour codes.

@@ -47,8 +47,24 @@ let private expectSame (expected: StateDict.Entries) (actual: StateDict.Entries)
 let private errorOf (f: unit -> unit) : string =
     try
         f ()
-        failtest "expected a StateDictError"
-    with StateDict.StateDictError msg -> msg
+        failtest "expected a ModelFile error"
+    with :? Pmg.Fs.PmgException as e ->
+        match e.Error with
+        | Pmg.Fs.ModelFile(_, msg) -> msg
+        | other -> failtestf "another error: %A" other
+
+/// A python3 that can import torch (Debian's python3-torch), if any.
+let private pythonWithTorch: Lazy<string option> =
+    lazy
+        ([ "/usr/bin/python3"; "python3" ]
+         |> List.tryFind (fun python ->
+             try
+                 (TestKit.run python [ "-c"; "import torch" ] None []).Code = 0
+             with _ -> false))
+
+/// A description of `net` with class names and a 72/64 px input.
+let private describe (net: Pmg.Network) =
+    Description.describe net (Array.init net.Config.Classes (sprintf "class %d")) (Description.input 72 64)
 
 // Files written by Python's pickle in torch.save's layouts (fake torch globals, no torch needed): a tensor
 // w = arange(12).view(3, 4), wt = a strided view of w's storage (offset 2, size 2x3, stride 1x2), n = int64 7,
@@ -112,7 +128,7 @@ let tests =
             withDir (fun d ->
                 let net = trained 5 1L
                 let file = Path.Combine(d, "pmg.pth")
-                StateDict.export net file
+                StateDict.export net (describe net) file
                 let fresh = network 5 2L
                 StateDict.import fresh file
                 let counter = stateOf fresh |> List.find (fun (k, _) -> k = "features.bn1.num_batches_tracked") |> snd
@@ -126,7 +142,7 @@ let tests =
             withDir (fun d ->
                 let net = network 3 1L
                 let file = Path.Combine(d, "pmg.pth")
-                StateDict.export net file
+                StateDict.export net (describe net) file
                 use zip = ZipFile.OpenRead file
                 let names = zip.Entries |> Seq.map _.FullName |> List.ofSeq
                 Expect.equal names.Head "archive/data.pkl" "data.pkl first, under archive/"
@@ -160,11 +176,11 @@ let tests =
         test "a different class count fails naming both counts" {
             withDir (fun d ->
                 let file = Path.Combine(d, "five.pth")
-                StateDict.export (network 5 1L) file
+                StateDict.export (network 5 1L) (describe (network 5 1L)) file
                 let msg = errorOf (fun () -> StateDict.import (network 3 1L) file)
-                Expect.stringContains msg "checkpoint has 5 classes" "file's classes"
+                Expect.stringContains msg "the file has 5 classes" "file's classes"
                 Expect.stringContains msg "the model has 3" "model's classes"
-                Expect.stringContains msg "--classes 5" "what to pass"
+                Expect.stringContains msg "build the model with 5 classes" "the fix, in the library's words"
                 Expect.stringContains msg "classifier_concat.4.weight" "the mismatched key")
         }
 
@@ -196,7 +212,7 @@ let tests =
                 expectSame (stateOf source.Backbone) (stateOf fresh.Backbone)
                 // A PMG checkpoint's backbone (features.*) also serves.
                 let full = Path.Combine(d, "pmg.pth")
-                StateDict.export source full
+                StateDict.export source (describe source) full
                 let other = network 3 7L
                 StateDict.loadPretrainedBackbone other full
                 expectSame (stateOf source.Backbone) (stateOf other.Backbone))
@@ -209,7 +225,7 @@ let tests =
                 StateDict.write file (stateOf (Backbone.create (Backbone.find "resnet34")))
                 let msg = errorOf (fun () -> StateDict.loadPretrainedBackbone (network 3 1L) file)
                 Expect.stringContains msg "layer1.2.conv1.weight" "unexpected key named"
-                Expect.stringContains msg "--backbone resnet34" "hint")
+                Expect.stringContains msg "on the resnet34 backbone" "hint")
         }
 
         test "a checkpoint wrapping the state_dict and a legacy torch.save file read" {
@@ -233,10 +249,62 @@ let tests =
             withDir (fun d ->
                 let net = trained 3 8L
                 let file = Path.Combine(d, "pmg.safetensors")
-                StateDict.export net file
+                StateDict.export net (describe net) file
                 expectSame (stateOf net) (StateDict.read file)
                 let fresh = network 3 9L
                 StateDict.import fresh file
                 expectSame (stateOf net) (stateOf fresh))
+        }
+    
+        for ext in [ "pth"; "safetensors" ] do
+            test (sprintf "an exported .%s describes itself: the network's config, class names and input come back" ext) {
+                withDir (fun d ->
+                    let net = network 3 4L
+                    let file = Path.Combine(d, "pmg." + ext)
+                    let described = describe net
+                    StateDict.export net described file
+                    let back = StateDict.readDescription file
+                    Expect.isSome back "a description"
+                    Expect.equal back.Value.Network net.Config "config"
+                    Expect.equal back.Value.Classes described.Classes "class names"
+                    Expect.equal back.Value.Input described.Input "input"
+                    // The description does not get in the way of the weights.
+                    let fresh = network 3 5L
+                    StateDict.import fresh file
+                    expectSame (stateOf net) (stateOf fresh)
+                    // Without one (a reference file), there is none to read.
+                    let plain = Path.Combine(d, "plain." + ext)
+                    StateDict.write plain (stateOf net)
+                    Expect.isNone (StateDict.readDescription plain) "a file without a description")
+            }
+
+        test "every registered backbone's PMG state_dict gives its config back from keys and shapes alone" {
+            for name in Backbone.registry.Keys do
+                let config: Pmg.Config = { Backbone = name; Classes = 6; Heads = (if name = "vgg16" then 2 else 3); Head = { smallHead with FeatureSize = 24; BlockChannels = 40 } }
+                use net = Pmg.create config
+                let inferred = StateDict.inferConfig "mem.pth" (stateOf net)
+                Expect.equal inferred { config with Head = { config.Head with BlockBnMomentum = Heads.Config.Paper.BlockBnMomentum } } name
+        }
+
+        test "a state_dict that is no PMG network is refused naming the file" {
+            let backboneOnly = stateOf (Backbone.create (Backbone.find "resnet18"))
+            let msg = errorOf (fun () -> StateDict.inferConfig "weights.pth" backboneOnly |> ignore)
+            Expect.stringContains msg "weights.pth" "names the file"
+            Expect.stringContains msg "conv_block" "says what is missing"
+        }
+
+        test "PyTorch loads an exported .pth with its description and the reference model takes it strictly" {
+            // Runs where python3 with torch is installed (Debian's python3-torch); the suite does not need it.
+            match pythonWithTorch.Force() with
+            | None -> ()
+            | Some python ->
+                withDir (fun d ->
+                    let net = network 5 6L
+                    let file = Path.Combine(d, "pmg.pth")
+                    StateDict.export net (describe net) file
+                    let script = Path.Combine(TestKit.repoRoot (), "scripts", "check_pth_metadata.py")
+                    let o = TestKit.run python [ script; file; "resnet18"; "5"; "16"; "32" ] None []
+                    Expect.equal o.Code 0 (o.Out + o.Err)
+                    Expect.stringContains o.Out "strict load ok" o.Out)
         }
     ]

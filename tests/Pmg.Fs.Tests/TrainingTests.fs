@@ -63,6 +63,24 @@ let tests =
               Expect.isTrue ((param2 "classifier_concat.4.weight").allclose (expected (snd before) gh 0.002, rtol = 1e-4, atol = 1e-8)) "head step uses 0.002"
               Expect.isFalse ((param2 "features.layer4.1.conv2.weight").allclose (expected (fst before) gb 0.002, rtol = 1e-4, atol = 1e-8)) "not the heads' rate"
           }
+          test "a float64 session with given patch orders: the identity order trains exactly as whole images do" {
+              use _ = torch.NewDisposeScope()
+              let e = { tiny with Forward = Experiment.Full; JigsawDraw = Jigsaw.Uniform }
+              let identity grid batch = torch.arange(int64 (grid * grid)).unsqueeze(0L)
+              let options: Trainer.SessionOptions = { Engine = Engine.plain; Dtype = torch.float64; Permutations = Trainer.Given identity }
+              let given = Trainer.createSessionFrom options e
+              let whole = Trainer.createSessionFrom { options with Permutations = Trainer.Drawn } (Experiment.withGrids [ 1; 1; 1 ] e)
+              Expect.isTrue (given.Net.parameters () |> Seq.forall (fun p -> p.dtype = torch.float64)) "float64 weights"
+              given.Net.train ()
+              whole.Net.train ()
+              let x = torch.randn ([| 4L; 3L; 28L; 28L |], dtype = torch.float64)
+              let y = torch.tensor [| 0L; 1L; 2L; 1L |]
+              let lr (g: Sgd.Group) = g.BaseLr
+              let a = Trainer.iteration given lr given.Experiment.Schedule x y |> List.map (fun (l, _) -> l.item<float> ())
+              let b = Trainer.iteration whole lr whole.Experiment.Schedule x y |> List.map (fun (l, _) -> l.item<float> ())
+              Expect.equal a b "the same four float64 losses: the given order is the one used"
+              Expect.isTrue (a |> List.forall Double.IsFinite) "finite"
+          }
           test "checkpoint round trip keeps model, optimizer, progress and experiment" {
               use _ = torch.NewDisposeScope()
               let s = Trainer.createSession tiny

@@ -28,15 +28,13 @@ type Overrides =
     /// Everything from the file.
     static member None = { Backbone = None; Classes = None; ImageSize = None; Resize = None }
 
-/// Everything needed to rebuild a network and feed it: read from a checkpoint's experiment, an export's metadata,
-/// or a state_dict's shapes.
-type Description =
-    { /// The network's shape.
-      Network: Pmg.Config
-      /// Class names in label order (numbers where the file has none).
-      Classes: string[]
-      /// Test-time preprocessing: resize, centre crop, normalisation.
-      Input: Transforms.Spec }
+/// Everything needed to rebuild a network and feed it (Interop.Description): read from a checkpoint's experiment,
+/// an export's own description, or a state_dict's shapes.
+type Description = Interop.Description.ModelDescription
+
+/// The test transform a description's input names.
+let spec (d: Description) : Transforms.Spec =
+    { Transforms.Spec.test d.Input.Resize d.Input.Crop with Mean = d.Input.Mean; Std = d.Input.Std }
 
 /// A loaded network in eval mode, with what describes it.
 type Loaded =
@@ -82,15 +80,25 @@ let read (path: string) (o: Overrides) : Description * Interop.StateDict.Entries
         clash path Setting.Backbone o.Backbone m.Backbone
         let crop = defaultArg o.ImageSize c.Experiment.Input.Crop
         let resize = defaultArg o.Resize (if o.ImageSize.IsSome then int (Math.Round(float crop * float c.Experiment.Input.Resize / float c.Experiment.Input.Crop)) else c.Experiment.Input.Resize)
-        { Network = m; Classes = classesBeside path m.Classes; Input = Transforms.Spec.test resize crop }, c.Model
+        { Network = m; Classes = classesBeside path m.Classes; Input = Interop.Description.input resize crop }, c.Model
     else
         let entries = Interop.StateDict.read path
         try
-            let described = Interop.StateDict.describeNetwork path entries
-            let network = { described with Classes = defaultArg o.Classes described.Classes; Backbone = defaultArg o.Backbone described.Backbone }
-            let crop = defaultArg o.ImageSize Transforms.Spec.paperCrop
-            let resize = defaultArg o.Resize (if o.ImageSize.IsSome then crop else Transforms.Spec.paperResize)
-            { Network = network; Classes = classesBeside path network.Classes; Input = Transforms.Spec.test resize crop }, entries
+            match Interop.StateDict.readDescription path with
+            | Some d ->
+                // Our own export: it says everything; a given setting must agree with it.
+                clash path Setting.Classes o.Classes d.Network.Classes
+                clash path Setting.Backbone o.Backbone d.Network.Backbone
+                let crop = defaultArg o.ImageSize d.Input.Crop
+                let resize = defaultArg o.Resize (if o.ImageSize.IsSome then int (Math.Round(float crop * float d.Input.Resize / float d.Input.Crop)) else d.Input.Resize)
+                { d with Input = { d.Input with Resize = resize; Crop = crop } }, entries
+            | None ->
+                // A foreign state_dict (the reference's): the network from its shapes, the rest from the settings.
+                let inferred = Interop.StateDict.inferConfig path entries
+                let network = { inferred with Classes = defaultArg o.Classes inferred.Classes; Backbone = defaultArg o.Backbone inferred.Backbone }
+                let crop = defaultArg o.ImageSize Transforms.Spec.paperCrop
+                let resize = defaultArg o.Resize (if o.ImageSize.IsSome then crop else Transforms.Spec.paperResize)
+                { Network = network; Classes = classesBeside path network.Classes; Input = Interop.Description.input resize crop }, entries
         with _ ->
             entries |> List.iter (fun (_, t) -> t.Dispose())
             reraise ()
@@ -102,7 +110,7 @@ let load (path: string) (o: Overrides) (device: Device) : Loaded =
     let net = Pmg.create description.Network
     try
         try
-            Interop.StateDict.loadInto net weights true
+            Interop.StateDict.loadFrom path net weights true
         finally
             weights |> List.iter (fun (_, t) -> t.Dispose())
     with _ ->
@@ -116,12 +124,12 @@ let load (path: string) (o: Overrides) (device: Device) : Loaded =
 /// its description inside; never over the model file itself or a file of a run.
 let exportPyTorch (m: Loaded) (out: string) : unit =
     use _ = RunFolder.guardOutput [ m.Path ] out
-    Interop.StateDict.export m.Net out
+    Interop.StateDict.export m.Net m.Description out
 
 /// The ONNX model of a loaded network (Interop.OnnxExport), with its preprocessing and class names.
 let toOnnx (m: Loaded) : Interop.Onnx.Model =
     let i = m.Description.Input
-    Interop.OnnxExport.toOnnx m.Net i.Crop m.Description.Classes { Resize = i.Resize; Crop = i.Crop; Mean = i.Mean; Std = i.Std }
+    Interop.OnnxExport.toOnnx m.Net i.Crop m.Description.Classes i
 
 /// Writes the network as an ONNX model; never over the model file itself or a file of a run.
 let exportOnnx (m: Loaded) (out: string) : Interop.Onnx.Model =

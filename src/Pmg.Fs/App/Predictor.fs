@@ -73,7 +73,7 @@ let private pixels (spec: Transforms.Spec) (images: Image<Rgb24> list) : float32
 
 /// A loaded TorchSharp network as a predictor (it disposes the network).
 let ofLoaded (m: ModelFiles.Loaded) : IPredictor =
-    let spec = m.Description.Input
+    let spec = ModelFiles.spec m.Description
     let names = Model.Pmg.headNames m.Net.Config
     { new IPredictor with
         member _.ClassNames = m.Description.Classes

@@ -37,7 +37,7 @@ type Cam =
 /// predicted class, as a PNG montage in `folder`.
 let cam (m: ModelFiles.Loaded) (names: string[]) (image: string) (cls: int option) (folder: string) : Cam =
     use _ = torch.NewDisposeScope()
-    let spec = m.Description.Input
+    let spec = ModelFiles.spec m.Description
     let out = camFile folder image
     use _ = RunFolder.guardOutput [ m.Path; image ] out
     let x = inputOf spec m.Device image

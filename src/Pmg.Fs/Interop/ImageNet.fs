@@ -12,10 +12,12 @@ open Pmg.Fs.Model
 // torch.int64 and friends would shadow the conversion functions.
 open Microsoft.FSharp.Core.Operators
 
-/// An ONNX graph this converter does not understand, weights that do not fit the backbone, or missing ImageNet weights.
-exception ImageNetError of string
+/// Refuses the ONNX file `path` (a graph this converter does not understand, or weights that do not fit the
+/// backbone) as a ModelFile error.
+let private refuse (path: string) fmt = Printf.kprintf (fun m -> Pmg.Fs.Errors.modelFile path m) fmt
 
-let private fail fmt = Printf.kprintf (ImageNetError >> raise) fmt
+/// ImageNet weights that cannot be had (none ship for the backbone, or the package is not restored).
+let private fail fmt = Printf.kprintf (fun m -> Pmg.Fs.Errors.fail (Pmg.Fs.PmgError.WeightsUnavailable m)) fmt
 
 /// What an ONNX model expects of its input before its first layer: channel order, scale and a per-channel mean.
 type InputConvention =
@@ -37,19 +39,20 @@ type Converted =
 
 type private Graph(model: Onnx.Model, path: string) =
     let g = model.Graph
-    let inits = g.Initializers |> List.map (fun t -> t.Name, t) |> dict
+    let inits = g.Initializer |> Seq.map (fun t -> t.Name, t) |> dict
     let consumers =
-        g.Nodes
-        |> List.collect (fun n -> n.Inputs |> List.map (fun i -> i, n))
+        g.Node
+        |> List.ofSeq
+        |> List.collect (fun n -> n.Input |> Seq.map (fun i -> i, n) |> List.ofSeq)
         |> List.groupBy fst
         |> List.map (fun (k, ns) -> k, ns |> List.map snd)
         |> dict
 
     member _.Path = path
     member _.Input =
-        match g.Inputs |> List.filter (fun i -> not (inits.ContainsKey i.Name)) with
+        match g.Input |> Seq.filter (fun i -> not (inits.ContainsKey i.Name)) |> List.ofSeq with
         | [ i ] -> i
-        | is -> fail "%s: expected one image input, found %d" path is.Length
+        | is -> refuse path "%s: expected one image input, found %d" path is.Length
     member _.Consumers(name: string) =
         match consumers.TryGetValue name with
         | true, ns -> ns
@@ -57,20 +60,16 @@ type private Graph(model: Onnx.Model, path: string) =
     member _.Init(node: Onnx.Node, name: string) : Onnx.Tensor =
         match inits.TryGetValue name with
         | true, t -> t
-        | _ -> fail "%s: %s node %s reads %s, which is not a stored weight" path node.OpType node.Name name
+        | _ -> refuse path "%s: %s node %s reads %s, which is not a stored weight" path node.OpType node.Name name
 
-let private ints (n: Onnx.Node) (name: string) (fallback: int64 list) =
-    match n.Attribute name with
-    | Some(Onnx.Ints v) -> v
-    | Some(Onnx.Int v) -> [ v ]
-    | _ -> fallback
+let private ints = Onnx.ints
 
 /// The one node reading `tensor`, which must be `op`.
 let private only (g: Graph) (op: string) (tensor: string) : Onnx.Node =
     match g.Consumers tensor with
     | [ n ] when n.OpType = op -> n
     | ns ->
-        fail "%s: expected %s after %s, found %s; this reader understands ResNets of basic blocks (conv, BN, ReLU, add)"
+        refuse g.Path "%s: expected %s after %s, found %s; this reader understands ResNets of basic blocks (conv, BN, ReLU, add)"
             g.Path op tensor (if ns.IsEmpty then "nothing" else ns |> List.map _.OpType |> String.concat ", ")
 
 /// A convolution and the BatchNormalization after it, in torchvision's keys under `prefix` (conv, bn names).
@@ -81,34 +80,35 @@ type private ConvBn =
       Stride: int64 }
 
 let private convBn (g: Graph) (conv: Onnx.Node) : ConvBn =
-    if conv.OpType <> "Conv" then fail "%s: expected Conv, found %s (%s)" g.Path conv.OpType conv.Name
-    let w = g.Init(conv, conv.Inputs.[1])
+    if conv.OpType <> "Conv" then refuse g.Path "%s: expected Conv, found %s (%s)" g.Path conv.OpType conv.Name
+    let w = g.Init(conv, conv.Input.[1])
     let kernel = w.Dims.[2]
-    if w.Dims.Length <> 4 || w.Dims.[3] <> kernel then fail "%s: convolution %s is not square" g.Path conv.Name
-    if ints conv "group" [ 1L ] <> [ 1L ] then fail "%s: grouped convolution %s is not supported" g.Path conv.Name
-    if ints conv "dilations" [ 1L; 1L ] |> List.exists ((<>) 1L) then fail "%s: dilated convolution %s is not supported" g.Path conv.Name
+    if w.Dims.Count <> 4 || w.Dims.[3] <> kernel then refuse g.Path "%s: convolution %s is not square" g.Path conv.Name
+    if ints conv "group" [ 1L ] <> [ 1L ] then refuse g.Path "%s: grouped convolution %s is not supported" g.Path conv.Name
+    if ints conv "dilations" [ 1L; 1L ] |> List.exists ((<>) 1L) then refuse g.Path "%s: dilated convolution %s is not supported" g.Path conv.Name
     let strides = ints conv "strides" [ 1L; 1L ]
-    if strides.Length <> 2 || strides.[0] <> strides.[1] then fail "%s: convolution %s has uneven strides" g.Path conv.Name
+    if strides.Length <> 2 || strides.[0] <> strides.[1] then refuse g.Path "%s: convolution %s has uneven strides" g.Path conv.Name
     // torchvision pads (k-1)/2 on every side; an end pad smaller than that changes nothing where the stride skips
     // the last row and column, which holds for the even sizes these networks take.
     match ints conv "pads" [ 0L; 0L; 0L; 0L ] with
     | [ t; l; b; r ] when t = (kernel - 1L) / 2L && l = t && b <= t && r <= t -> ()
-    | pads -> fail "%s: convolution %s has pads %A, not torchvision's %d" g.Path conv.Name pads ((kernel - 1L) / 2L)
-    let bn = only g "BatchNormalization" conv.Outputs.[0]
-    match bn.Attribute "epsilon" with
-    | Some(Onnx.Float e) when abs (float e - 1e-5) > 1e-9 -> fail "%s: %s has epsilon %g; the backbone's BatchNorm uses 1e-5" g.Path bn.Name e
+    | pads -> refuse g.Path "%s: convolution %s has pads %A, not torchvision's %d" g.Path conv.Name pads ((kernel - 1L) / 2L)
+    let bn = only g "BatchNormalization" conv.Output.[0]
+    match Onnx.attribute bn "epsilon" with
+    | Some a when abs (float a.F - 1e-5) > 1e-9 -> refuse g.Path "%s: %s has epsilon %g; the backbone's BatchNorm uses 1e-5" g.Path bn.Name a.F
     | _ -> ()
     { Conv = conv; Bn = bn; Kernel = kernel; Stride = strides.[0] }
 
-let private tensor (t: Onnx.Tensor) : torch.Tensor = torch.tensor(t.Floats).reshape(Array.ofList t.Dims)
+let private tensor (path: string) (t: Onnx.Tensor) : torch.Tensor = torch.tensor(Onnx.floats path t).reshape(Array.ofSeq t.Dims)
 
 /// torchvision's keys for one conv + BN. A convolution bias (some exporters keep one) moves into the running mean.
 let private entries (g: Graph) (convKey: string) (bnKey: string) (c: ConvBn) : StateDict.Entries =
-    let p (i: int) = tensor (g.Init(c.Bn, c.Bn.Inputs.[i]))
+    let tensor = tensor g.Path
+    let p (i: int) = tensor (g.Init(c.Bn, c.Bn.Input.[i]))
     let mean = p 3
     let mean =
-        if c.Conv.Inputs.Length > 2 then mean.sub(tensor (g.Init(c.Conv, c.Conv.Inputs.[2]))) else mean
-    [ convKey + ".weight", tensor (g.Init(c.Conv, c.Conv.Inputs.[1]))
+        if c.Conv.Input.Count > 2 then mean.sub(tensor (g.Init(c.Conv, c.Conv.Input.[2]))) else mean
+    [ convKey + ".weight", tensor (g.Init(c.Conv, c.Conv.Input.[1]))
       bnKey + ".weight", p 1
       bnKey + ".bias", p 2
       bnKey + ".running_mean", mean
@@ -130,14 +130,14 @@ let private basicBlock (g: Graph) (input: string) : Block =
         match convs |> List.map (convBn g) |> List.sortBy (fun c -> -c.Kernel) with
         | [ c ] when c.Kernel = 3L -> c, None
         | [ c; p ] when c.Kernel = 3L && p.Kernel = 1L -> c, Some p
-        | cs -> fail "%s: a basic block reads %s with %d convolutions; expected a 3x3 and at most one 1x1" g.Path input cs.Length
-    let relu = only g "Relu" main.Bn.Outputs.[0]
-    let second = convBn g (only g "Conv" relu.Outputs.[0])
-    if second.Kernel <> 3L || second.Stride <> 1L then fail "%s: %s is not a 3x3 stride-1 convolution" g.Path second.Conv.Name
-    let add = only g "Add" second.Bn.Outputs.[0]
-    let shortcut = match projection with Some p -> p.Bn.Outputs.[0] | None -> input
-    if not (add.Inputs |> List.contains shortcut) then fail "%s: %s does not add the block's shortcut" g.Path add.Name
-    { Main = main; Second = second; Projection = projection; Output = (only g "Relu" add.Outputs.[0]).Outputs.[0] }
+        | cs -> refuse g.Path "%s: a basic block reads %s with %d convolutions; expected a 3x3 and at most one 1x1" g.Path input cs.Length
+    let relu = only g "Relu" main.Bn.Output.[0]
+    let second = convBn g (only g "Conv" relu.Output.[0])
+    if second.Kernel <> 3L || second.Stride <> 1L then refuse g.Path "%s: %s is not a 3x3 stride-1 convolution" g.Path second.Conv.Name
+    let add = only g "Add" second.Bn.Output.[0]
+    let shortcut = match projection with Some p -> p.Bn.Output.[0] | None -> input
+    if not (add.Input.Contains shortcut) then refuse g.Path "%s: %s does not add the block's shortcut" g.Path add.Name
+    { Main = main; Second = second; Projection = projection; Output = (only g "Relu" add.Output.[0]).Output.[0] }
 
 let private blockEntries (g: Graph) (key: string) (b: Block) : StateDict.Entries =
     entries g (key + ".conv1") (key + ".bn1") b.Main
@@ -147,8 +147,8 @@ let private blockEntries (g: Graph) (key: string) (b: Block) : StateDict.Entries
 /// The stem (7x7 conv, BN, ReLU, max pool) and every basic block; a block that downsamples starts a stage.
 let private walk (g: Graph) : StateDict.Entries * int list =
     let stem = convBn g (only g "Conv" g.Input.Name)
-    if stem.Kernel <> 7L || stem.Stride <> 2L then fail "%s: the first convolution is not a 7x7 stride-2 stem" g.Path
-    let pool = only g "MaxPool" (only g "Relu" stem.Bn.Outputs.[0]).Outputs.[0]
+    if stem.Kernel <> 7L || stem.Stride <> 2L then refuse g.Path "%s: the first convolution is not a 7x7 stride-2 stem" g.Path
+    let pool = only g "MaxPool" (only g "Relu" stem.Bn.Output.[0]).Output.[0]
     // Blocks in order, until the tensor is read by no convolution (the final pooling).
     let rec chain (input: string) =
         if g.Consumers input |> List.exists (fun n -> n.OpType = "Conv") then
@@ -156,12 +156,12 @@ let private walk (g: Graph) : StateDict.Entries * int list =
             b :: chain b.Output
         else
             []
-    let blocks = chain pool.Outputs.[0]
+    let blocks = chain pool.Output.[0]
     // Stage of each block: layer1 starts at the first block, every later stage at a block that downsamples.
     let stageOf =
         blocks |> List.mapi (fun i b -> i = 0 || b.Downsamples) |> List.scan (fun k starts -> if starts then k + 1 else k) 0 |> List.tail
     let counts = stageOf |> List.countBy id |> List.map snd
-    if counts.Length <> 4 then fail "%s: found %d residual stages; a ResNet has 4" g.Path counts.Length
+    if counts.Length <> 4 then refuse g.Path "%s: found %d residual stages; a ResNet has 4" g.Path counts.Length
     let indexed = List.zip stageOf blocks |> List.groupBy fst |> List.collect (fun (k, bs) -> bs |> List.mapi (fun j (_, b) -> k, j, b))
     entries g "conv1" "bn1" stem @ (indexed |> List.collect (fun (k, j, b) -> blockEntries g (sprintf "layer%d.%d" k j) b)), counts
 
@@ -170,20 +170,20 @@ let private walk (g: Graph) : StateDict.Entries * int list =
 /// ML.NET's preprocessing graph: Split into R, G, B, Concat in another order, Sub a mean image. Pixels arrive as
 /// 8-bit levels. The mean image varies a little over the image; its per-channel average stands in for it.
 let convention (preprocess: Onnx.Model) (path: string) : InputConvention =
-    let nodes = preprocess.Graph.Nodes
+    let nodes = List.ofSeq preprocess.Graph.Node
     let find op =
         match nodes |> List.filter (fun n -> n.OpType = op) with
         | [ n ] -> n
-        | _ -> fail "%s: expected one %s node in the preprocessing graph (Split, Concat, Sub)" path op
+        | _ -> refuse path "%s: expected one %s node in the preprocessing graph (Split, Concat, Sub)" path op
     let split, concat, sub = find "Split", find "Concat", find "Sub"
-    let channels = concat.Inputs |> List.map (fun i -> List.findIndex ((=) i) split.Outputs)
+    let channels = concat.Input |> Seq.map (fun i -> Seq.findIndex ((=) i) split.Output) |> List.ofSeq
     let mean =
-        match preprocess.Graph.Initializers |> List.tryFind (fun t -> t.Name = sub.Inputs.[1]) with
-        | Some t when t.Dims.Length = 4 && t.Dims.[1] = 3L ->
-            let v = t.Floats
+        match preprocess.Graph.Initializer |> Seq.tryFind (fun t -> t.Name = sub.Input.[1]) with
+        | Some t when t.Dims.Count = 4 && t.Dims.[1] = 3L ->
+            let v = Onnx.floats path t
             let per = v.Length / 3
             [ for c in 0..2 -> v.[c * per .. (c + 1) * per - 1] |> Array.averageBy float ]
-        | _ -> fail "%s: the Sub node does not subtract a stored 1x3xHxW mean image" path
+        | _ -> refuse path "%s: the Sub node does not subtract a stored 1x3xHxW mean image" path
     { Channels = channels; Scale = 255.0; Mean = mean }
 
 /// Folds the convention into conv1 and bn1 so that the backbone takes x = (rgb - mean) / std instead: with
@@ -215,10 +215,14 @@ let fold (conv: InputConvention) (mean: float32[]) (std: float32[]) (entries: St
 let convert (resnet: string) (preprocess: string option) (mean: float32[]) (std: float32[]) : Converted =
     let model = Onnx.read resnet
     let g = Graph(model, resnet)
-    match g.Input.Shape with
-    | [ _; Onnx.Fixed 3L; _; _ ]
-    | [ _; Onnx.Named _; _; _ ] -> ()
-    | s -> fail "%s: the input %s has shape %A, not N x 3 x H x W" resnet g.Input.Name s
+    let dims =
+        match g.Input.Type with
+        | null -> []
+        | t when isNull t.TensorType || isNull t.TensorType.Shape -> []
+        | t -> t.TensorType.Shape.Dim |> List.ofSeq
+    match dims with
+    | [ _; c; _; _ ] when c.DimValue = 3L || c.DimParam <> "" -> ()
+    | _ -> refuse resnet "%s: the input %s is not N x 3 x H x W" resnet g.Input.Name
     let es, blocks = walk g
     let es =
         match preprocess with
@@ -235,10 +239,15 @@ let private packagesRoot () =
     | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
     | p -> p
 
-/// A packaged file's path, or an error naming the package and the command that restores it.
+/// A packaged file's path, or an error naming the package and the command that restores it. The Pmg.Fs package
+/// and the pmg tool carry the file beside the app (imagenet/<package>/<version>/..., the cache's layout); a clone
+/// reads it from the NuGet cache.
 let packagedFile (p: Backbone.Packaged) : string =
-    let file = Path.Combine(packagesRoot (), p.Package.ToLowerInvariant(), p.Version, p.File)
-    if File.Exists file then file
+    let relative = Path.Combine(p.Package.ToLowerInvariant(), p.Version, p.File)
+    let beside = Path.Combine(AppContext.BaseDirectory, "imagenet", relative)
+    let file = Path.Combine(packagesRoot (), relative)
+    if File.Exists beside then beside
+    elif File.Exists file then file
     else
         fail "ImageNet weights not found at %s: they come from the NuGet package %s %s; run `dotnet tool restore && dotnet paket restore` in the repository (the README's commands do), or pass --pretrained FILE"
             file p.Package p.Version
@@ -263,8 +272,8 @@ let load (spec: Backbone.Spec) (onnx: string) (mean: float32[]) (std: float32[])
                 match s.Family with
                 | Backbone.ResNet(Backbone.Basic, b) when b = c.Blocks -> Some name
                 | _ -> None)
-        fail "%s holds a ResNet of basic blocks %A, which does not fit the %s backbone%s" onnx c.Blocks spec.Name
-            (match fits with Some n -> sprintf ": pass --backbone %s" n | None -> "")
+        refuse onnx "%s holds a ResNet of basic blocks %A, which does not fit the %s backbone%s" onnx c.Blocks spec.Name
+            (match fits with Some n -> sprintf ": it is the %s backbone's" n | None -> ": convert a ResNet whose blocks per stage are the backbone's")
 
 /// The project's input normalisation, which converted weights are folded for.
 let private normalisation = Array.create 3 Pmg.Fs.Data.Transforms.Spec.halfNormalisation

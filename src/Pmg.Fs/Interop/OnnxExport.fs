@@ -1,180 +1,144 @@
-/// A trained PMG network as an ONNX model for deployment (ONNX Runtime, ML.NET, mobile runtimes): the eval-mode
-/// network written from the same values that build it (the backbone's spec, the heads' config) with its weights
-/// under their state-dict names. BatchNorm stays BatchNormalization nodes with the running statistics, so the graph
-/// reads like the module. Outputs: every head's logits, concat's and the combined sum; the batch size is dynamic, the
-/// image size fixed at export. The class names and the preprocessing travel in the model's metadata.
+/// A trained PMG network as an ONNX model for deployment (ONNX Runtime, ML.NET, mobile runtimes). The network
+/// writes its own operators (Model.Graph: every block from its own fields), so this module only maps them to ONNX
+/// and adds what a consumer needs besides the graph: the outputs' names, the class names, the preprocessing, the
+/// model's description and a checksum that `verify` checks on load. BatchNorm stays BatchNormalization nodes with
+/// the running statistics; weights keep their state-dict names. Outputs: every head's logits, concat's and the
+/// combined sum; the batch size is dynamic, the image size fixed at export.
 module Pmg.Fs.Interop.OnnxExport
 
 open System
+open System.Collections.Generic
+open System.Security.Cryptography
+open Google.Protobuf
 open TorchSharp
 open Pmg.Fs.Model
 
-/// What a consumer needs besides the graph: how to prepare an image and what the outputs mean.
-type Preprocessing =
-    { /// Both sides resized to this (bilinear), then the centre Crop x Crop.
-      Resize: int
-      /// Side of the square centre crop the network takes, in pixels.
-      Crop: int
-      /// Per RGB channel, applied to pixels scaled to [0, 1].
-      Mean: float32[]
-      /// Per RGB channel, the divisor applied after subtracting Mean.
-      Std: float32[] }
+/// How a consumer prepares an image (resize, crop, normalisation): a model description's input.
+type Preprocessing = Description.Input
 
 /// ONNX opset the graph is written for (BatchNormalization, Gemm, Elu, GlobalMaxPool are all older).
 let opset = 17L
 
-/// A network whose state_dict lacks a weight the graph needs.
-exception ExportError of string
+/// The metadata key of the checksum: SHA-256 of the serialized graph (nodes and weights), lower-case hex.
+let checksumKey = "sha256"
 
-type private Builder(weights: Map<string, torch.Tensor>) =
-    let nodes = ResizeArray<Onnx.Node>()
-    let used = ResizeArray<Onnx.Tensor>()
+type private Builder(weights: IDictionary<string, torch.Tensor>, graph: Onnx.Graph) =
+    let used = HashSet<string>()
     let mutable counter = 0
 
-    member _.Nodes = List.ofSeq nodes
-    member _.Has(key: string) = weights.ContainsKey key
-    member _.Initializers = List.ofSeq used
+    let attribute (name: string, a: Graph.Attribute) =
+        let p = global.Onnx.AttributeProto(Name = name)
+        match a with
+        | Graph.Int i ->
+            p.Type <- global.Onnx.AttributeProto.Types.AttributeType.Int
+            p.I <- i
+        | Graph.Ints xs ->
+            p.Type <- global.Onnx.AttributeProto.Types.AttributeType.Ints
+            p.Ints.AddRange xs
+        | Graph.Float f ->
+            p.Type <- global.Onnx.AttributeProto.Types.AttributeType.Float
+            p.F <- f
+        p
 
-    /// A weight by its state-dict key, added once as an initializer.
-    member _.Weight(key: string) : string =
-        match weights.TryFind key with
-        | None -> raise (ExportError(sprintf "the network has no %s" key))
-        | Some t ->
-            if not (used |> Seq.exists (fun u -> u.Name = key)) then
-                let data = Runtime.InteropServices.MemoryMarshal.AsBytes(ReadOnlySpan(Pmg.Fs.Runtime.Ops.hostFloats t)).ToArray()
-                used.Add { Name = key; Dims = List.ofArray t.shape; Type = Onnx.ElementType.Float; Data = data }
+    /// Adds a node whose output has the given name.
+    member _.Named(op: string, inputs: string list, attributes: (string * Graph.Attribute) list, output: string) =
+        counter <- counter + 1
+        let n = Onnx.Node(Name = sprintf "%s_%d" op counter, OpType = op)
+        n.Input.AddRange inputs
+        n.Output.Add output
+        n.Attribute.AddRange(List.map attribute attributes)
+        graph.Node.Add n
+        output
+
+    interface Graph.IBuilder with
+        member this.Node(op, inputs, attributes) = this.Named(op, inputs, attributes, sprintf "%s_%d" op (counter + 1))
+
+        member _.Weight(key: string) =
+            if used.Add key then
+                match weights.TryGetValue key with
+                | true, t ->
+                    let data = Runtime.InteropServices.MemoryMarshal.AsBytes(ReadOnlySpan(Pmg.Fs.Runtime.Ops.hostFloats t))
+                    let p = Onnx.Tensor(Name = key, DataType = Onnx.floatType, RawData = ByteString.CopyFrom data)
+                    p.Dims.AddRange t.shape
+                    graph.Initializer.Add p
+                | _ -> invalidOp (sprintf "the network's state_dict has no %s, which its graph reads" key)
             key
 
-    member _.Node(op: string, inputs: string list, attributes: (string * Onnx.Attribute) list, ?output: string) : string =
-        counter <- counter + 1
-        let out = defaultArg output (sprintf "%s_%d" op counter)
-        nodes.Add { Name = sprintf "%s_%d" op counter; OpType = op; Domain = ""; Inputs = inputs; Outputs = [ out ]; Attributes = attributes }
-        out
+let private value (name: string) (dims: Choice<string, int64> list) : Onnx.ValueInfo =
+    let shape = global.Onnx.TensorShapeProto()
+    for d in dims do
+        let dim = global.Onnx.TensorShapeProto.Types.Dimension()
+        match d with
+        | Choice1Of2 p -> dim.DimParam <- p
+        | Choice2Of2 v -> dim.DimValue <- v
+        shape.Dim.Add dim
+    let tensor = global.Onnx.TypeProto.Types.Tensor(ElemType = Onnx.floatType, Shape = shape)
+    Onnx.ValueInfo(Name = name, Type = global.Onnx.TypeProto(TensorType = tensor))
 
-let private ints (xs: int64 list) = Onnx.Ints xs
+/// SHA-256 of the graph's serialized form (nodes, weights, inputs, outputs), lower-case hex.
+let checksum (g: Onnx.Graph) : string = Convert.ToHexStringLower(SHA256.HashData(g.ToByteArray()))
 
-/// conv (no bias) under `key`.weight.
-let private conv (b: Builder) (key: string) (kernel: int64) (stride: int64) (pad: int64) (x: string) =
-    b.Node(
-        "Conv",
-        [ x; b.Weight(key + ".weight") ],
-        [ "kernel_shape", ints [ kernel; kernel ]; "strides", ints [ stride; stride ]; "pads", ints [ pad; pad; pad; pad ] ]
-    )
-
-/// A conv with bias (VGG).
-let private convBias (b: Builder) (key: string) (x: string) =
-    b.Node("Conv", [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias") ], [ "kernel_shape", ints [ 3L; 3L ]; "pads", ints [ 1L; 1L; 1L; 1L ] ])
-
-/// BatchNormalization with the running statistics under `key` (the module's eps, 1e-5).
-let private bn (b: Builder) (key: string) (x: string) =
-    b.Node(
-        "BatchNormalization",
-        [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias"); b.Weight(key + ".running_mean"); b.Weight(key + ".running_var") ],
-        [ ("epsilon", Onnx.Float 1e-5f) ]
-    )
-
-let private relu (b: Builder) (x: string) = b.Node("Relu", [ x ], [])
-
-let private linear (b: Builder) (key: string) (x: string) =
-    b.Node("Gemm", [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias") ], [ ("transB", Onnx.Int 1L) ])
-
-/// The backbone's stage outputs, in order (the graph mirrors Backbone.ResNet / Backbone.VggNet).
-let private backbone (b: Builder) (spec: Backbone.Spec) (input: string) : string list =
-    match spec.Family with
-    | Backbone.ResNet(block, layers) ->
-        let stem =
-            input |> conv b "features.conv1" 7L 2L 3L |> bn b "features.bn1" |> relu b
-            |> fun x -> b.Node("MaxPool", [ x ], [ "kernel_shape", ints [ 3L; 3L ]; "strides", ints [ 2L; 2L ]; "pads", ints [ 1L; 1L; 1L; 1L ] ])
-        let blockOf (layer: int) (i: int) (x: string) =
-            let key = sprintf "features.layer%d.%d" layer i
-            let stride = if i = 0 && layer > 1 then 2L else 1L
-            let main =
-                match block with
-                | Backbone.Basic ->
-                    x |> conv b (key + ".conv1") 3L stride 1L |> bn b (key + ".bn1") |> relu b
-                    |> conv b (key + ".conv2") 3L 1L 1L |> bn b (key + ".bn2")
-                | Backbone.Bottleneck ->
-                    x |> conv b (key + ".conv1") 1L 1L 0L |> bn b (key + ".bn1") |> relu b
-                    |> conv b (key + ".conv2") 3L stride 1L |> bn b (key + ".bn2") |> relu b
-                    |> conv b (key + ".conv3") 1L 1L 0L |> bn b (key + ".bn3")
-            // A projection exists where the block changes shape: its weights are in the state dict then.
-            let shortcut =
-                if b.Has(key + ".downsample.0.weight") then
-                    x |> conv b (key + ".downsample.0") 1L stride 0L |> bn b (key + ".downsample.1")
-                else x
-            relu b (b.Node("Add", [ main; shortcut ], []))
-        let stages =
-            layers
-            |> List.mapi (fun li n -> li + 1, n)
-            |> List.scan (fun (x, _) (layer, n) -> let y = List.fold (fun x i -> blockOf layer i x) x [ 0 .. n - 1 ] in y, y) (stem, stem)
-            |> List.map snd
-        stages
-    | Backbone.Vgg convs ->
-        // torchvision's features indices: per conv a Conv2d and a ReLU, then the block's MaxPool.
-        let _, outs, _ =
-            convs
-            |> List.fold
-                (fun (x, outs, index) n ->
-                    let x, index =
-                        [ 1..n ] |> List.fold (fun (x, index) _ -> relu b (convBias b (sprintf "features.features.%d" index) x), index + 2) (x, index)
-                    let pooled = b.Node("MaxPool", [ x ], [ "kernel_shape", ints [ 2L; 2L ]; "strides", ints [ 2L; 2L ] ])
-                    pooled, outs @ [ pooled ], index + 1)
-                (input, [], 0)
-        outs
-
-/// The classifier (BN1d, Linear, BN1d, ELU, Linear) under `key`, indices as the reference's Sequential.
-let private classifier (b: Builder) (key: string) (x: string) =
-    x |> bn b (key + ".0") |> linear b (key + ".1") |> bn b (key + ".2")
-    |> fun y -> b.Node("Elu", [ y ], [ ("alpha", Onnx.Float 1.0f) ])
-    |> linear b (key + ".4")
-
-/// The ONNX model of a network in eval mode for `size` x `size` inputs, with the class names and preprocessing
-/// in its metadata.
+/// The ONNX model of a network in eval mode for `size` x `size` inputs, with the class names, the preprocessing,
+/// the model's description (key Description.key) and the graph's checksum in its metadata.
 let toOnnx (net: Pmg.Network) (size: int) (classes: string[]) (prep: Preprocessing) : Onnx.Model =
-    let weights = net.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value) |> Map.ofSeq
-    let b = Builder(weights)
-    let spec = Backbone.find net.Config.Backbone
+    let graph = Onnx.Graph(Name = sprintf "pmg-%s" net.Config.Backbone)
+    let b = Builder(net.state_dict (), graph)
     let input = "image"
-    let stages = backbone b spec input
-    let pooled =
-        net.HeadStages
-        |> List.mapi (fun i (l, _) ->
-            let key = sprintf "conv_block%d" (i + 1)
-            stages.[l - 1] |> conv b (key + ".0.conv") 1L 1L 0L |> bn b (key + ".0.bn") |> relu b
-            |> conv b (key + ".1.conv") 3L 1L 1L |> bn b (key + ".1.bn") |> relu b
-            |> fun x -> b.Node("GlobalMaxPool", [ x ], [])
-            |> fun x -> b.Node("Flatten", [ x ], [ ("axis", Onnx.Int 1L) ]))
-    let names = Pmg.headNames net.Config
-    let heads = pooled |> List.mapi (fun i p -> classifier b (sprintf "classifier%d" (i + 1)) p)
-    let concat = classifier b "classifier_concat" (b.Node("Concat", pooled, [ ("axis", Onnx.Int 1L) ]))
-    let outputs = List.zip names heads @ [ ("concat", concat) ]
-    let named = outputs |> List.map (fun (name, t) -> b.Node("Identity", [ t ], [], output = name))
-    b.Node("Sum", named, [], output = "combined") |> ignore
-    let value name dims : Onnx.ValueInfo = { Name = name; Type = Onnx.ElementType.Float; Shape = dims }
-    let classesDim = Onnx.Fixed(int64 net.Config.Classes)
+    let outputs = (net :> Graph.IExportable).Emit(b, "", [ input ])
+    let names = Pmg.headNames net.Config @ [ "concat"; "combined" ]
+    if names.Length <> outputs.Length then
+        invalidOp (sprintf "the network writes %d outputs, %d expected" outputs.Length names.Length)
+    for name, out in List.zip names outputs do
+        b.Named("Identity", [ out ], [], name) |> ignore
+    graph.Input.Add(value input [ Choice1Of2 "batch"; Choice2Of2 3L; Choice2Of2(int64 size); Choice2Of2(int64 size) ])
+    for name in names do
+        graph.Output.Add(value name [ Choice1Of2 "batch"; Choice2Of2(int64 net.Config.Classes) ])
+    let model =
+        Onnx.Model(
+            IrVersion = 8L,
+            ProducerName = "Pmg.Fs",
+            ProducerVersion = string (typeof<Preprocessing>.Assembly.GetName().Version),
+            Graph = graph
+        )
+    model.OpsetImport.Add(global.Onnx.OperatorSetIdProto(Domain = "", Version = opset))
     let list (xs: float32[]) = xs |> Array.map (fun v -> v.ToString(Globalization.CultureInfo.InvariantCulture)) |> String.concat ","
-    { IrVersion = 8L
-      Opsets = [ ("", opset) ]
-      ProducerName = "Pmg.Fs"
-      ProducerVersion = string (typeof<Builder>.Assembly.GetName().Version)
-      Graph =
-        { Name = sprintf "pmg-%s" net.Config.Backbone
-          Nodes = b.Nodes
-          Initializers = b.Initializers
-          Inputs = [ value input [ Onnx.Named "batch"; Onnx.Fixed 3L; Onnx.Fixed(int64 size); Onnx.Fixed(int64 size) ] ]
-          Outputs = (List.map fst outputs @ [ "combined" ]) |> List.map (fun n -> value n [ Onnx.Named "batch"; classesDim ]) }
-      Metadata =
-        [ "classes", String.concat "\n" classes
-          "backbone", net.Config.Backbone
-          "resize", string prep.Resize
-          "crop", string prep.Crop
-          "mean", list prep.Mean
-          "std", list prep.Std
-          "input", "RGB, pixels / 255, then (x - mean) / std per channel, NCHW"
-          "outputs", String.concat "," (List.map fst outputs @ [ "combined" ]) ] }
+    let description = Description.describe net classes { prep with Crop = size }
+    [ "classes", String.concat "\n" description.Classes
+      "backbone", net.Config.Backbone
+      "resize", string prep.Resize
+      "crop", string size
+      "mean", list prep.Mean
+      "std", list prep.Std
+      "input", "RGB, pixels / 255, then (x - mean) / std per channel, NCHW"
+      "outputs", String.concat "," names
+      Description.key, Description.toJson description
+      checksumKey, checksum graph ]
+    |> List.iter (fun (k, v) -> model.MetadataProps.Add(global.Onnx.StringStringEntryProto(Key = k, Value = v)))
+    model
 
 /// Writes the model atomically.
 let write (path: string) (m: Onnx.Model) = Pmg.Fs.Runtime.Files.writeBytesAtomically path (Onnx.serialize m)
 
-/// Refuses an ONNX model that cannot be trusted (placeholder until the checksum lands).
-let verify (path: string) : unit = ignore path
+/// Checks an ONNX model before it is used: a readable model, its graph matching the checksum written at export
+/// (models of other tools carry none), every float weight finite. Anything else is refused naming the file.
+let verify (path: string) : unit =
+    let m = Onnx.read path
+    let again = "the file is damaged: export it again from its checkpoint"
+    match Onnx.metadata m |> List.tryFind (fst >> (=) checksumKey) with
+    | Some(_, sum) when sum <> checksum m.Graph ->
+        Pmg.Fs.Errors.modelFile path (sprintf "%s does not match the checksum written when it was exported; %s" path again)
+    | _ -> ()
+    for t in m.Graph.Initializer do
+        if t.DataType = Onnx.floatType && Onnx.floats path t |> Array.exists (Single.IsFinite >> not) then
+            Pmg.Fs.Errors.modelFile path (sprintf "%s: weight %s holds values that are not finite; %s" path t.Name again)
+
+/// The description an ONNX file carries (exports of this project), if any.
+let readDescription (path: string) : Description.ModelDescription option =
+    Onnx.read path |> Onnx.metadata |> List.tryFind (fst >> (=) Description.key) |> Option.map (snd >> Description.ofJson path)
+
+/// The description any model file carries: an ONNX model's metadata (.onnx), a .pth's zip entry or a
+/// .safetensors' `__metadata__` (see StateDict.readDescription); None for a file without one (the reference's
+/// .pth: StateDict.inferConfig describes its network from its shapes).
+let describeFile (path: string) : Description.ModelDescription option =
+    if IO.Path.GetExtension(path).Equals(".onnx", StringComparison.OrdinalIgnoreCase) then readDescription path
+    else StateDict.readDescription path

@@ -10,7 +10,7 @@ open System.Text
 open TorchSharp
 
 /// A pickle this reader does not understand, or a tensor the writer cannot write.
-exception PickleError of string
+exception internal PickleError of string
 
 // ---------------------------------------------------------------------------------------------------
 // Storage types: the names torch.save uses for each dtype, and their element sizes.

@@ -16,10 +16,13 @@ open Pmg.Fs.Interop.Pickle
 /// Keys and tensors, in state_dict order.
 type Entries = (string * torch.Tensor) list
 
-/// A file without a readable state_dict, entries that do not fit a module, or a tensor that cannot be written.
-exception StateDictError of string
+/// A file without a readable state_dict; `read` turns it into a ModelFile error naming the file.
+exception private Unreadable of string
 
-let private badFile (msg: string) = raise (StateDictError msg)
+let private badFile (msg: string) = raise (Unreadable msg)
+
+/// What `read` says to do with a file it cannot read.
+let private readableFix = "give a state_dict saved by torch.save (.pth) or a .safetensors file"
 
 // ---------------------------------------------------------------------------------------------------
 // From pickled values to entries.
@@ -164,13 +167,19 @@ let private isSafetensors (path: string) =
 /// Reads a state_dict from .pth/.pt/.bin/.ckpt (torch.save, zip or legacy) or .safetensors. A leading
 /// "module." on every key is removed.
 let rec read (path: string) : Entries =
+    let refuse (msg: string) =
+        let named = if msg.Contains path then msg else sprintf "%s: %s" path msg
+        Pmg.Fs.Errors.modelFile path (sprintf "%s; %s" named readableFix)
     try
         readFile path
-    with PickleError msg ->
-        badFile (sprintf "%s: %s" path msg)
+    with
+    | PickleError msg
+    | Unreadable msg -> refuse msg
+    | :? InvalidDataException as e -> refuse (sprintf "%s is damaged (%s)" path e.Message)
+    | :? EndOfStreamException -> refuse (sprintf "%s is truncated" path)
 
 and private readFile (path: string) : Entries =
-    if not (File.Exists path) then badFile (sprintf "state dict file not found: %s" path)
+    if not (File.Exists path) then badFile (sprintf "%s: no such file" path)
     if isSafetensors path then
         readSafetensors path
     else
@@ -182,13 +191,16 @@ and private readFile (path: string) : Entries =
         elif head.[0] = 0x80uy then readLegacy path
         else badFile (sprintf "%s is neither a torch.save file nor .safetensors" path)
 
-let private writeTorch (stream: Stream) (entries: Entries) =
+/// The name of the description's entry in a .pth zip, beside data.pkl (torch.load reads only the records it needs).
+let private descriptionEntry = Pmg.Fs.Interop.Description.key + ".json"
+
+let private writeTorch (stream: Stream) (description: string option) (entries: Entries) =
     use scope = torch.NewDisposeScope()
     let tensors =
         entries
         |> List.mapi (fun i (k, t) ->
             if not (storageByType.ContainsKey t.dtype) then
-                badFile (sprintf "%s: dtype %A cannot be written" k t.dtype)
+                invalidArg (nameof entries) (sprintf "%s: dtype %A cannot be written to a .pth" k t.dtype)
             k, t.detach().cpu().contiguous(), string i)
     use archive = new ZipArchive(stream, ZipArchiveMode.Create, true)
     let entry (name: string) (write: Stream -> unit) =
@@ -202,18 +214,78 @@ let private writeTorch (stream: Stream) (entries: Entries) =
     for (_, t, key) in tensors do
         entry ("data/" + key) (fun s -> s.Write(t.bytes))
     entry "version" (text "3\n")
+    description |> Option.iter (fun d -> entry descriptionEntry (fun s -> s.Write(Encoding.UTF8.GetBytes d)))
 
-let private writeSafetensors (stream: Stream) (entries: Entries) =
+let private writeSafetensors (stream: Stream) (description: string option) (entries: Entries) =
     use scope = torch.NewDisposeScope()
     let d = Dictionary<string, torch.Tensor>()
     for (k, t) in entries do
         d.[k] <- t.detach().cpu().contiguous()
-    TorchSharp.PyBridge.Safetensors.SaveStateDict(stream, d, true)
+    match description with
+    | None -> TorchSharp.PyBridge.Safetensors.SaveStateDict(stream, d, true)
+    | Some text ->
+        // PyBridge writes no metadata: its header gets a "__metadata__" map (offsets count from the data, so the
+        // tensors' bytes stay as they are).
+        use ms = new MemoryStream()
+        TorchSharp.PyBridge.Safetensors.SaveStateDict(ms, d, true)
+        let bytes = ms.ToArray()
+        let length = int (BitConverter.ToUInt64(bytes, 0))
+        let header = Text.Json.Nodes.JsonNode.Parse(ReadOnlySpan(bytes, 8, length)).AsObject()
+        let meta = Text.Json.Nodes.JsonObject()
+        meta.[Pmg.Fs.Interop.Description.key] <- Text.Json.Nodes.JsonValue.Create(text)
+        header.["__metadata__"] <- meta
+        let json = Encoding.UTF8.GetBytes(header.ToJsonString())
+        // The format asks for data aligned to 8 bytes: the header is padded with spaces.
+        let json = Array.append json (Array.create ((8 - json.Length % 8) % 8) (byte ' '))
+        stream.Write(BitConverter.GetBytes(uint64 json.Length), 0, 8)
+        stream.Write(json, 0, json.Length)
+        stream.Write(bytes, 8 + length, bytes.Length - 8 - length)
 
 /// Writes entries as a torch.load-able .pth (or .safetensors by extension), atomically: a temporary file in
 /// the same folder, then a rename over the target.
 let write (path: string) (entries: Entries) : unit =
-    Pmg.Fs.Runtime.Files.writeAtomically path (fun f -> if isSafetensors path then writeSafetensors f entries else writeTorch f entries)
+    Pmg.Fs.Runtime.Files.writeAtomically path (fun f -> if isSafetensors path then writeSafetensors f None entries else writeTorch f None entries)
+
+/// Writes entries with a model description: an extra `pmg-fs.json` entry in a .pth zip, the `__metadata__` of a
+/// .safetensors (see readDescription).
+let writeDescribed (path: string) (description: Pmg.Fs.Interop.Description.ModelDescription) (entries: Entries) : unit =
+    let d = Some(Pmg.Fs.Interop.Description.toJson description)
+    Pmg.Fs.Runtime.Files.writeAtomically path (fun f -> if isSafetensors path then writeSafetensors f d entries else writeTorch f d entries)
+
+/// The description a .pth or .safetensors file carries (exports of this project), if any; a file that cannot be
+/// read is refused naming it.
+let readDescription (path: string) : Pmg.Fs.Interop.Description.ModelDescription option =
+    let text =
+        try
+            if isSafetensors path then
+                use f = File.OpenRead path
+                let len = Array.zeroCreate<byte> 8
+                f.ReadExactly(len, 0, 8)
+                let header = Array.zeroCreate<byte> (int (BitConverter.ToUInt64(len, 0)))
+                f.ReadExactly(header, 0, header.Length)
+                use doc = Text.Json.JsonDocument.Parse(header)
+                match doc.RootElement.TryGetProperty "__metadata__" with
+                | true, meta ->
+                    match meta.TryGetProperty Pmg.Fs.Interop.Description.key with
+                    | true, v when v.ValueKind = Text.Json.JsonValueKind.String -> Some(v.GetString())
+                    | _ -> None
+                | _ -> None
+            else
+                use archive = ZipFile.OpenRead path
+                archive.Entries
+                |> Seq.tryFind (fun e -> e.Name = descriptionEntry)
+                |> Option.map (fun e ->
+                    use r = new StreamReader(e.Open())
+                    r.ReadToEnd())
+        with
+        | :? FileNotFoundException
+        | :? DirectoryNotFoundException -> Pmg.Fs.Errors.modelFile path (sprintf "%s: no such file; check the path" path)
+        | :? InvalidDataException
+        | :? EndOfStreamException
+        | :? Text.Json.JsonException
+        | :? OverflowException
+        | :? ArgumentException -> None
+    text |> Option.map (Pmg.Fs.Interop.Description.ofJson path)
 
 // ---------------------------------------------------------------------------------------------------
 // Loading into modules.
@@ -257,7 +329,8 @@ let private listed (title: string) (items: string list) =
         let more = if items.Length > 10 then sprintf ", ... (%d more)" (items.Length - 10) else ""
         [ sprintf "  %s (%d): %s%s" title items.Length shown more ]
 
-/// A ResNet's name from its keys: blocks per layer and whether blocks have conv3 (bottlenecks).
+/// A registered backbone's name from its keys: a ResNet's blocks per layer and whether they have conv3
+/// (bottlenecks); a VGG's convolutions per block.
 let private backboneOf (keys: string list) : string option =
     let blocks =
         [ 1..4 ]
@@ -266,29 +339,21 @@ let private backboneOf (keys: string list) : string option =
             keys |> List.choose (fun k -> let m = r.Match k in if m.Success then Some(int m.Groups.[2].Value) else None)
             |> List.fold (fun a b -> max a (b + 1)) 0)
     let bottleneck = keys |> List.exists (fun k -> k.Contains ".conv3.")
+    // VGG: torchvision's features indices that hold a convolution's weight.
+    let vggIndex = Regex(@"(^|\.)features\.(\d+)\.weight$")
+    let convIndices =
+        keys |> List.choose (fun k -> let m = vggIndex.Match k in if m.Success then Some(int m.Groups.[2].Value) else None) |> set
+    // Per block: its convolutions (each followed by a ReLU), then a max pool.
+    let vggConvs (convs: int list) =
+        convs
+        |> List.fold (fun (start, acc) n -> start + 2 * n + 1, acc @ [ for i in 0 .. n - 1 -> start + 2 * i ]) (0, [])
+        |> snd
+        |> set
     Pmg.Fs.Model.Backbone.registry
     |> Map.tryFindKey (fun _ spec ->
         match spec.Family with
         | Pmg.Fs.Model.Backbone.ResNet(block, layers) -> layers = blocks && (block = Pmg.Fs.Model.Backbone.Bottleneck) = bottleneck
-        | Pmg.Fs.Model.Backbone.Vgg _ -> false)
-
-/// The network a PMG state_dict holds, from its keys and shapes: backbone, heads, head widths, classes.
-let describeNetwork (path: string) (entries: Entries) : Pmg.Fs.Model.Pmg.Config =
-    let shape key = entries |> List.tryPick (fun (k, t: torch.Tensor) -> if k = key then Some t.shape else None)
-    let classes =
-        match shape "classifier_concat.4.weight" with
-        | Some s -> int s.[0]
-        | None -> raise (StateDictError(sprintf "%s has no classifier_concat.4.weight: it is not a PMG state_dict" path))
-    let heads = entries |> List.filter (fun (k, _) -> Regex.IsMatch(k, @"^conv_block\d+\.0\.conv\.weight$")) |> List.length
-    let featureSize = shape "conv_block1.0.conv.weight" |> Option.map (fun s -> int s.[0]) |> Option.defaultValue 512
-    let blockChannels = shape "conv_block1.1.conv.weight" |> Option.map (fun s -> int s.[0]) |> Option.defaultValue 1024
-    let keys = entries |> List.choose (fun (k, _) -> if k.StartsWith "features." then Some(k.Substring 9) else None)
-    let backbone = backboneOf keys |> Option.defaultValue "resnet50"
-    // torchvision's resnet18 and ML.NET's differ in layer4's blocks; both are found by backboneOf.
-    { Backbone = backbone
-      Classes = classes
-      Heads = max 1 heads
-      Head = { Pmg.Fs.Model.Heads.Config.Paper with FeatureSize = featureSize; BlockChannels = blockChannels } }
+        | Pmg.Fs.Model.Backbone.Vgg convs -> blocks = [ 0; 0; 0; 0 ] && not convIndices.IsEmpty && convIndices = vggConvs convs)
 
 /// Says what to change when the difference has a known cause: the class count or the backbone.
 let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string list =
@@ -296,12 +361,12 @@ let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string 
         m.Shapes
         |> List.tryFind (fun (k, s, _) -> Regex.IsMatch(k, @"(^|\.)classifier(\d+|_concat)\.4\.weight$") && s.Length = 2)
         |> Option.map (fun (k, s, w) ->
-            sprintf "checkpoint has %d classes (%s %s), the model has %d: pass --classes %d" s.[0] k (shapeText s) w.[0] s.[0])
+            sprintf "the file has %d classes (%s %s), the model has %d: build the model with %d classes" s.[0] k (shapeText s) w.[0] s.[0])
     let backbone =
         if m.Missing.IsEmpty && m.Unexpected.IsEmpty && m.Shapes.IsEmpty then None
         else
             match backboneOf (List.map fst entries), backboneOf (List.map fst expected) with
-            | Some a, Some b when a <> b -> Some(sprintf "checkpoint looks like %s, the model is %s: pass --backbone %s" a b a)
+            | Some a, Some b when a <> b -> Some(sprintf "the file looks like %s, the model is %s: build the model on the %s backbone" a b a)
             | _ -> None
     [ classes; backbone ] |> List.choose id |> List.map (sprintf "hint: %s")
 
@@ -316,14 +381,14 @@ let private describe (what: string) (expected: Entries) (entries: Entries) (m: M
 let private stateOf (target: torch.nn.Module) : Entries =
     [ for kv in target.state_dict () -> kv.Key, kv.Value ]
 
-let private load (what: string) (target: torch.nn.Module) (entries: Entries) (strict: bool) =
+let private load (source: string) (what: string) (target: torch.nn.Module) (entries: Entries) (strict: bool) =
     let expected = stateOf target
     let m = compare expected entries
     // Like PyTorch: shapes must agree even when not strict.
     let fatal = if strict then not m.IsEmpty else not m.Shapes.IsEmpty
-    if fatal then raise (StateDictError(describe what expected entries m))
+    if fatal then Pmg.Fs.Errors.modelFile source (describe what expected entries m)
     if not strict && not m.Missing.IsEmpty then
-        eprintfn "%s" (describe (what + " (not strict; missing keys keep their values)") expected entries { m with Unexpected = [] })
+        Pmg.Fs.Notices.Say(describe (what + " (not strict; missing keys keep their values)") expected entries { m with Unexpected = [] })
     let targets = dict expected
     use _ = torch.no_grad ()
     for (k, t) in entries do
@@ -335,9 +400,14 @@ let private load (what: string) (target: torch.nn.Module) (entries: Entries) (st
         if optional k && not (given.Contains k) then dst.zero_ () |> ignore
 
 /// Copies entries into a module's parameters and buffers. Strict: keys and shapes must match exactly
-/// (StateDictError lists the differences). Not strict: unexpected keys are ignored, missing ones reported.
+/// (a ModelFile error lists the differences). Not strict: unexpected keys are ignored, missing ones reported
+/// as a notice.
 let loadInto (target: torch.nn.Module) (entries: Entries) (strict: bool) : unit =
-    load "state dict does not match the model" target entries strict
+    load "" "the state_dict does not match the model" target entries strict
+
+/// loadInto for entries read from the file `path`, which the error names.
+let loadFrom (path: string) (target: torch.nn.Module) (entries: Entries) (strict: bool) : unit =
+    load path (sprintf "%s does not match the model" path) target entries strict
 
 /// ImageNet weights from a torchvision ResNet state_dict (keys conv1.weight, layer1.0..., fc...), or one whose
 /// keys carry "features." (a PMG checkpoint's backbone), loaded strictly into the network's backbone.
@@ -354,17 +424,67 @@ let loadPretrainedBackbone (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit
         if wanted |> Set.exists (fun k -> k.StartsWith "classifier.") then chosen
         else chosen |> List.filter (fun (k, _) -> not (k.StartsWith "classifier."))
     try
-        load (sprintf "%s does not fit the %s backbone" path net.Config.Backbone) net.Backbone backbone true
+        load path (sprintf "%s does not fit the %s backbone" path net.Config.Backbone) net.Backbone backbone true
     finally
         entries |> List.iter (fun (_, t) -> t.Dispose())
 
-/// The network's state_dict, with the reference implementation's names, as a .pth (or .safetensors).
-let export (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit = write path (stateOf net)
+/// The network's state_dict, with the reference implementation's names, as a .pth (or .safetensors), with the
+/// model's description inside (see writeDescribed; readDescription reads it back).
+let export (net: Pmg.Fs.Model.Pmg.Network) (description: Pmg.Fs.Interop.Description.ModelDescription) (path: string) : unit =
+    writeDescribed path description (stateOf net)
+
+/// The network config a PMG state_dict's keys and shapes imply (for files without a description, such as the
+/// reference's): the backbone from its blocks (every registered one), the heads from conv_block1..S, FeatureSize
+/// from conv_block1.0.conv.weight, BlockChannels from conv_block1.1.conv.weight, the classes from
+/// classifier_concat.4.weight. BatchNorm momentum, which no file holds, is the paper's. Anything else is refused
+/// naming `path`.
+let inferConfig (path: string) (entries: Entries) : Pmg.Fs.Model.Pmg.Config =
+    let shapes = entries |> List.map (fun (k, t) -> k, t.shape) |> dict
+    let need (key: string) =
+        match shapes.TryGetValue key with
+        | true, s when s.Length >= 2 -> s
+        | _ ->
+            Pmg.Fs.Errors.modelFile path
+                (sprintf "%s has no %s: it is not a PMG state_dict (a backbone's weights are starting weights, not a model)" path key)
+    let backbone =
+        match backboneOf (List.map fst entries) with
+        | Some b -> b
+        | None ->
+            Pmg.Fs.Errors.modelFile path
+                (sprintf "%s holds a backbone that is none of the registered ones (%s): give a PMG state_dict of one of them"
+                    path (String.concat ", " Pmg.Fs.Model.Backbone.registry.Keys))
+    let headKey = Regex(@"^conv_block(\d+)\.0\.conv\.weight$")
+    let heads =
+        entries |> List.choose (fun (k, _) -> let m = headKey.Match k in if m.Success then Some(int m.Groups.[1].Value) else None)
+    if heads.IsEmpty || List.max heads <> heads.Length then
+        Pmg.Fs.Errors.modelFile path (sprintf "%s has no conv_block1..S heads: it is not a PMG state_dict" path)
+    let config: Pmg.Fs.Model.Pmg.Config =
+        { Backbone = backbone
+          Classes = int (need "classifier_concat.4.weight").[0]
+          Heads = heads.Length
+          Head =
+            { Pmg.Fs.Model.Heads.Config.Paper with
+                FeatureSize = int (need "conv_block1.0.conv.weight").[0]
+                BlockChannels = int (need "conv_block1.1.conv.weight").[0] } }
+    // The heads must sit on stages of that backbone with the widths the file holds.
+    let stages =
+        try
+            Pmg.Fs.Model.Pmg.headStages config
+        with _ ->
+            Pmg.Fs.Errors.modelFile path (sprintf "%s has %d heads, more than the %s backbone takes" path heads.Length backbone)
+    stages
+    |> List.iteri (fun i (_, stage) ->
+        let s = need (sprintf "conv_block%d.0.conv.weight" (i + 1))
+        if int s.[1] <> stage.Channels then
+            Pmg.Fs.Errors.modelFile path
+                (sprintf "%s: conv_block%d reads %d channels where the %s backbone's stage gives %d: the file is not a PMG state_dict of a registered backbone"
+                    path (i + 1) s.[1] backbone stage.Channels))
+    config
 
 /// Reads a reference or exported checkpoint into the network, strictly.
 let import (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit =
     let entries = read path
     try
-        loadInto net entries true
+        loadFrom path net entries true
     finally
         entries |> List.iter (fun (_, t) -> t.Dispose())

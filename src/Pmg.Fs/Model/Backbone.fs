@@ -177,6 +177,14 @@ type private BasicBlock(inC: int64, width: int64, stride: int64) as this =
         let y = Ops.addInPlace y identity
         relu.forward y
 
+    interface Graph.IExportable with
+        member this.Emit(b, prefix, inputs) =
+            let x = List.head inputs
+            let e m y = Graph.emitChild b prefix this m y
+            let main = x |> e conv1 |> e bn1 |> Graph.emit b prefix relu |> e conv2 |> e bn2
+            let shortcut = if isNull downsample then x else e downsample x
+            [ Graph.emit b prefix relu (b.Node("Add", [ main; shortcut ], [])) ]
+
 type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
     inherit Module<Tensor, Tensor>("Bottleneck")
     let outC = width * 4L
@@ -208,6 +216,15 @@ type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
         let y = Ops.addInPlace y identity
         relu.forward y
 
+    interface Graph.IExportable with
+        member this.Emit(b, prefix, inputs) =
+            let x = List.head inputs
+            let e m y = Graph.emitChild b prefix this m y
+            let r = Graph.emit b prefix relu
+            let main = x |> e conv1 |> e bn1 |> r |> e conv2 |> e bn2 |> r |> e conv3 |> e bn3
+            let shortcut = if isNull downsample then x else e downsample x
+            [ r (b.Node("Add", [ main; shortcut ], [])) ]
+
 /// A backbone as PMG uses it: its stages, and their outputs for an input.
 [<AbstractClass>]
 type Features(name: string) =
@@ -218,6 +235,9 @@ type Features(name: string) =
     abstract ForwardStages: x: Tensor * upTo: int -> Tensor list
     /// Outputs of every stage, in order.
     member this.ForwardStages(x: Tensor) = this.ForwardStages(x, List.length this.Stages)
+    /// Writes the eval-mode computation as operators (weights under `prefix`, empty or ending with "."), reading
+    /// `input`; returns every stage's output, in order.
+    abstract EmitStages: builder: Graph.IBuilder * prefix: string * input: string -> string list
 
 /// A ResNet whose forward returns every stage's output. `fc` is torchvision's ImageNet classifier: PMG does not
 /// use it, but it is kept so that ImageNet and reference PMG state_dicts load strictly.
@@ -267,6 +287,12 @@ type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
         let rest = [ layer1; layer2; layer3; layer4 ] |> List.truncate (upTo - 1)
         (List.scan (fun (prev: Tensor) (layer: Module<Tensor, Tensor>) -> layer.forward prev) stem rest)
 
+    /// The stem, then each residual layer's blocks.
+    override this.EmitStages(b, prefix, x) =
+        let e (m: Module<Tensor, Tensor>) y = Graph.emitChild b prefix this m y
+        let stem = x |> e conv1 |> e bn1 |> Graph.emit b prefix relu |> e maxpool
+        List.scan (fun prev layer -> e layer prev) stem [ layer1; layer2; layer3; layer4 ]
+
     /// The ImageNet classifier path, for checking pretrained weights: logits, or the pooled features where the
     /// backbone keeps no classifier.
     override this.forward(x) =
@@ -306,6 +332,17 @@ type VggNet(spec: Spec, convs: int list) as this =
         |> List.truncate upTo
         |> List.scan (fun (prev: Tensor) (layers: Module<Tensor, Tensor> list) -> layers |> List.fold (fun t l -> l.forward t) prev) x
         |> List.tail
+
+    /// torchvision's layers in order; a stage's output is its block's max pool.
+    override this.EmitStages(b, prefix, x) =
+        let inner = prefix + Graph.childName this features + "."
+        features.named_children ()
+        |> Seq.fold
+            (fun (y, outs) struct (n, m) ->
+                let z = Graph.emit b (inner + n + ".") m y
+                z, (if m :? MaxPool2d then outs @ [ z ] else outs))
+            (x, [])
+        |> snd
 
     /// The stage outputs' last, for shape checks.
     override this.forward(x) = this.ForwardStages x |> List.last

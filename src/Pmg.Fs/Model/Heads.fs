@@ -36,6 +36,12 @@ type BasicConv(inC: int64, outC: int64, kernel: int64, padding: int64, momentum:
         use y = bn.forward y
         relu.forward y
 
+    // Conv, BN, ReLU as operators.
+    interface Graph.IExportable with
+        member this.Emit(b, prefix, inputs) =
+            let e (m: Module<Tensor, Tensor>) y = Graph.emitChild b prefix this m y
+            [ List.head inputs |> e conv |> e bn |> Graph.emit b prefix relu ]
+
 /// Conv block of one head: stage channels -> FeatureSize (1x1) -> BlockChannels (3x3).
 let convBlock (config: Config) (stageChannels: int) : Module<Tensor, Tensor> =
     let f, c = int64 config.FeatureSize, int64 config.BlockChannels

@@ -63,3 +63,7 @@ type Elu() =
     inherit nn.Module<Tensor, Tensor>("ELU")
     /// ELU with alpha 1.
     override _.forward(x) = Ops.elu x
+
+    // ELU with alpha 1, as its one operator.
+    interface Graph.IExportable with
+        member _.Emit(b, _, inputs) = [ b.Node("Elu", inputs, [ "alpha", Graph.Float 1.0f ]) ]

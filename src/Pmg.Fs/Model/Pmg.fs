@@ -31,9 +31,6 @@ type Config =
     static member Paper(classes: int) =
         { Backbone = "resnet50"; Classes = classes; Heads = 3; Head = Heads.Config.Paper }
 
-/// A config the network cannot be built from (e.g. fewer than one class).
-exception ConfigError of string
-
 /// The stages the heads read, with their positions (Backbone.headStages for the config).
 let headStages (config: Config) = Backbone.headStages (Backbone.find config.Backbone) config.Heads
 
@@ -83,7 +80,7 @@ type Network(config: Config) as this =
     let spec = Backbone.find config.Backbone
     do
         if config.Classes < 1 then
-            raise (ConfigError(sprintf "Classes must be positive, got %d" config.Classes))
+            Pmg.Fs.Errors.setting Pmg.Fs.Setting.Classes (sprintf "the number of classes must be at least 1, got %d" config.Classes)
     let heads = headStages config
     let features = Backbone.create spec
     let blockOut = config.Head.BlockChannels
@@ -132,6 +129,22 @@ type Network(config: Config) as this =
         let l = fst heads.[i]
         let stagesOut = features.ForwardStages(x, l)
         blocks.[i].forward stagesOut.[l - 1] |> Heads.globalMaxPool |> classifiers.[i].forward
+
+    // The eval-mode network as operators reading one image batch: outputs every head's logits (finest first),
+    // concat's, then the combined sum (see Outputs).
+    interface Graph.IExportable with
+        member this.Emit(b, prefix, inputs) =
+            let stagesOut = features.EmitStages(b, prefix + Graph.childName this features + ".", List.head inputs)
+            let child (m: nn.Module) x = Graph.emitChild b prefix this m x
+            // Global max pooling (Heads.globalMaxPool) as pooling, then (N, C, 1, 1) -> (N, C).
+            let pooled =
+                List.map2 (fun (l, _) block ->
+                    let y = child block (List.item (l - 1) stagesOut)
+                    b.Node("Flatten", [ b.Node("GlobalMaxPool", [ y ], []) ], [ "axis", Graph.Int 1L ])) heads blocks
+            let logits = List.map2 child classifiers pooled
+            let concat = child concatClassifier (b.Node("Concat", pooled, [ "axis", Graph.Int 1L ]))
+            let all = logits @ [ concat ]
+            all @ [ b.Node("Sum", all, []) ]
 
     /// Parameters of the backbone and of everything else (the new layers), for the two learning rates, by name.
     member _.BackboneParameters() : (string * Modules.Parameter) list =

@@ -33,6 +33,14 @@ exception NativeLoadError of string
 
 let private fail msg = raise (NativeLoadError msg)
 
+/// True on Linux x64, the platform whose libtorch package (libtorch-cpu-linux-x64) the library references and the
+/// only one where this module loads libtorch itself, with its work-arounds (the GLIBCXX weak-version edit of the
+/// glue, the CPUID check that turns oneDNN off, PMG_LIBTORCH, a CUDA libtorch from a Python install). On Windows,
+/// macOS and other processors TorchSharp's own loading is used untouched: it finds the libtorch package the app
+/// references (libtorch-cpu-win-x64, libtorch-cpu-osx-arm64, ...).
+let ownLoading: bool =
+    RuntimeInformation.IsOSPlatform OSPlatform.Linux && RuntimeInformation.ProcessArchitecture = Architecture.X64
+
 let private libTorchSharpName = "libLibTorchSharp.so"
 let private cpuPackage = "libtorch-cpu-linux-x64"
 let private nativeSubdir = Path.Combine("runtimes", "linux-x64", "native")
@@ -316,7 +324,7 @@ let mutable private loaded: Loaded option = None
 let mutable private torchCpuHandle = 0n
 let private gate = obj ()
 
-let private bringUp (backend: Backend) =
+let private bringUpLinux (backend: Backend) =
     let torchVersion = "2.10.0"
     let libDir =
         match backend, Environment.GetEnvironmentVariable "PMG_LIBTORCH" with
@@ -371,6 +379,33 @@ let private bringUp (backend: Backend) =
       PatchedGlibcxx = patched
       MkldnnDisabled = noMkldnn }
 
+/// Elsewhere than Linux x64: TorchSharp loads the libtorch package the app references, as it does without this
+/// library; nothing is patched and oneDNN keeps libtorch's default. libtorch_cpu's handle is taken where the
+/// platform's loader finds it already loaded, for `export` (on Windows C++ names are mangled otherwise, so the
+/// switches that need them report themselves unavailable).
+let private bringUpTorchSharp (backend: Backend) =
+    try
+        TorchSharp.torch.InitializeDeviceType(if backend = Cuda then TorchSharp.DeviceType.CUDA else TorchSharp.DeviceType.CPU)
+    with e ->
+        fail (
+            sprintf
+                "TorchSharp could not load libtorch on %s %s: %s. This library references libtorch for Linux x64 only; reference the libtorch package for this platform in the app (libtorch-cpu-win-x64 or libtorch-cpu-osx-arm64, the version TorchSharp names)."
+                RuntimeInformation.OSDescription (string RuntimeInformation.ProcessArchitecture) e.Message
+        )
+    if backend = Cuda && not (TorchSharp.torch.cuda.is_available ()) then
+        fail "libtorch loaded, but it sees no CUDA device."
+    match NativeLibrary.TryLoad("torch_cpu", typeof<TorchSharp.torch>.Assembly, Nullable()) with
+    | true, h -> torchCpuHandle <- h
+    | false, _ -> ()
+    { Backend = backend
+      LibTorchDir = "(found by TorchSharp)"
+      LibTorchSharp = "LibTorchSharp (loaded by TorchSharp)"
+      PatchedGlibcxx = false
+      MkldnnDisabled = false }
+
+let private bringUp (backend: Backend) =
+    if ownLoading then bringUpLinux backend else bringUpTorchSharp backend
+
 /// Brings the native backend up once per process; later calls return what the first did. A CPU request is
 /// served by a CUDA backend already loaded; CUDA after CPU fails (one backend per process). Call before any
 /// TorchSharp function.
@@ -388,6 +423,7 @@ let ensure (backend: Backend) : Loaded =
 let current () = loaded
 
 let private handle () =
+    if torchCpuHandle = 0n && loaded.IsSome then fail "libtorch_cpu's functions cannot be reached on this platform"
     if torchCpuHandle = 0n then fail "libtorch is not loaded yet: call Runtime.Native.ensure first"
     torchCpuHandle
 
@@ -401,6 +437,11 @@ let libTorchVersion () : string =
         match version, loaded with
         | Some v, _ -> v
         | None, None -> "not loaded"
+        | None, Some _ when not ownLoading ->
+            // show_config's std::string is read with libstdc++'s layout, Linux's; elsewhere TorchSharp's figure.
+            let v = TorchSharp.torch.__version__
+            version <- Some v
+            v
         | None, Some l ->
             let fromBinary = try versionFromShowConfig torchCpuHandle with _ -> None
             let v =

@@ -91,6 +91,24 @@ type Hooks =
     /// Hooks that do nothing.
     static member None = { Batch = ignore; Evaluating = ignore; Epoch = fun _ _ -> () }
 
+/// Where a session's jigsaw patch orders come from.
+type Permutations =
+    /// Drawn from the session's generator, reseeded at every epoch start (training).
+    | Drawn
+    /// Given by a function of the grid and the batch size, returning rows of patch indices as
+    /// `Jigsaw.permutations` does: a test fixes the permutation to compare with another implementation.
+    | Given of (int -> int -> torch.Tensor)
+
+/// How a session is built beyond its experiment: the speed settings, the floating-point type of its weights and
+/// batches, and where its patch orders come from.
+type SessionOptions =
+    { /// Speed and memory settings (Engine.forDevice by default).
+      Engine: Engine.Engine
+      /// float32 (training) or float64 (a reference comparison to many digits).
+      Dtype: torch.ScalarType
+      /// Drawn (training) or given (tests).
+      Permutations: Permutations }
+
 /// The live objects of a run.
 type Session =
     { /// The experiment being trained.
@@ -104,7 +122,11 @@ type Session =
       /// Where the network and the batches live.
       Device: torch.Device
       /// The speed and memory settings the session was built with.
-      Engine: Engine.Engine }
+      Engine: Engine.Engine
+      /// The floating-point type of the weights and batches.
+      Dtype: torch.ScalarType
+      /// Where the patch orders come from.
+      Permutations: Permutations }
 
 /// The jigsaw generator's seed for an epoch: the data order and crops use (seed, epoch) too, so an epoch's
 /// randomness does not depend on how the run got there; a resumed run draws what an uninterrupted one would, and
@@ -113,8 +135,9 @@ let private epochSeed (seed: int) (epoch: int) = int64 seed * 1_000_003L + int64
 
 let private initLock = obj ()
 
-/// Builds the network, optimizer and generator of a (validated) experiment, laid out and stepped as `engine` says.
-let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
+/// Builds the network, optimizer and generator of a (validated) experiment as `options` say.
+let createSessionFrom (options: SessionOptions) (e: Experiment) : Session =
+    let engine = options.Engine
     let device = Device.torch e.Device
     // Seeding and drawing the initial weights from libtorch's global generator must not interleave with
     // another session's.
@@ -125,6 +148,7 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
     Interop.ImageNet.loadBackbone net e.Weights
     Layers.setBatchNormGroup e.BatchNormGroup net
     net.``to`` device |> ignore
+    if options.Dtype <> torch.float32 then net.``to`` options.Dtype |> ignore
     for missing in Engine.applySwitches engine device do
         // A speed option only: say so and go on.
         Notices.Say(sprintf "this libtorch cannot switch on %s; training goes on without it" missing)
@@ -139,7 +163,13 @@ let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
       Optimizer = Sgd.create storage { Momentum = e.Optimizer.Momentum; WeightDecay = e.Optimizer.WeightDecay } groups
       Jigsaw = new torch.Generator(uint64 e.Seed)
       Device = device
-      Engine = engine }
+      Engine = engine
+      Dtype = options.Dtype
+      Permutations = options.Permutations }
+
+/// A session laid out and stepped as `engine` says, float32, patch orders drawn.
+let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
+    createSessionFrom { Engine = engine; Dtype = torch.float32; Permutations = Drawn } e
 
 /// A session with the engine chosen for the experiment's device (Engine.forDevice).
 let createSession (e: Experiment) : Session =
@@ -151,13 +181,21 @@ let lrAt (e: Experiment) (epoch: int) (g: Sgd.Group) = Schedule.cosine e.Epochs 
 /// The logits (fp32) of one step's output on its jigsaw of x; the forward runs in bf16 under autocast when the
 /// experiment says so, the loss after it in fp32.
 let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : torch.Tensor =
-    let input = Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation s.Experiment.JigsawDraw step.Grid x |> Engine.inputLayout s.Engine
+    let input =
+        match s.Permutations with
+        | Drawn -> Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation s.Experiment.JigsawDraw step.Grid x
+        | Given order when step.Grid > 1 ->
+            use perm = order step.Grid (int x.shape.[0])
+            Jigsaw.apply perm step.Grid x
+        | Given _ -> x.alias ()
+        |> Engine.inputLayout s.Engine
     let logits =
         use _ = Evaluate.computeRegion s.Experiment.Precision s.Device
         match s.Experiment.Forward, step.Head with
         | Truncated, Pmg.Stage l -> s.Net.ForwardHead(input, s.Net.HeadIndex l)
         | _ -> (s.Net.forward input).Of step.Head
-    logits.to_type torch.float32
+    // The loss in fp32 (bf16 forward), or in the session's own type when that is wider.
+    if s.Dtype = torch.float64 then logits.to_type torch.float64 else logits.to_type torch.float32
 
 let private lossOf (step: Schedule.Step) (logits: torch.Tensor) (y: torch.Tensor) =
     torch.nn.functional.cross_entropy (logits, y) |> Ops.scale step.LossWeight
@@ -190,6 +228,14 @@ let private toDevice (engine: Engine.Engine) (device: torch.Device) (b: Loader.B
     use x = torch.tensor (b.Images, dimensions = ReadOnlySpan [| int64 b.Size; 3L; int64 b.Height; int64 b.Width |])
     use y = torch.tensor (b.Labels)
     Engine.upload engine device x, Engine.upload engine device y
+
+/// A batch on the session's device, in its floating-point type.
+let private toSession (s: Session) (b: Loader.Batch) =
+    let x, y = toDevice s.Engine s.Device b
+    if s.Dtype = torch.float32 then x, y
+    else
+        use x = x
+        x.to_type s.Dtype, y
 
 let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epoch: int) =
     let spec =
@@ -274,7 +320,7 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: BatchRec
                 let trained, batchLosses =
                     if b.Size >= 2 && (not e.DropLast || b.Size = e.BatchSize) then
                         use _ = torch.NewDisposeScope()
-                        let x, y = toDevice s.Engine s.Device b
+                        let x, y = toSession s b
                         let results = iteration s lr (List.map snd active) x y
                         let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Ops.scale (float b.Size))
                         let correct = results |> List.last |> snd
