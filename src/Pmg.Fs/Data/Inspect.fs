@@ -55,19 +55,26 @@ let inspect (index: DatasetIndex) : Report =
 /// Why a dataset cannot train or be evaluated, from its index and its inspection; None when it can. `pmg data`
 /// and training both decide with this one function, so the one refuses exactly what the other does.
 let refusal (index: DatasetIndex) (report: Report) : string option =
-    let examples =
-        match report.Problems with
-        | [] -> ""
-        | p :: _ -> sprintf " (%d unusable files; e.g. %s: %s)" report.Problems.Length p.File p.Problem
+    // The split's own unusable files: an example from the other split would point at the wrong folder.
+    let unusable (samples: Sample[]) =
+        let paths = samples |> Array.map _.Path |> set
+        report.Problems |> List.filter (fun p -> paths.Contains p.File)
     let splitFolder split =
         // Folder layouts name their split folder; the others share one images folder.
         let dir = Path.Combine(index.Root, split)
         if Directory.Exists dir then dir else index.Root
-    let noUsable split words =
-        Some(
-            sprintf "%s has no usable %s images%s: replace the damaged files or download the dataset again"
-                (splitFolder split) words examples
-        )
+    let noUsable split words (samples: Sample[]) =
+        let examples =
+            match unusable samples with
+            | [] -> ""
+            | p :: _ as all -> sprintf " (%d unusable; e.g. %s: %s)" all.Length p.File p.Problem
+        if samples.Length = 0 then
+            Some(sprintf "%s holds no %s images: add them, a folder of images per class" (splitFolder split) words)
+        else
+            Some(
+                sprintf "%s has no usable %s images%s: replace the damaged files or download the dataset again"
+                    (splitFolder split) words examples
+            )
     let empty = report.TrainPerClass |> Array.indexed |> Array.filter (fun (_, n) -> n = 0) |> Array.map fst
     if index.Classes.Length < 2 then
         Some(
@@ -75,8 +82,8 @@ let refusal (index: DatasetIndex) (report: Report) : string option =
                 index.Root index.Classes.Length (if index.Classes.Length = 1 then "" else "es")
                 (index.Classes |> String.concat ", ")
         )
-    elif report.Train = 0 then noUsable "train" "training"
-    elif report.Test = 0 then noUsable "test" "test"
+    elif report.Train = 0 then noUsable "train" "training" index.Train
+    elif report.Test = 0 then noUsable "test" "test" index.Test
     elif empty.Length > 0 then
         let c = index.Classes[empty[0]]
         Some(
