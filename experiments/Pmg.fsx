@@ -43,6 +43,8 @@
       "../src/Pmg.Fs/Interop/Pickle.fs"
       "../src/Pmg.Fs/Interop/StateDict.fs"
       "../src/Pmg.Fs/Interop/Onnx.fs"
+      "../src/Pmg.Fs/Interop/PmgCheckpoint.fs"
+      "../src/Pmg.Fs/Interop/Hub.fs"
       "../src/Pmg.Fs/Interop/ImageNet.fs"
       "../src/Pmg.Fs/Interop/OnnxExport.fs"
       "../src/Pmg.Fs/Training/Sgd.fs"

@@ -281,13 +281,14 @@ type Runs =
 
 /// A class and its probability under the combined prediction.
 [<Struct>]
-type ClassScore =
-    { /// The class index.
-      Class: int
-      /// Its name.
-      Name: string
-      /// Its probability.
-      Score: float32 }
+type ClassScore(classIndex: int, name: string, score: float32) =
+    /// The class index.
+    member _.Class = classIndex
+    /// Its name.
+    member _.Name = name
+    /// Its probability.
+    member _.Score = score
+    override _.ToString() = sprintf "%s (class %d): %.4f" name classIndex score
 
 /// Test accuracies of a trained model, in [0, 1].
 [<Sealed>]
@@ -311,7 +312,7 @@ type Evaluation internal (a: Evaluate.Accuracy) =
 [<AbstractClass>]
 type Model internal (predictor: Predictor.IPredictor) =
     let scores (k: int) (p: Predictor.Prediction) =
-        Predictor.top predictor.ClassNames k p |> List.map (fun s -> { Class = s.Class; Name = s.Name; Score = s.Score }) |> List.toArray
+        Predictor.top predictor.ClassNames k p |> List.map (fun s -> ClassScore(s.Class, s.Name, s.Score)) |> List.toArray
 
     member internal _.Predictor = predictor
     /// Class names in label order.

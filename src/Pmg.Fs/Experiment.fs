@@ -136,7 +136,7 @@ let paper (classes: int) (data: Data) : Experiment =
       Precision = Fp32
       Data = data
       CropToBox = false
-      // For ResNet50 no ImageNet weights ship: a run must name torchvision's file or say `none` (Weights.parse).
+      // ResNet50 from torchvision's ImageNet file, from PyTorch's hub cache or downloaded there (Interop.Hub).
       Weights = Backbone.ImageNet
       Init = None
       Workers = max 1 (Environment.ProcessorCount - 1) }

@@ -132,11 +132,4 @@ let tests =
                       Expect.isFalse (m.Contains "\n") (sprintf "one line: %s" m)
               finally
                   dir.Delete true
-          }
-
-          test "ImageNet weights for a backbone that ships none name the ones that do" {
-              use net = Pmg.create { Pmg.Config.Paper 5 with Backbone = "resnet34" }
-              let m = errorOf (fun () -> ImageNet.loadBackbone net Backbone.ImageNet)
-              Expect.stringContains m "resnet18-mlnet" "the backbone with weights"
-              Expect.stringContains m "--pretrained" "the flag for a file"
           } ]

