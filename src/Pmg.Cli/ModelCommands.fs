@@ -118,9 +118,9 @@ let data (a: ParseResults<DataArgs>) =
         printfn "%d unusable:" report.Problems.Length
         for p in report.Problems do
             printfn "  %s: %s" p.File p.Problem
-    // A dataset that cannot train is not a success.
-    if report.Train = 0 || report.Test = 0 then
-        eprintfn "pmg: %s has no usable %s images" root (if report.Train = 0 then "training" else "test")
+    // Exactly what training refuses (the same function decides), and nothing else.
+    match Inspect.refusal index report with
+    | Some message ->
+        eprintfn "pmg: %s" message
         1
-    else
-        0
+    | None -> 0

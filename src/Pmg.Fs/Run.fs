@@ -34,31 +34,19 @@ let classesName = "classes.txt"
 /// count that builds the experiment comes from this). `cropToBox` crops each image to its bounding box where the
 /// dataset has boxes. A split without images, or a class without training images, is an error naming the class.
 let openData (data: Data) (cropToBox: bool) : Trainer.Data * Problem list =
-    let d, problems =
-        match data with
-        | Embedded config ->
-            let d = Synthetic.create config
-            ({ Classes = d.Classes; Train = d.Train; Test = d.Test }: Trainer.Data), []
-        | OnDisk d ->
-            let index = Dataset.load d.Kind d.Root
-            let empty = index.Classes |> Array.indexed |> Array.filter (fun (i, _) -> index.Train |> Array.forall (fun s -> s.Label <> i))
-            if index.Train.Length > 0 && not (Array.isEmpty empty) then
-                Errors.fail (
-                    DatasetInvalid(d.Root,
-                        sprintf "%s: class %s has no usable training images (%d classes without any); fix or remove its folder"
-                            d.Root (snd empty.[0]) empty.Length
-                    )
-                )
-            { Classes = index.Classes
-              Train = Loader.fromSamples index.Train cropToBox
-              Test = Loader.fromSamples index.Test cropToBox },
-            index.Problems
-    let where = match data with Embedded _ -> "the embedded dataset" | OnDisk o -> o.Root
-    for split, source in [ "training", d.Train; "test", d.Test ] do
-        if source.Count = 0 then
-            let first = problems |> List.tryHead |> Option.map (fun p -> sprintf "; e.g. %s: %s" p.File p.Problem) |> Option.defaultValue ""
-            Errors.fail (DatasetInvalid(where, sprintf "%s has no usable %s images (%d unusable files%s): check it with `pmg data`" where split problems.Length first))
-    d, problems
+    match data with
+    | Embedded config ->
+        let d = Synthetic.create config
+        ({ Classes = d.Classes; Train = d.Train; Test = d.Test }: Trainer.Data), []
+    | OnDisk d ->
+        // The same verdict and the same refusal as `Inspect` gives the data command: what it accepts, training does.
+        let index = Dataset.load d.Kind d.Root
+        let report = Inspect.inspect index
+        Inspect.validate index report
+        { Classes = index.Classes
+          Train = Loader.fromSamples index.Train cropToBox
+          Test = Loader.fromSamples index.Test cropToBox },
+        report.Problems
 
 /// The name of a step's loss column: "loss_stage3_8x8", "loss_concat_whole".
 let lossColumn (step: Schedule.Step) = "loss_" + Schedule.stepKey step

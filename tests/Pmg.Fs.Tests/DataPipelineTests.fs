@@ -166,7 +166,7 @@ let private images =
             use dir = new TempDir "images"
             let path = dir.File "gray.jpg"
             writeGrayJpeg path 16 12
-            use img = Images.decode path
+            use img = Images.loadChecked path
             Expect.equal (img.Width, img.Height) (16, 12) "size"
             Expect.all (pixels img) (fun p -> p.R = p.G && p.G = p.B) "gray"
             Expect.isGreaterThan (pixels img |> Array.map _.R |> Array.distinct |> Array.length) 4 "not flat"

@@ -4,7 +4,9 @@ open System
 open System.IO
 open System.Text.Json
 open Expecto
+open Pmg.Fs
 open Pmg.Fs.Data
+open SixLabors.ImageSharp
 open Pmg.Fs.Tests.TestKit
 
 /// A generated miniature (FgvcMini).
@@ -20,10 +22,10 @@ let rec private copyTree (source: string) (target: string) =
 let private datasetError (fragments: string list) (f: unit -> 'a) =
     try
         f () |> ignore
-        failtestf "expected a DatasetError mentioning %A" fragments
-    with DatasetError msg ->
+        failtestf "expected a DatasetInvalid error mentioning %A" fragments
+    with :? PmgException as e when (match e.Error with DatasetInvalid _ | InvalidSetting _ -> true | _ -> false) ->
         for fragment in fragments do
-            Expect.stringContains msg fragment "error message"
+            Expect.stringContains e.Message fragment "error message"
 
 let private expectWellFormed (index: DatasetIndex) =
     for s in Array.append index.Train index.Test do
@@ -57,7 +59,7 @@ let private cubTests =
 
         test "a missing file names the file and the expected layout" {
             use dir = new TempDir "data"
-            datasetError [ "CUB-200-2011"; Path.Combine(dir.Path, "images.txt"); "Expected --root" ] (fun () ->
+            datasetError [ "CUB-200-2011"; Path.Combine(dir.Path, "images.txt"); "Expected the dataset folder" ] (fun () ->
                 Cub.load dir.Path)
         }
 
@@ -172,7 +174,7 @@ let private dogsTests =
 
 let private folderTests =
     testList "Folder" [
-        test "classes are the ordinal union of train and test subfolders" {
+        test "classes are the ordinal union of train and test subfolders; every file is a sample, whatever its extension" {
             use dir = new TempDir "data"
             let touch (relative: string) =
                 let path = Path.Combine(dir.Path, relative)
@@ -182,7 +184,7 @@ let private folderTests =
                 touch f
             let index = Folder.load dir.Path
             Expect.equal index.Classes [| "B"; "a"; "b"; "c" |] "ordinal order"
-            Expect.equal (index.Train |> Array.map (fun s -> Path.GetFileName s.Path, s.Label)) [| "2.PNG", 0; "3.jpeg", 1; "1.jpg", 2 |] "train"
+            Expect.equal (index.Train |> Array.map (fun s -> Path.GetFileName s.Path, s.Label)) [| "2.PNG", 0; "3.jpeg", 1; "notes.txt", 1; "1.jpg", 2 |] "train (the verdict judges notes.txt)"
             Expect.equal (index.Test |> Array.map (fun s -> Path.GetFileName s.Path, s.Label)) [| "5.jpg", 1; "4.bmp", 3 |] "test"
         }
 
@@ -229,7 +231,7 @@ let private inspectTests =
             Expect.equal (report.Train, report.Test) (11, 11) "usable counts"
             Expect.equal report.Grayscale 1 "grayscale still counted"
             let problems = report.Problems |> List.map (fun p -> p.File, (p.Problem.Split ':').[0]) |> List.sort
-            Expect.equal problems (List.sort [ truncated, "unreadable or truncated"; deleted, "missing image file" ]) "problems"
+            Expect.equal problems (List.sort [ truncated, "no JPEG end-of-image marker"; deleted, "missing image file" ]) "problems"
             use json = JsonDocument.Parse(Inspect.toJson report)
             let root = json.RootElement
             Expect.equal (root.GetProperty("train").GetInt32(), root.GetProperty("grayscale").GetInt32()) (11, 1) "json counts"
@@ -239,6 +241,86 @@ let private inspectTests =
         }
     ]
 
+
+/// A `folder` dataset under `root`: per split, per class, `count` good JPEGs.
+let private folderOf (root: string) (classes: string list) (count: int) =
+    for split in [ "train"; "test" ] do
+        for c in classes do
+            let dir = Path.Combine(root, split, c)
+            Directory.CreateDirectory dir |> ignore
+            for i in 1..count do
+                use img = Synthetic.renderClass 32 (abs (hash c) % 3) i
+                img.SaveAsJpeg(Path.Combine(dir, sprintf "%d.jpg" i))
+
+/// What `pmg data` decides (the layout, then the refusal of its inspection) and what training decides
+/// (Run.openData): each None, or the DatasetInvalid message.
+let private dataAndTrain (root: string) =
+    let invalid (f: unit -> string option) =
+        try
+            f ()
+        with :? PmgException as e when (match e.Error with DatasetInvalid _ -> true | _ -> false) -> Some e.Message
+    let data =
+        invalid (fun () ->
+            let index = Dataset.load Dataset.Kind.Folder root
+            Inspect.refusal index (Inspect.inspect index))
+    let train =
+        invalid (fun () ->
+            Run.openData (Experiment.OnDisk { Kind = Dataset.Kind.Folder; Root = root }) false |> ignore
+            None)
+    data, train
+
+let private refusalTests =
+    testList "refusal" [
+        let refused (name: string) (arrange: string -> unit) (mentions: string -> string list) =
+            test name {
+                use dir = new TempDir "refusal"
+                let root = dir.File "data"
+                arrange root
+                let data, train = dataAndTrain root
+                Expect.isSome data "data refuses"
+                Expect.equal train data "training refuses with the same message"
+                for m in mentions root do
+                    Expect.stringContains data.Value m "the message names it"
+            }
+        test "a good dataset is accepted by both" {
+            use dir = new TempDir "refusal"
+            folderOf dir.Path [ "a"; "b" ] 1
+            Expect.equal (dataAndTrain dir.Path) (None, None) "accepted"
+        }
+        refused "a class only in test/" (fun root -> folderOf root [ "a"; "b" ] 1; Directory.CreateDirectory(Path.Combine(root, "test", "c")) |> ignore; File.Copy(Path.Combine(root, "test", "a", "1.jpg"), Path.Combine(root, "test", "c", "1.jpg")))
+            (fun _ -> [ "class c"; "no usable training images" ])
+        refused "train/c a file, not a folder" (fun root -> folderOf root [ "a"; "b" ] 1; File.WriteAllText(Path.Combine(root, "train", "c"), "x"))
+            (fun root -> [ Path.Combine(root, "train", "c"); "is a file"; "move it" ])
+        refused "a class folder with no usable image" (fun root -> folderOf root [ "a"; "b" ] 1; for f in Directory.GetFiles(Path.Combine(root, "train", "b")) do File.WriteAllBytes(f, Array.create 64 7uy))
+            (fun _ -> [ "class b"; "no usable training images" ])
+        refused "a folder symlink loop where a class belongs" (fun root ->
+            folderOf root [ "a"; "b" ] 1
+            let loop = Path.Combine(root, "train", "d_loop")
+            Directory.CreateSymbolicLink(loop, loop) |> ignore)
+            (fun root -> [ Path.Combine(root, "train", "d_loop"); "symbolic link" ])
+        refused "a single class" (fun root -> folderOf root [ "a" ] 1) (fun _ -> [ "1 class"; "at least 2" ])
+        refused "a test split whose every image is unreadable" (fun root ->
+            folderOf root [ "a"; "b" ] 1
+            for f in Directory.GetFiles(Path.Combine(root, "test"), "*", SearchOption.AllDirectories) do
+                let b = File.ReadAllBytes f
+                File.WriteAllBytes(f, b[.. b.Length / 2]))
+            (fun root -> [ Path.Combine(root, "test"); "no usable test images"; "cut off" ])
+        test "a class of only .webp files is listed and used" {
+            use dir = new TempDir "refusal"
+            folderOf dir.Path [ "a"; "b" ] 1
+            for split in [ "train"; "test" ] do
+                let w = Path.Combine(dir.Path, split, "w")
+                Directory.CreateDirectory w |> ignore
+                use img = Synthetic.renderClass 32 2 5
+                img.SaveAsWebp(Path.Combine(w, "1.webp"))
+            let index = Dataset.load Dataset.Kind.Folder dir.Path
+            Expect.equal index.Classes [| "a"; "b"; "w" |] "listed"
+            let report = Inspect.inspect index
+            Expect.equal (report.Train, report.Test) (3, 3) "usable"
+            Expect.equal (dataAndTrain dir.Path) (None, None) "accepted by both"
+        }
+    ]
+
 [<Tests>]
 let tests =
-    testList "Datasets" [ cubTests; carsTests; aircraftTests; dogsTests; folderTests; facadeTests; inspectTests ]
+    testList "Datasets" [ cubTests; carsTests; aircraftTests; dogsTests; folderTests; facadeTests; inspectTests; refusalTests ]

@@ -34,7 +34,8 @@ let tests =
                     Combined = 9.0 / 12.0
                     CombinedTop5 = 1.0
                     Images = 12
-                    Confusion = array2D [ [ 8; 2; 0 ]; [ 1; 1; 0 ]; [ 0; 0; 0 ] ] }
+                    Confusion = array2D [ [ 8; 2; 0 ]; [ 1; 1; 0 ]; [ 0; 0; 0 ] ]
+                    Skipped = [] }
               Expect.floatClose Accuracy.veryHigh (Evaluate.meanPerClass a) ((0.8 + 0.5) / 2.0) "mean of 80% and 50%"
               Expect.isLessThan (Evaluate.meanPerClass a) a.Combined "the rare class pulls it down"
           }
@@ -45,7 +46,8 @@ let tests =
                     Combined = 0.875
                     CombinedTop5 = 1.0
                     Images = 8
-                    Confusion = Array2D.zeroCreate 2 2 }
+                    Confusion = Array2D.zeroCreate 2 2
+                    Skipped = [] }
               let rows = (Evaluate.table [ "stage4"; "stage5" ] a).Split '\n'
               Expect.equal rows.Length 6 "header, rule, two heads, concat, combined"
               Expect.stringContains rows.[2] "stage4" "first head"

@@ -15,9 +15,9 @@ let private fixture folder file = Path.Combine(FgvcMini.dataset folder, file)
 let private raisesWith (fragment: string) (f: unit -> 'a) =
     try
         f () |> ignore
-        failtestf "expected a MatError mentioning '%s'" fragment
-    with MatError msg ->
-        Expect.stringContains msg fragment "error message"
+        failtestf "expected a DatasetInvalid error mentioning '%s'" fragment
+    with :? Pmg.Fs.PmgException as e when (match e.Error with Pmg.Fs.DatasetInvalid _ -> true | _ -> false) ->
+        Expect.stringContains e.Message fragment "error message"
 
 let private fixtureTests =
     testList "generated miniatures" [

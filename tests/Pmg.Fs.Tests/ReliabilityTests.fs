@@ -236,7 +236,7 @@ let private end' = "<!-- end of cases -->"
 /// Case lists of other files (no [<Tests>] of their own): they run here, in sequence, before the table check.
 /// Number ranges keep their rows apart: 1-99 here, 100-199 images and datasets, 200-299 run folders,
 /// 300-399 model files, 400-499 weights.
-let private cases: Test list = WeightsTests.cases
+let private cases: Test list = DataReliability.cases @ WeightsTests.cases
 
 [<Tests>]
 let tests =
@@ -279,7 +279,7 @@ let tests =
               let out = tmp.File "run"
               tryCase 6 "`train` on a `folder` dataset whose images are all unreadable" tmp.Path
                   [ "train"; "--dataset"; "folder"; "--root"; broken; "--pretrained"; "none"; "--backbone"; "resnet18"; "--image-size"; "24"; "--batch-size"; "2"; "--workers"; "1"; "--out"; out ]
-                  1 [ broken; "pmg data" ] "no checkpoint" |> ignore
+                  1 [ broken; "no usable training images" ] "no checkpoint" |> ignore
               Expect.isFalse (File.Exists(Path.Combine(out, "last.ckpt"))) "no checkpoint"
               tryCase 7 "`data` on that dataset" tmp.Path [ "data"; "--dataset"; "folder"; "--root"; broken ] 1 [ "no usable" ] "-" |> ignore
               let empty = tmp.File "empty"

@@ -2,23 +2,29 @@ namespace Pmg.Fs.Data
 
 open System
 open System.IO
-
-/// A dataset root that does not have the expected layout; the message names the missing file and the layout.
-exception DatasetError of string with
-    override this.Message = this.Data0
+open Pmg.Fs
 
 /// Helpers shared by the layout readers: file checks, line parsing and problem records.
 module internal Layout =
 
-    let fail fmt = Printf.ksprintf (fun msg -> raise (DatasetError msg)) fmt
+    /// Raises DatasetInvalid for `root` (the dataset folder, or the file at fault) with a formatted message.
+    let fail (root: string) fmt =
+        Printf.ksprintf (fun msg -> Errors.fail (DatasetInvalid(Path.GetFullPath root, msg))) fmt
 
-    /// The full path of a required file, or a DatasetError naming it and the expected layout.
+    /// A DatasetInvalid error from Mat (a value not of the expected kind), to record as a problem instead.
+    let isMatError (e: exn) =
+        match Errors.tryOf e with
+        | Some(DatasetInvalid _) -> true
+        | _ -> false
+
+    /// The full path of a required file, or a DatasetInvalid error naming it and the expected layout.
     let requireFile (dataset: string) (expected: string) (path: string) =
-        if not (File.Exists path) then fail "%s: missing %s. %s" dataset (Path.GetFullPath path) expected
+        if not (File.Exists path) then fail path "%s: missing %s. %s" dataset (Path.GetFullPath path) expected
         path
 
+    /// The path of a required folder, or a DatasetInvalid error naming it and the expected layout.
     let requireDirectory (dataset: string) (expected: string) (path: string) =
-        if not (Directory.Exists path) then fail "%s: missing folder %s. %s" dataset (Path.GetFullPath path) expected
+        if not (Directory.Exists path) then fail path "%s: missing folder %s. %s" dataset (Path.GetFullPath path) expected
         path
 
     /// Non-blank lines, trimmed; annotation files sometimes end with blank lines or CRLF.
@@ -96,7 +102,7 @@ module Cub =
     let private name = "CUB-200-2011"
 
     let private expected =
-        "Expected --root to be the CUB_200_2011 folder holding images.txt, image_class_labels.txt, "
+        "Expected the dataset folder to be the CUB_200_2011 folder holding images.txt, image_class_labels.txt, "
         + "train_test_split.txt, classes.txt and images/"
 
     let private trainFlag = "1"
@@ -162,7 +168,7 @@ module Cars =
     let private name = "Stanford Cars"
 
     let private expected =
-        "Expected --root to be the stanford_cars folder holding devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+        "Expected the dataset folder to be the stanford_cars folder holding devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
         + "cars_test_annos_withlabels.mat (or devkit/cars_test_annos_withlabels.mat), cars_train/ and cars_test/; "
         + "or car_ims/ and cars_annos.mat"
 
@@ -183,8 +189,8 @@ module Cars =
         |> Array.map (fun a ->
             try
                 check classCount (sample (imageOf a) a)
-            with Mat.MatError msg ->
-                Error(problem matFile (sprintf "unusable annotation: %s" msg)))
+            with e when isMatError e ->
+                Error(problem matFile (sprintf "unusable annotation: %s" e.Message)))
         |> partition
 
     let private annotations (matFile: string) =
@@ -202,7 +208,7 @@ module Cars =
             [ Path.Combine(root, labelledTest); Path.Combine(devkitDir, labelledTest) ]
             |> List.tryFind File.Exists
             |> Option.defaultWith (fun () ->
-                fail "%s: missing %s (looked in %s and %s). The test labels ship separately from the devkit. %s"
+                fail root "%s: missing %s (looked in %s and %s). The test labels ship separately from the devkit. %s"
                     name labelledTest (Path.GetFullPath root) (Path.GetFullPath devkitDir) expected)
         let trainDir = requireDirectory name expected (Path.Combine(root, "cars_train"))
         let testDir = requireDirectory name expected (Path.Combine(root, "cars_test"))
@@ -216,7 +222,7 @@ module Cars =
         let classes = classNames annosFile
         let all = annotations annosFile
         let isTest (a: Map<string, Mat.MatValue>) =
-            try Mat.toInt (Mat.get annosFile "test" a) = testFlag with Mat.MatError _ -> false
+            try Mat.toInt (Mat.get annosFile "test" a) = testFlag with e when isMatError e -> false
         let imageOf a = Path.Combine(root, (Mat.toString (Mat.get annosFile "relative_im_path" a)).Trim())
         let train = samples annosFile imageOf classes.Length (all |> Array.filter (isTest >> not))
         let test = samples annosFile imageOf classes.Length (all |> Array.filter isTest)
@@ -240,7 +246,7 @@ module Aircraft =
     let levels = [ "variant", "variants.txt"; "family", "families.txt"; "manufacturer", "manufacturers.txt" ]
 
     let private expected level =
-        sprintf "Expected --root to be fgvc-aircraft-2013b or its data/ folder, holding images_%s_trainval.txt, " level
+        sprintf "Expected the dataset folder to be fgvc-aircraft-2013b or its data/ folder, holding images_%s_trainval.txt, " level
         + sprintf "images_%s_test.txt, %s, images_box.txt and images/" level
             (levels |> List.tryFind (fst >> (=) level) |> Option.map snd |> Option.defaultValue "variants.txt")
 
@@ -267,7 +273,7 @@ module Aircraft =
             match levels |> List.tryFind (fst >> (=) level) with
             | Some(_, f) -> f
             | None ->
-                fail "%s: unknown level '%s'; valid levels are %s" name level
+                fail root "%s: unknown level '%s'; valid levels are %s" name level
                     (levels |> List.map fst |> String.concat ", ")
         // Accept both the archive folder and its data/ subfolder.
         let dataDir =
@@ -305,7 +311,7 @@ module Dogs =
     let private name = "Stanford Dogs"
 
     let private expected =
-        "Expected --root to be the stanford_dogs folder holding train_list.mat, test_list.mat and Images/ "
+        "Expected the dataset folder to be the stanford_dogs folder holding train_list.mat, test_list.mat and Images/ "
         + "(Annotation/ optional)"
 
     /// "n02085620-Chihuahua" -> "Chihuahua".
@@ -337,7 +343,7 @@ module Dogs =
             if mat.ContainsKey "annotation_list" then Mat.get listFile "annotation_list" mat |> Mat.toStrings
             else files |> Array.map (fun f -> Path.ChangeExtension(f, null))
         if files.Length <> labels.Length then
-            fail "%s: %s has %d files but %d labels" name listFile files.Length labels.Length
+            fail listFile "%s: %s has %d files but %d labels" name listFile files.Length labels.Length
         Array.zip3 files labels annotations
         |> Array.map (fun (file, label, annotation) ->
             let imagePath = Path.Combine(root, "Images", file)
@@ -365,27 +371,52 @@ module Dogs =
         let classes = folders |> Array.map breed
         index name root classes (split root folders trainFile) (split root folders testFile) []
 
-/// A plain folder layout: root/train/<class>/*.jpg and root/test/<class>/*.jpg.
+/// A plain folder layout: root/train/<class>/<image> and root/test/<class>/<image>, images in any format
+/// ImageSharp reads, recognised by their content (the verdict), not by their extension.
 module Folder =
     open Layout
 
     let private name = "Folder dataset"
 
     let private expected =
-        "Expected --root to hold train/<class>/ and test/<class>/ folders of .jpg, .jpeg, .png or .bmp images"
-
-    let private extensions = set [ ".jpg"; ".jpeg"; ".png"; ".bmp" ]
+        "Expected the dataset folder to hold train/<class>/ and test/<class>/ folders of images (JPEG, PNG, BMP, GIF, WebP, TIFF, TGA, PBM)"
 
     let private ordinal (items: string[]) = items |> Array.sortWith (fun a b -> String.CompareOrdinal(a, b))
 
-    let private classFolders dir = Directory.GetDirectories dir |> Array.map Path.GetFileName
+    // Hidden entries (".DS_Store", "._x.jpg", ".git") are the file system's or a tool's, never the user's images.
+    let private hidden (path: string) = Path.GetFileName(path).StartsWith "."
+
+    /// Whether `path` is a symbolic link whose target cannot be reached (a loop, or nothing there).
+    let private brokenLink (path: string) =
+        let info = FileInfo path
+        not (isNull info.LinkTarget)
+        && (try
+                match info.ResolveLinkTarget true with
+                | null -> true
+                | target -> not (File.Exists target.FullName || Directory.Exists target.FullName)
+            with :? IOException -> true)
+
+    /// The class folders of a split; a file, or a link that loops or leads nowhere, where a class folder belongs
+    /// is a layout error naming it.
+    let private classFolders (dir: string) =
+        Directory.GetFileSystemEntries dir
+        |> Array.filter (hidden >> not)
+        |> Array.map (fun entry ->
+            if brokenLink entry then
+                fail entry "%s: %s is a symbolic link that loops or leads nowhere, where a class folder belongs: remove it or point it at a folder of images. %s"
+                    name entry expected
+            elif not (Directory.Exists entry) then
+                fail entry "%s: %s is a file, where a class folder belongs: move it into the folder of its class or remove it. %s"
+                    name entry expected
+            else Path.GetFileName entry)
 
     let private split (dir: string) (classIndex: Map<string, int>) : Sample[] =
         classFolders dir
         |> ordinal
         |> Array.collect (fun cls ->
+            // Every file counts: the verdict reads its content, and one it cannot use is reported by name.
             Directory.GetFiles(Path.Combine(dir, cls))
-            |> Array.filter (fun f -> extensions.Contains(Path.GetExtension(f).ToLowerInvariant()))
+            |> Array.filter (hidden >> not)
             |> ordinal
             |> Array.map (fun f -> { Path = f; Label = classIndex[cls]; Box = None; TrimBottom = 0 }))
 
@@ -425,7 +456,7 @@ module Dataset =
         | "aircraft" -> Kind.Aircraft "variant"
         | "dogs" -> Kind.Dogs
         | "folder" -> Kind.Folder
-        | other -> Layout.fail "unknown dataset '%s'; valid names are %s" other (String.concat ", " names)
+        | other -> Errors.setting Setting.Dataset (sprintf "unknown dataset '%s'; valid names are %s" other (String.concat ", " names))
 
     /// FGVC-Aircraft's label levels.
     let aircraftLevels = [ "variant"; "family"; "manufacturer" ]
@@ -434,7 +465,7 @@ module Dataset =
     let parseWithLevel (name: string) (level: string option) : Kind =
         match parse name, level with
         | Kind.Aircraft _, Some l when List.contains (l.ToLowerInvariant()) aircraftLevels -> Kind.Aircraft(l.ToLowerInvariant())
-        | Kind.Aircraft _, Some l -> Layout.fail "aircraft level '%s': use %s" l (String.concat ", " aircraftLevels)
+        | Kind.Aircraft _, Some l -> Errors.setting Setting.Level (sprintf "aircraft level '%s': use %s" l (String.concat ", " aircraftLevels))
         | kind, _ -> kind
 
     /// The name `parse` reads.
@@ -446,10 +477,11 @@ module Dataset =
         | Kind.Dogs -> "dogs"
         | Kind.Folder -> "folder"
 
-    /// Reads the dataset of `kind` under `root`; a DatasetError when the root or a required file is missing.
+    /// Reads the dataset of `kind` under `root`; a DatasetInvalid error when the root or a required file is
+    /// missing, or the layout cannot be read (a file where a class folder belongs, a folder that loops).
     let load (kind: Kind) (root: string) : DatasetIndex =
         if not (Directory.Exists root) then
-            Layout.fail "dataset root %s does not exist" (Path.GetFullPath root)
+            Layout.fail root "dataset root %s does not exist" (Path.GetFullPath root)
         match kind with
         | Kind.Cub -> Cub.load root
         | Kind.Cars -> Cars.load root

@@ -19,9 +19,10 @@ type MatValue =
     /// A struct array: the field names in file order and one map per element.
     | Struct of dims: int[] * fields: string[] * elements: Map<string, MatValue>[]
 
-/// A file that is not a readable MAT 5 file, or a value that is not what the caller asked for.
-exception MatError of string with
-    override this.Message = this.Data0
+/// A file that is not a readable MAT 5 file, or a value that is not what the caller asked for: a DatasetInvalid
+/// error for `file` (the MAT file, or "" where only the value is known), the message naming what was expected.
+let private matError (file: string) (message: string) : 'a =
+    Pmg.Fs.Errors.fail (Pmg.Fs.PmgError.DatasetInvalid(file, message))
 
 // Raised inside the pure parser without a file name; `parse` adds the source name.
 exception private Malformed of string
@@ -266,14 +267,14 @@ let parseList (source: string) (bytes: byte[]) : (string * MatValue) list =
     try
         let src = header bytes
         variables src headerLength
-    with Malformed msg -> raise (MatError(sprintf "%s: %s" source msg))
+    with Malformed msg -> matError source (sprintf "%s: %s" source msg)
 
 /// Parses MAT 5 file contents into a map from variable name to value.
 let parse (source: string) (bytes: byte[]) : Map<string, MatValue> = parseList source bytes |> Map.ofList
 
 /// Reads a MAT 5 file into a map from variable name to value.
 let read (path: string) : Map<string, MatValue> =
-    if not (File.Exists path) then raise (MatError(sprintf "%s: file not found" path))
+    if not (File.Exists path) then matError path (sprintf "%s: file not found" path)
     parse path (File.ReadAllBytes path)
 
 let private describe value =
@@ -283,7 +284,7 @@ let private describe value =
     | Cell(dims, _) -> sprintf "a %s cell array" (dims |> Array.map string |> String.concat "x")
     | Struct(dims, _, _) -> sprintf "a %s struct array" (dims |> Array.map string |> String.concat "x")
 
-let private wrong expected value = raise (MatError(sprintf "expected %s but found %s" expected (describe value)))
+let private wrong expected value = matError "" (sprintf "expected %s but found %s" expected (describe value))
 
 /// A variable of a file, or a field of a struct element; `context` names the file or struct in the error.
 let get (context: string) (name: string) (values: Map<string, MatValue>) : MatValue =
@@ -291,7 +292,7 @@ let get (context: string) (name: string) (values: Map<string, MatValue>) : MatVa
     | Some value -> value
     | None ->
         let known = values |> Map.keys |> String.concat ", "
-        raise (MatError(sprintf "%s: no variable or field '%s' (has: %s)" context name known))
+        matError context (sprintf "%s: no variable or field '%s' (has: %s)" context name known)
 
 /// Unwraps 1x1 cells, which MATLAB code often uses around single values.
 let rec private unwrap value =
@@ -314,7 +315,7 @@ let toFloat (value: MatValue) : float =
 /// The single number of a 1x1 numeric array, which must be integral.
 let toInt (value: MatValue) : int =
     let x = toFloat value
-    if x <> Math.Round x then raise (MatError(sprintf "expected an integer but found %g" x))
+    if x <> Math.Round x then matError "" (sprintf "expected an integer but found %g" x)
     int x
 
 /// The text of a char array with one row (an empty char array is ""), or of a 1x1 cell holding one.

@@ -18,7 +18,9 @@ type Accuracy =
       /// Images evaluated; every accuracy is 0 when there were none.
       Images: int
       /// Rows: true class, columns: combined prediction.
-      Confusion: int[,] }
+      Confusion: int[,]
+      /// (file, reason) of each image left out because it could not be used; not counted in Images.
+      Skipped: (string * string) list }
 
 /// Correct top-k predictions in a batch, as a device scalar (no host sync).
 let correctTopK (k: int) (logits: torch.Tensor) (labels: torch.Tensor) : torch.Tensor =
@@ -72,7 +74,8 @@ let run (precision: Pmg.Fs.Experiment.Precision) (net: Pmg.Network) (classes: in
       Combined = frac c.[heads + 1]
       CombinedTop5 = frac c.[heads + 2]
       Images = images
-      Confusion = Array2D.init classes classes (fun i j -> int m.[i * classes + j]) }
+      Confusion = Array2D.init classes classes (fun i j -> int m.[i * classes + j])
+      Skipped = [] }
 
 /// Mean of per-class accuracies (FGVC-Aircraft's official metric), from the confusion matrix.
 let meanPerClass (a: Accuracy) : float =

@@ -243,13 +243,41 @@ let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epo
         else Transforms.Spec.test e.Input.Resize e.Input.Crop
     Loader.batches source spec e.BatchSize train e.Seed epoch e.Workers 2
 
-let private evaluateWith (engine: Engine.Engine) (e: Experiment) (net: Pmg.Network) (device: torch.Device) classes source =
-    batchesOf e source false 0
-    |> Seq.map (fun b ->
-        let x, y = toDevice engine device b
-        use x = x
-        Engine.inputLayout engine x, y)
-    |> Evaluate.run e.Precision net classes
+let private evaluateWith (engine: Engine.Engine) (e: Experiment) (net: Pmg.Network) (device: torch.Device) classes (source: Loader.Source) =
+    // Images the loader could not use are counted beside the accuracies, never silently dropped.
+    let skipped = ResizeArray<string * string>()
+    let acc =
+        batchesOf e source false 0
+        |> Seq.choose (fun b ->
+            skipped.AddRange b.Skipped
+            if b.Size = 0 then None
+            else
+                let x, y = toDevice engine device b
+                use x = x
+                Some(Engine.inputLayout engine x, y))
+        |> Evaluate.run e.Precision net classes
+    let skipped = List.ofSeq skipped
+    if acc.Images = 0 then
+        // An accuracy over no image is no result: the split itself is unusable.
+        match skipped with
+        | (file, reason) :: _ ->
+            let folder = IO.Path.GetDirectoryName(IO.Path.GetDirectoryName file: string)
+            Errors.fail (
+                DatasetInvalid(
+                    folder,
+                    sprintf "%s: none of the %d test images could be used (e.g. %s: %s): replace the damaged files"
+                        folder skipped.Length file reason
+                )
+            )
+        | [] -> Errors.fail (DatasetInvalid("", "the test split holds no images: add test images to evaluate on"))
+    match skipped with
+    | (file, reason) :: _ ->
+        Notices.Say(
+            sprintf "%d test image%s could not be used and %s left out of the accuracies, e.g. %s: %s"
+                skipped.Length (if skipped.Length = 1 then "" else "s") (if skipped.Length = 1 then "is" else "are") file reason
+        )
+    | [] -> ()
+    { acc with Skipped = skipped }
 
 /// Evaluates a network on a source with the experiment's test transform, batch size and precision.
 let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (classes: int) (source: Loader.Source) =
