@@ -24,14 +24,15 @@ let eval (a: ParseResults<EvalArgs>) =
     let path = a.GetResult EvalArgs.Checkpoint
     let batch = a.GetResult(EvalArgs.Batch_Size, 16) |> within "--batch-size" 1 4096
     let o = overrides (a.TryGetResult EvalArgs.Backbone) (a.TryGetResult EvalArgs.Classes) (a.TryGetResult EvalArgs.Image_Size) (a.TryGetResult EvalArgs.Resize)
+    // The model first: a file that is no checkpoint (an ONNX model, a damaged file) is named before the data is.
+    let m = ModelFiles.load path o device
+    use _ = m.Net
     let data =
         match a.TryGetResult EvalArgs.Dataset with
         | Some _ as name ->
             Training.dataOf { Training.Settings.None with Dataset = name; Root = a.TryGetResult EvalArgs.Root; Level = a.TryGetResult EvalArgs.Level }
         | None when Checkpoint.isCheckpoint path -> (Checkpoint.load path).Experiment.Data
         | None -> raise (BadFlag(sprintf "%s is a PyTorch state_dict, which says nothing about its data: pass --dataset and --root" path))
-    let m = ModelFiles.load path o device
-    use _ = m.Net
     let acc = ModelFiles.evaluate m data batch
     printfn "%s: %d test images" path acc.Images
     printfn "%s" (Evaluate.table (Model.Pmg.headNames m.Net.Config) acc)

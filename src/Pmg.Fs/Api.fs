@@ -345,9 +345,16 @@ type Model internal (predictor: Predictor.IPredictor) =
         this.Predict(image, topK)
 
     /// The same for a stream holding an encoded image.
+    /// <exception cref="T:Pmg.Fs.InputException">The stream does not hold a usable image.</exception>
     member this.Predict(image: Stream, [<Optional; DefaultParameterValue(5)>] topK: int) : ClassScore[] =
-        use decoded = Image.Load<Rgb24> image
-        this.Predict(decoded, topK)
+        use buffer = new MemoryStream()
+        image.CopyTo buffer
+        // The same verdict as files: a truncated or lying image is refused, not half-read.
+        match Data.Images.decodeBytes (buffer.ToArray()) with
+        | Ok(decoded, _) ->
+            use decoded = decoded
+            this.Predict(decoded, topK)
+        | Error reason -> Errors.input "the stream" (sprintf "the stream's image cannot be used: %s" reason)
 
     /// The `topK` most likely classes of each image, in one batch.
     member _.Predict(images: IEnumerable<Image<Rgb24>>, [<Optional; DefaultParameterValue(5)>] topK: int) : IReadOnlyList<ClassScore[]> =
