@@ -73,8 +73,9 @@ let predict (a: ParseResults<PredictArgs>) =
                       else printfn "%s" (Json.line {| image = path; top = topJson |})
                   else
                       printfn "%s" path
+                      let width = top |> List.map (fun s -> s.Name.Length) |> List.max
                       for s in top do
-                          printfn "  %-24s %.4f  (class %d)" s.Name s.Score s.Class
+                          printfn "  %s  %.4f  (class %d)" (s.Name.PadRight width) s.Score s.Class
                       if a.Contains PredictArgs.Logits then
                           for name, l in p.Outputs do
                               printfn "  %-8s %s" name (l |> Array.map (sprintf "%.3f") |> String.concat " ") ]
