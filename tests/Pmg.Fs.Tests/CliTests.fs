@@ -56,14 +56,15 @@ let tests =
           }
           test "a checkpoint of the wrong class count is refused with a hint" {
               let dir, ckpt, image = fixture.Force()
+              // A flag that contradicts what the file says of itself: a bad value, exit 2, named by its flag.
               let code, _, err = pmg [ "predict"; "--checkpoint"; ckpt; "--classes"; "5"; image ]
-              Expect.equal code 1 "our checkpoint: exit code"
+              Expect.equal code 2 "our checkpoint: exit code"
               Expect.stringContains err "--classes" "our checkpoint: hint"
               let pth = Path.Combine(dir, "tiny.pth")
               let code, _, err = pmg [ "export"; "--checkpoint"; ckpt; "--to"; "pytorch"; "--out"; pth ]
               Expect.equal code 0 (sprintf "export: %s" err)
               let code, _, err = pmg [ "predict"; "--checkpoint"; pth; "--backbone"; "resnet18"; "--classes"; "5"; "--image-size"; "28"; image ]
-              Expect.equal code 1 ".pth: exit code"
+              Expect.equal code 2 ".pth (ours, described inside): exit code"
               Expect.stringContains err "3" ".pth: names the checkpoint's class count"
               Expect.stringContains err "--classes" ".pth: hint"
           }

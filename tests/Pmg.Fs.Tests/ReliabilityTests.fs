@@ -201,6 +201,33 @@ let private runFolderCases: Test list =
           Expect.equal o.Code 0 ("eval --batch-size 1 works: " + o.Err)
       }
 
+      test "TensorBoard through a real run: a run killed in epoch 2 and resumed logs every step once" {
+          use tmp = new TempDir "rel-tensorboard"
+          let root = tmp.File "data"
+          smallFolder root
+          let out = tmp.File "run"
+          let one = smallTrain root out
+          let at = List.findIndex ((=) "--epochs") one
+          let args = one |> List.mapi (fun i a -> if i = at + 1 then "2" else a)
+          // Killed after epoch 2's batches were logged, before its commit: the resume trains epoch 2 again.
+          let killed = pmgWith [ "PMG_TEST_KILL_AT", "epoch-2-before-commit" ] args
+          Expect.notEqual killed.Code 0 "the kill ends the process"
+          let resumed = pmg (args @ [ "--resume" ])
+          Expect.equal resumed.Code 0 resumed.Err
+          let pairs =
+              [ for f in Visual.TensorBoard.eventFiles out do
+                    for e in TensorBoardTests.readEvents f do
+                        for v in e.Values -> v.Tag, e.Step ]
+          let twice = pairs |> List.countBy id |> List.filter (fun (_, n) -> n > 1)
+          Expect.isEmpty twice "no (tag, step) twice after the kill and the resume"
+          // 8 training images in batches of 4: 2 batches an epoch, steps 1..4 over two epochs.
+          let steps tag = pairs |> List.filter (fst >> (=) tag) |> List.map snd |> List.sort
+          Expect.equal (steps "loss/concat") [ 1L; 2L; 3L; 4L ] "every batch's loss once"
+          Expect.equal (steps "test/combined/top1") [ 2L; 4L ] "every epoch once, at its last batch"
+          Expect.isNonEmpty (steps "gradcam") "the end images"
+          record 46 { Case = "killed in epoch 2 after its batches were logged, then `--resume`: TensorBoard's records"; Exit = resumed.Code; Says = "(the run completes)"; Kept = "every step logged once" }
+      }
+
       test "the GPU script's symbol preflight checks every C++ symbol the sources look up, wherever they are" {
           let root = repoRoot ()
           let inSources =

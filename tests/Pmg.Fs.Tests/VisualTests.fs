@@ -143,8 +143,10 @@ let tests =
               close "combined" (m.Column "test_combined").[row] last.Test.Combined
               close "concat" (m.Column "test_concat").[row] last.Test.Concat
               close "top-5" (m.Column "test_combined_top5").[row] last.Test.CombinedTop5
-              List.iteri (fun i h -> close (sprintf "head %d" (i + 1)) (m.Column(sprintf "test_head%d" (i + 1))).[row] h) last.Test.Heads
-              List.iteri (fun i l -> close (sprintf "loss %d" (i + 1)) (m.Column(sprintf "loss_step%d" (i + 1))).[row] l) last.StepLosses
+              // Columns named as everywhere else: heads by the stage they read, losses by step (output and jigsaw).
+              List.iter2 (fun name h -> close name (m.Column("test_" + name)).[row] h) (Model.Pmg.headNames TrainingTests.tiny.Model) last.Test.Heads
+              List.iter2 (fun (step: Schedule.Step) l -> close (Schedule.stepName step) (m.Column(Run.lossColumn step)).[row] l) TrainingTests.tiny.Schedule last.StepLosses
+              Expect.equal (m.Starting "loss_") [ "loss_stage3_8x8"; "loss_stage4_4x4"; "loss_stage5_2x2"; "loss_concat_whole" ] "loss columns say what each loss is"
               // The per-class CSV counts the best checkpoint's test images and its combined accuracy.
               let rows = File.ReadAllLines(Path.Combine(dir, Report.perClassCsv)) |> Array.skip 1 |> Array.map (fun l -> l.Split ',')
               Expect.equal rows.Length classes.Length "one row per class"

@@ -286,7 +286,7 @@ let private cudaLibTorchDir () =
         | Ok d -> d
         | Error tried ->
             fail (
-                "--device cuda needs a CUDA build of libtorch 2.10 or later (the CUDA TorchSharp packages are not used \
+                "a CUDA device needs a CUDA build of libtorch 2.10 or later (the CUDA TorchSharp packages are not used \
                  here). Set PMG_LIBTORCH to its lib folder (the one holding libtorch_cuda.so), or install PyTorch with \
                  CUDA for python3 or in a venv so that its torch/lib folder can be found. Pythons tried:\n  "
                 + String.concat "\n  " tried
