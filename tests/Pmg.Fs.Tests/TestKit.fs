@@ -154,10 +154,18 @@ module Reliability =
     /// One row of the table: what was tried, the exit code, the message's start, what was kept.
     type Row = { Case: string; Exit: int; Says: string; Kept: string }
 
-    /// The first line of stderr with the test's temporary folder shown as <dir>.
+    /// The first line of stderr with the test's temporary folder shown as <dir> (and a lock holder as <pid>).
     let says (dir: string) (err: string) =
         let line = err.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.tryHead |> Option.defaultValue ""
         let line = line.Replace(dir, "<dir>").Trim()
+        // What changes from run to run (process ids, a lock holder's host and start time, speeds and clock times) is
+        // shown by its kind, so the table is the same on every run.
+        let line =
+            [ @"process \d+ on \S+ since [0-9-]+ [0-9:]+", "process <pid> on <host> since <time>"
+              @"process \d+", "process <pid>"
+              @"[0-9.]+ img/s", "<n> img/s"
+              @"\d+:\d\d<\d+:\d\d", "<time>" ]
+            |> List.fold (fun (l: string) (pattern, shown) -> Text.RegularExpressions.Regex.Replace(l, pattern, (shown: string))) line
         if line.Length > 110 then line.Substring(0, 107) + "..." else line
 
     /// Rows by case number.
