@@ -117,9 +117,6 @@ let stages (spec: Spec) : Stage list =
             |> List.mapi (fun i w -> { Name = sprintf "layer%d" (i + 1); Channels = w * e; Reduction = 4 <<< max 0 i }))
     | Vgg _ -> vggWidths |> List.mapi (fun i w -> { Name = sprintf "block%d" (i + 1); Channels = w; Reduction = 2 <<< i })
 
-/// A head count that does not fit the backbone (see headStages).
-exception HeadError of string
-
 /// The stages PMG's granularity heads read: the last `heads` of the backbone's (S of L), each with its 1-based
 /// position l, finest first. The network, the schedule, Grad-CAM, the jigsaw view and the optimizer groups all
 /// take the heads from here.
@@ -127,7 +124,7 @@ let headStages (spec: Spec) (heads: int) : (int * Stage) list =
     let all = stages spec
     let l = List.length all
     if heads < 1 || heads > l - 1 then
-        raise (HeadError(sprintf "heads must be 1..%d for %s (heads sit on the last stages, never the stem), got %d" (l - 1) spec.Name heads))
+        Pmg.Fs.Errors.setting Pmg.Fs.Setting.Heads (sprintf "heads %d: must be 1..%d for %s (heads sit on the last stages, never the stem)" heads (l - 1) spec.Name)
     all |> List.indexed |> List.skip (l - heads) |> List.map (fun (i, st) -> i + 1, st)
 
 /// torchvision's files as the reference's torchvision (before 0.13) fetched them with `pretrained=True`: the
@@ -165,15 +162,12 @@ let registry: Map<string, Spec> =
             Torchvision = None } ]
     |> Map.ofList
 
-/// A backbone name not in the registry; the message lists the valid names.
-exception UnknownBackbone of string
-
 /// Looks a backbone up by name, with the valid names in the error.
 let find (name: string) : Spec =
     match Map.tryFind (name.ToLowerInvariant()) registry with
     | Some s -> s
     | None ->
-        raise (UnknownBackbone(sprintf "unknown backbone '%s'; choose one of: %s" name (String.concat ", " registry.Keys)))
+        Pmg.Fs.Errors.setting Pmg.Fs.Setting.Backbone (sprintf "unknown backbone '%s'; choose one of: %s" name (String.concat ", " registry.Keys))
 
 // ---------------------------------------------------------------------------------------------------
 // Layers. Field names are state-dict keys.
