@@ -31,7 +31,7 @@ let eval (a: ParseResults<EvalArgs>) =
         match a.TryGetResult EvalArgs.Dataset with
         | Some _ as name ->
             Training.dataOf { Training.Settings.None with Dataset = name; Root = a.TryGetResult EvalArgs.Root; Level = a.TryGetResult EvalArgs.Level }
-        | None when Checkpoint.isCheckpoint path -> (Checkpoint.load path).Experiment.Data
+        | None when m.TrainedOn.IsSome -> m.TrainedOn.Value
         | None -> raise (BadFlag(sprintf "%s is a PyTorch state_dict, which says nothing about its data: pass --dataset and --root" path))
     let acc = ModelFiles.evaluate m data batch
     printfn "%s: %d test images" path acc.Images
@@ -91,8 +91,6 @@ let export (a: ParseResults<ExportArgs>) =
     let format = a.GetResult ExportArgs.To |> choose "--to" [ "pytorch", "pytorch"; "onnx", "onnx" ]
     let size = a.TryGetResult ExportArgs.Image_Size |> Option.map (within "--image-size" 8 4096)
     let out = a.GetResult ExportArgs.Out
-    // Refused before the model is read: writing onto the input would destroy it.
-    Runtime.Files.refuseOverwritingInput [ path ] out
     let m = ModelFiles.load path { ModelFiles.Overrides.None with ImageSize = size } Runtime.Cpu
     use _ = m.Net
     match format with

@@ -172,16 +172,20 @@ type Recipes =
     /// <exception cref="T:Pmg.Fs.InputException">The folder does not hold the dataset's layout.</exception>
     static member Paper(dataset: string, root: string) : Experiment =
         let data = Training.dataOf { Training.Settings.None with Dataset = Some dataset; Root = Some root }
-        let d, _ = Run.openData data false
-        Experiment(E.forData data d.Classes.Length)
+        Experiment(E.forData data (Recipes.ClassCount data))
 
     /// Your own images, root/train/&lt;class&gt;/* and root/test/&lt;class&gt;/*: the paper's settings on the backbone
     /// whose ImageNet weights ship (resnet18-mlnet), so it runs with nothing to download.
     /// <exception cref="T:Pmg.Fs.InputException">The folder does not hold that layout.</exception>
     static member Folder(root: string) : Experiment =
         let data = Training.dataOf { Training.Settings.None with Dataset = Some "folder"; Root = Some root }
-        let d, _ = Run.openData data false
-        Experiment({ E.withBackbone "resnet18-mlnet" (E.forData data d.Classes.Length) with Weights = Model.Backbone.ImageNet })
+        Experiment({ E.withBackbone "resnet18-mlnet" (E.forData data (Recipes.ClassCount data)) with Weights = Model.Backbone.ImageNet })
+
+    /// The classes a dataset on disk has, from its index alone: its images are checked when a run opens it.
+    static member private ClassCount(data: E.Data) =
+        match data with
+        | E.OnDisk d -> (Data.Dataset.load d.Kind d.Root).Classes.Length
+        | E.Embedded d -> d.Classes
 
 /// One trained batch: 1-based counters, each schedule step's loss, the learning rates and the speed.
 [<Sealed>]

@@ -21,10 +21,7 @@ type private HeadIdConverter() =
             use doc = JsonDocument.ParseValue(&reader)
             match doc.RootElement.TryGetProperty "Granularity" with
             | true, v -> Pmg.Fs.Model.Pmg.Stage(v.GetInt32() + 3)
-            | _ ->
-                match doc.RootElement.TryGetProperty "Stage" with
-                | true, v -> Pmg.Fs.Model.Pmg.Stage(v.GetInt32())
-                | _ -> raise (JsonException "a head is \"stage<N>\" or \"concat\"")
+            | _ -> raise (JsonException "a head is \"stage<N>\" or \"concat\"")
         | _ -> raise (JsonException "a head is \"stage<N>\" or \"concat\"")
 
     override _.Write(writer, value, _) = writer.WriteStringValue(Pmg.Fs.Model.Pmg.outputName value)

@@ -203,9 +203,8 @@ let private endImages (s: Trainer.Session) (d: Trainer.Data) (dir: string) : (st
         let spec = Transforms.Spec.test e.Input.Resize e.Input.Crop
         let input () =
             use image = d.Test.Load 0
-            let pixels = Transforms.apply spec (Random 0) image
-            TorchSharp.torch.tensor(pixels, dimensions = ReadOnlySpan [| 1L; 3L; int64 spec.Crop; int64 spec.Crop |]).``to`` s.Device
-        let steps = e.Schedule |> List.mapi (fun i st -> sprintf "step %d: %s" (i + 1) (Model.Pmg.outputName st.Head), st.Grid)
+            Visual.Render.toInput spec s.Device image
+        let steps = Visual.Render.stepLabels e.Schedule
         [ draw "jigsaw" (fun file ->
               use _ = TorchSharp.torch.NewDisposeScope()
               Visual.Render.jigsawMontage "the inputs of one progressive iteration" spec.Mean spec.Std (input ()) steps (int64 e.Seed) file)

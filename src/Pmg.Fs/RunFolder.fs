@@ -108,19 +108,40 @@ let acquire (dir: string) (what: string) : Lock =
         reraise ()
     new Lock(dir, stream)
 
-/// Checks that a command may write `output`: it is none of the command's `inputs`, and it does not overwrite a file
-/// that belongs to a run folder (a new file inside a run is fine: the run's lock is taken while it is written, and
-/// returned to dispose after writing).
-let guardOutput (inputs: string list) (output: string) : IDisposable =
-    if String.IsNullOrWhiteSpace output then Errors.setting Setting.Output "the output path is empty: give a file name"
-    Files.refuseOverwritingInput inputs output
-    let full = Path.GetFullPath output
-    if Directory.Exists full then
-        Errors.fail (OutputFailed(full, sprintf "%s is a folder: give a file name for the output" full))
-    match enclosingRun (Path.GetDirectoryName full) with
-    | Some run when File.Exists full ->
-        Errors.fail (
-            OutputFailed(full, sprintf "%s belongs to the run in %s: writing it would change that run; choose a file outside the run, or a new name" full run)
-        )
-    | Some run -> acquire run "writing an output" :> IDisposable
-    | None -> { new IDisposable with member _.Dispose() = () }
+/// Checks that a command may write `outputs`: none is one of the command's `inputs`, and none overwrites a file that
+/// belongs to a run folder (a new file inside a run is fine: the run's lock is taken, once per run, until the
+/// returned value is disposed after writing).
+let guardOutputs (inputs: string list) (outputs: string list) : IDisposable =
+    let runs =
+        outputs
+        |> List.choose (fun output ->
+            if String.IsNullOrWhiteSpace output then Errors.setting Setting.Output "the output path is empty: give a file name"
+            Files.refuseOverwritingInput inputs output
+            let full = Path.GetFullPath output
+            if Directory.Exists full then
+                Errors.fail (OutputFailed(full, sprintf "%s is a folder: give a file name for the output" full))
+            match enclosingRun (Path.GetDirectoryName full) with
+            | Some run when File.Exists full ->
+                Errors.fail (
+                    OutputFailed(full, sprintf "%s belongs to the run in %s: writing it would change that run; choose a file outside the run, or a new name" full run)
+                )
+            | found -> found)
+        |> List.distinct
+    let release (held: Lock list) =
+        for l in held do
+            (l :> IDisposable).Dispose()
+    let locks =
+        runs
+        |> List.fold
+            (fun held run ->
+                try
+                    acquire run "writing an output" :: held
+                with _ ->
+                    release held
+                    reraise ())
+            []
+    { new IDisposable with
+        member _.Dispose() = release locks }
+
+/// guardOutputs for one output.
+let guardOutput (inputs: string list) (output: string) : IDisposable = guardOutputs inputs [ output ]

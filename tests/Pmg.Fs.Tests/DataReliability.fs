@@ -12,12 +12,7 @@ open Pmg.Fs.Tests.ImageVerdictTests
 
 /// A `folder` dataset: per split and class, `count` good JPEGs named 1.jpg ...
 let private folderOf (root: string) (classes: string list) (count: int) =
-    for split in [ "train"; "test" ] do
-        for c in classes do
-            let dir = Path.Combine(root, split, c)
-            Directory.CreateDirectory dir |> ignore
-            for i in 1..count do
-                BrokenImages.jpeg (Path.Combine(dir, sprintf "%d.jpg" i)) (i + 10 * c.Length)
+    folderDataset root classes (fun _ -> count) (fun dir _ c i -> BrokenImages.jpeg (Path.Combine(dir, sprintf "%d.jpg" i)) (i + 10 * c.Length))
 
 /// `train` of one epoch at 24 px on a `folder` dataset, into `out`.
 let private train (root: string) (out: string) =

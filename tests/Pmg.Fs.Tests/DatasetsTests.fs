@@ -244,13 +244,9 @@ let private inspectTests =
 
 /// A `folder` dataset under `root`: per split, per class, `count` good JPEGs.
 let private folderOf (root: string) (classes: string list) (count: int) =
-    for split in [ "train"; "test" ] do
-        for c in classes do
-            let dir = Path.Combine(root, split, c)
-            Directory.CreateDirectory dir |> ignore
-            for i in 1..count do
-                use img = Synthetic.renderClass 32 (abs (hash c) % 3) i
-                img.SaveAsJpeg(Path.Combine(dir, sprintf "%d.jpg" i))
+    TestKit.folderDataset root classes (fun _ -> count) (fun dir _ c i ->
+        use img = Synthetic.renderClass 32 (abs (hash c) % 3) i
+        img.SaveAsJpeg(Path.Combine(dir, sprintf "%d.jpg" i)))
 
 /// What `pmg data` decides (the layout, then the refusal of its inspection) and what training decides
 /// (Run.openData): each None, or the DatasetInvalid message.

@@ -30,43 +30,21 @@ let private copyDir (src: string) (dst: string) =
 
 /// A `folder` dataset: class folders under train/ and test/, each with `images` files written by `write`.
 let private folderDataset (root: string) (classes: string list) (images: int) (write: string -> unit) =
-    for split in [ "train"; "test" ] do
-        for c in classes do
-            let dir = Path.Combine(root, split, c)
-            Directory.CreateDirectory dir |> ignore
-            for i in 1..images do
-                write (Path.Combine(dir, sprintf "%d.jpg" i))
+    TestKit.folderDataset root classes (fun _ -> images) (fun dir _ _ i -> write (Path.Combine(dir, sprintf "%d.jpg" i)))
 
 let private goodImage (path: string) = (Data.Synthetic.renderClass 32 0 (path.GetHashCode())).SaveAsJpeg path
 
 
 /// A small `folder` dataset that trains an epoch in seconds: 2 classes, 4 training and 2 test images each, 24 px.
 let private smallFolder (root: string) =
-    for split, n in [ "train", 4; "test", 2 ] do
-        for c in [ "a"; "b" ] do
-            let dir = Path.Combine(root, split, c)
-            Directory.CreateDirectory dir |> ignore
-            for i in 1..n do
-                (Data.Synthetic.renderClass 24 (if c = "a" then 0 else 1) (i * 7 + n)).SaveAsPng(Path.Combine(dir, sprintf "%d.png" i))
+    let count split = if split = "train" then 4 else 2
+    TestKit.folderDataset root [ "a"; "b" ] count (fun dir split c i ->
+        (Data.Synthetic.renderClass 24 (if c = "a" then 0 else 1) (i * 7 + count split)).SaveAsPng(Path.Combine(dir, sprintf "%d.png" i)))
 
 /// `pmg train` flags for the small folder dataset: one epoch of ResNet18 from random weights.
 let private smallTrain (root: string) (out: string) =
     [ "train"; "--dataset"; "folder"; "--root"; root; "--backbone"; "resnet18"; "--pretrained"; "none"; "--epochs"; "1"
       "--image-size"; "16"; "--batch-size"; "4"; "--workers"; "1"; "--out"; out ]
-
-/// `pmg` with extra environment variables (the test hooks).
-let private pmgWith (env: (string * string) list) (args: string list) =
-    let psi = Diagnostics.ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
-    psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "pmg.dll"))
-    for a in args do
-        psi.ArgumentList.Add a
-    for k, v in env do
-        psi.Environment.[k] <- v
-    use p = Diagnostics.Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    { Code = p.ExitCode; Out = out.Result; Err = err.Result }
 
 let private tempsIn (dir: string) = Directory.GetFiles(dir, ".*.tmp-*") |> Array.map Path.GetFileName |> List.ofArray
 

@@ -70,12 +70,15 @@ type Outcome = { Code: int; Out: string; Err: string }
 /// the same cores shared with other heavy jobs; an hour fails only a hang.
 let private childTimeout = TimeSpan.FromMinutes 60.0
 
-/// Runs `file args` in `workDir` (None: the current folder) with the variables in `removeEnv` unset, and waits.
-let run (file: string) (args: string list) (workDir: string option) (removeEnv: string list) : Outcome =
+/// Runs `file args` in `workDir` (None: the current folder) with the variables in `setEnv` set and those in
+/// `removeEnv` unset, and waits.
+let runWith (file: string) (args: string list) (workDir: string option) (setEnv: (string * string) list) (removeEnv: string list) : Outcome =
     let psi = ProcessStartInfo(file, RedirectStandardOutput = true, RedirectStandardError = true)
     workDir |> Option.iter (fun d -> psi.WorkingDirectory <- d)
     for a in args do
         psi.ArgumentList.Add a
+    for k, v in setEnv do
+        psi.Environment.[k] <- v
     for v in removeEnv do
         psi.Environment.Remove v |> ignore
     use p = Process.Start psi
@@ -87,13 +90,31 @@ let run (file: string) (args: string list) (workDir: string option) (removeEnv: 
     p.WaitForExit()
     { Code = p.ExitCode; Out = out.Result; Err = err.Result }
 
+/// Runs `file args` in `workDir` (None: the current folder) with the variables in `removeEnv` unset, and waits.
+let run (file: string) (args: string list) (workDir: string option) (removeEnv: string list) : Outcome =
+    runWith file args workDir [] removeEnv
+
 /// The `pmg` command built beside the tests, as a user runs it.
 let pmg (args: string list) : Outcome =
     run "dotnet" (Path.Combine(AppContext.BaseDirectory, "pmg.dll") :: args) None []
 
+/// `pmg` with extra environment variables (the test hooks, an offline switch).
+let pmgWith (env: (string * string) list) (args: string list) : Outcome =
+    runWith "dotnet" (Path.Combine(AppContext.BaseDirectory, "pmg.dll") :: args) None env []
+
 /// `dotnet fsi <repo>/experiments/<script> args` in `workDir`, with `removeEnv` unset.
 let fsi (script: string) (args: string list) (workDir: string) (removeEnv: string list) : Outcome =
     run "dotnet" ([ "fsi"; Path.Combine(repoRoot (), "experiments", script) ] @ args) (Some workDir) removeEnv
+
+/// A `folder` dataset under `root` (root/<split>/<class>/...): for each split and class, `count split` images, the
+/// i-th (1-based) written into its folder by `write folder split class i`.
+let folderDataset (root: string) (classes: string list) (count: string -> int) (write: string -> string -> string -> int -> unit) =
+    for split in [ "train"; "test" ] do
+        for c in classes do
+            let dir = Path.Combine(root, split, c)
+            Directory.CreateDirectory dir |> ignore
+            for i in 1 .. count split do
+                write dir split c i
 
 /// A python3 that can import scipy (/usr/bin/python3 first: a pyenv shim on PATH may lack it), if any.
 let pythonWithScipy: Lazy<string option> =

@@ -351,18 +351,14 @@ let tests =
               File.WriteAllText(blocker, "")
               // Folders under a regular file can be neither made nor written, even by root.
               let run (tmp: string) =
-                  let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
-                  for a in [ Path.Combine(AppContext.BaseDirectory, "pmg.dll"); "jigsaw"; "embedded:test:3"; "--image-size"; "32"; "--out"; dir.File "j.png" ] do
-                      psi.ArgumentList.Add a
-                  psi.Environment.["HOME"] <- Path.Combine(blocker, "home")
-                  psi.Environment.["XDG_CACHE_HOME"] <- Path.Combine(blocker, "cache")
-                  psi.Environment.["TMPDIR"] <- tmp
-                  psi.Environment.["DOTNET_CLI_HOME"] <- dir.Path
-                  use p = Process.Start psi
-                  let err = p.StandardError.ReadToEndAsync()
-                  p.StandardOutput.ReadToEnd() |> ignore
-                  p.WaitForExit()
-                  p.ExitCode, err.Result
+                  let o =
+                      pmgWith
+                          [ "HOME", Path.Combine(blocker, "home")
+                            "XDG_CACHE_HOME", Path.Combine(blocker, "cache")
+                            "TMPDIR", tmp
+                            "DOTNET_CLI_HOME", dir.Path ]
+                          [ "jigsaw"; "embedded:test:3"; "--image-size"; "32"; "--out"; dir.File "j.png" ]
+                  o.Code, o.Err
               let tmp = dir.File "tmp"
               Directory.CreateDirectory tmp |> ignore
               let code, err = run tmp

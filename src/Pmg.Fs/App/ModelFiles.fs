@@ -45,7 +45,9 @@ type Loaded =
       /// The network, class names and preprocessing.
       Description: Description
       /// Where the network lives.
-      Device: torch.Device }
+      Device: torch.Device
+      /// The data a Pmg.Fs checkpoint was trained on (what `eval` evaluates by default); None for other files.
+      TrainedOn: Experiment.Data option }
 
 let private classesBeside (path: string) (count: int) =
     let beside = Path.Combine(Path.GetDirectoryName(Path.GetFullPath path), "classes.txt")
@@ -66,8 +68,21 @@ let private checkPath (path: string) =
     if Path.GetExtension(path).Equals(".onnx", StringComparison.OrdinalIgnoreCase) then
         Errors.modelFile path (sprintf "%s is an ONNX model: it runs in ONNX Runtime (predict with the ONNX model), not as a checkpoint" path)
 
-/// The description and weights of a file, without building the network.
-let read (path: string) (o: Overrides) : Description * Interop.StateDict.Entries =
+/// The input sizes (resize, crop): the given ones, else the file's `recorded` ones, where a given crop alone keeps
+/// the file's resize ratio (as Experiment.withImageSize does); a file that records none gets the paper's, or for a
+/// given crop alone, a resize to the crop itself.
+let private sizes (o: Overrides) (recorded: (int * int) option) : int * int =
+    match recorded with
+    | Some(resize, crop) ->
+        let c = defaultArg o.ImageSize crop
+        defaultArg o.Resize (if o.ImageSize.IsSome then int (Math.Round(float c * float resize / float crop)) else resize), c
+    | None ->
+        let c = defaultArg o.ImageSize Transforms.Spec.paperCrop
+        defaultArg o.Resize (if o.ImageSize.IsSome then c else Transforms.Spec.paperResize), c
+
+/// The description and weights of a file, and for our checkpoints the data they were trained on, without building
+/// the network.
+let read (path: string) (o: Overrides) : Description * Interop.StateDict.Entries * Experiment.Data option =
     checkPath path
     Native.ensure Native.Cpu |> ignore
     if Checkpoint.isCheckpoint path || Path.GetExtension(path).Equals(".ckpt", StringComparison.OrdinalIgnoreCase) then
@@ -78,9 +93,8 @@ let read (path: string) (o: Overrides) : Description * Interop.StateDict.Entries
         let m = c.Experiment.Model
         clash path Setting.Classes o.Classes m.Classes
         clash path Setting.Backbone o.Backbone m.Backbone
-        let crop = defaultArg o.ImageSize c.Experiment.Input.Crop
-        let resize = defaultArg o.Resize (if o.ImageSize.IsSome then int (Math.Round(float crop * float c.Experiment.Input.Resize / float c.Experiment.Input.Crop)) else c.Experiment.Input.Resize)
-        { Network = m; Classes = classesBeside path m.Classes; Input = Interop.Description.input resize crop }, c.Model
+        let resize, crop = sizes o (Some(c.Experiment.Input.Resize, c.Experiment.Input.Crop))
+        { Network = m; Classes = classesBeside path m.Classes; Input = Interop.Description.input resize crop }, c.Model, Some c.Experiment.Data
     else
         let entries = Interop.StateDict.read path
         try
@@ -89,16 +103,14 @@ let read (path: string) (o: Overrides) : Description * Interop.StateDict.Entries
                 // Our own export: it says everything; a given setting must agree with it.
                 clash path Setting.Classes o.Classes d.Network.Classes
                 clash path Setting.Backbone o.Backbone d.Network.Backbone
-                let crop = defaultArg o.ImageSize d.Input.Crop
-                let resize = defaultArg o.Resize (if o.ImageSize.IsSome then int (Math.Round(float crop * float d.Input.Resize / float d.Input.Crop)) else d.Input.Resize)
-                { d with Input = { d.Input with Resize = resize; Crop = crop } }, entries
+                let resize, crop = sizes o (Some(d.Input.Resize, d.Input.Crop))
+                { d with Input = { d.Input with Resize = resize; Crop = crop } }, entries, None
             | None ->
                 // A foreign state_dict (the reference's): the network from its shapes, the rest from the settings.
                 let inferred = Interop.StateDict.inferConfig path entries
                 let network = { inferred with Classes = defaultArg o.Classes inferred.Classes; Backbone = defaultArg o.Backbone inferred.Backbone }
-                let crop = defaultArg o.ImageSize Transforms.Spec.paperCrop
-                let resize = defaultArg o.Resize (if o.ImageSize.IsSome then crop else Transforms.Spec.paperResize)
-                { Network = network; Classes = classesBeside path network.Classes; Input = Interop.Description.input resize crop }, entries
+                let resize, crop = sizes o None
+                { Network = network; Classes = classesBeside path network.Classes; Input = Interop.Description.input resize crop }, entries, None
         with _ ->
             entries |> List.iter (fun (_, t) -> t.Dispose())
             reraise ()
@@ -106,7 +118,7 @@ let read (path: string) (o: Overrides) : Description * Interop.StateDict.Entries
 /// Builds the network a model file describes, loads its weights strictly and puts it in eval mode on `device`.
 let load (path: string) (o: Overrides) (device: Device) : Loaded =
     let dev = Device.torch device
-    let description, weights = read path o
+    let description, weights, trainedOn = read path o
     let net = Pmg.create description.Network
     try
         try
@@ -118,7 +130,7 @@ let load (path: string) (o: Overrides) (device: Device) : Loaded =
         reraise ()
     net.``to`` dev |> ignore
     net.eval ()
-    { Path = Path.GetFullPath path; Net = net; Description = description; Device = dev }
+    { Path = Path.GetFullPath path; Net = net; Description = description; Device = dev; TrainedOn = trainedOn }
 
 /// Writes the network as a PyTorch state_dict with the reference's key names (.pth, or .safetensors by extension),
 /// its description inside; never over the model file itself or a file of a run.

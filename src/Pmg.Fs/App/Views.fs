@@ -9,12 +9,10 @@ open Pmg.Fs
 open Pmg.Fs.Data
 open Pmg.Fs.Visual
 
-/// One preprocessed image (1, 3, crop, crop) on `device`.
+/// One preprocessed image (1, 3, crop, crop) on `device`, from its name (a file or embedded:test:N).
 let private inputOf (spec: Transforms.Spec) (device: torch.Device) (name: string) : torch.Tensor =
     use image = Embedded.load name
-    let pixels = Transforms.apply spec (Random 0) image
-    let x = torch.tensor (pixels, dimensions = ReadOnlySpan [| 1L; 3L; int64 spec.Crop; int64 spec.Crop |])
-    x.``to`` device
+    Render.toInput spec device image
 
 /// The file name a view of `image` gets in `folder`: "embedded:test:3" becomes "embedded-test-3-cam.png".
 let camFile (folder: string) (image: string) : string =
@@ -54,7 +52,7 @@ let cam (m: ModelFiles.Loaded) (names: string[]) (image: string) (cls: int optio
 let jigsaw (e: Experiment.Experiment) (image: string) (seed: int) (out: string) : (string * int) list =
     use _ = RunFolder.guardOutput [ image ] out
     let spec = Transforms.Spec.test e.Input.Resize e.Input.Crop
-    let steps = e.Schedule |> List.mapi (fun i s -> sprintf "step %d: %s" (i + 1) (Model.Pmg.outputName s.Head), s.Grid)
+    let steps = Render.stepLabels e.Schedule
     use _ = torch.NewDisposeScope()
     let x = inputOf spec (Runtime.Device.torch Runtime.Cpu) image
     let title = sprintf "%s: the inputs of one progressive training iteration" (Path.GetFileName image)
@@ -64,6 +62,5 @@ let jigsaw (e: Experiment.Experiment) (image: string) (seed: int) (out: string) 
 /// One Markdown report comparing runs (and its plot beside it), never written into a run's own files.
 let report (runs: string list) (out: string) : unit =
     let plot = Path.Combine(Path.GetDirectoryName(Path.GetFullPath out), Path.GetFileNameWithoutExtension out + "-combined.png")
-    use _ = RunFolder.guardOutput runs out
-    use _ = RunFolder.guardOutput runs plot
+    use _ = RunFolder.guardOutputs runs [ out; plot ]
     Report.compare runs out

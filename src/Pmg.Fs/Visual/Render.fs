@@ -85,6 +85,16 @@ let private drawText (canvas: SKCanvas) (text: string) (x: float32) (baseline: f
 // ---------------------------------------------------------------------------------------------------
 // Images
 
+/// An image as the network's input after the test transform `spec`: (1, 3, crop, crop) on `device`.
+let toInput (spec: Pmg.Fs.Data.Transforms.Spec) (device: torch.Device) (image: SixLabors.ImageSharp.Image<SixLabors.ImageSharp.PixelFormats.Rgb24>) : torch.Tensor =
+    let pixels = Pmg.Fs.Data.Transforms.apply spec (Random 0) image
+    // Not disposed here: on the same device `to` may hand back this very tensor; the caller's scope frees it.
+    torch.tensor(pixels, dimensions = ReadOnlySpan [| 1L; 3L; int64 spec.Crop; int64 spec.Crop |]).``to`` device
+
+/// The captions and grids of a schedule's steps for `jigsawMontage`: "step 1: stage3" with its grid, ...
+let stepLabels (schedule: Pmg.Fs.Schedule.Step list) : (string * int) list =
+    schedule |> List.mapi (fun i s -> sprintf "step %d: %s" (i + 1) (Pmg.Fs.Model.Pmg.outputName s.Head), s.Grid)
+
 /// A preprocessed network input (3, H, W) or (1, 3, H, W), normalised with `mean` and `std`, back as an image.
 let ofInput (mean: float32[]) (std: float32[]) (x: torch.Tensor) : SKBitmap =
     use _ = torch.NewDisposeScope()
