@@ -54,7 +54,7 @@ let private cosine (a: float32[]) (b: float32[]) =
     dot / (norm a * norm b)
 
 let private convertedBackbone () =
-    let net = Backbone.create spec
+    let net = Backbones.create spec
     let es = ImageNet.load spec (onnxFile ()) (Array.create 3 0.5f) (Array.create 3 0.5f)
     StateDict.loadInto net es true
     es |> List.iter (fun (_, t) -> t.Dispose())
@@ -89,7 +89,7 @@ let tests =
 
           test "the ONNX graph reads as torchvision's keys for blocks [2; 2; 2; 3], every backbone entry present" {
               let es = ImageNet.load spec (onnxFile ()) (Array.create 3 0.5f) (Array.create 3 0.5f)
-              use net = Backbone.create spec
+              use net = Backbones.create spec
               let wanted =
                   net.state_dict ()
                   |> Seq.filter (fun kv -> not (kv.Key.EndsWith "num_batches_tracked"))

@@ -222,7 +222,7 @@ let tests =
             withDir (fun d ->
                 torch.manual_seed 1L |> ignore
                 let file = Path.Combine(d, "resnet34.pth")
-                StateDict.write file (stateOf (Backbone.create (Backbone.find "resnet34")))
+                StateDict.write file (stateOf (Backbones.create (Backbone.find "resnet34")))
                 let msg = errorOf (fun () -> StateDict.loadPretrainedBackbone (network 3 1L) file)
                 Expect.stringContains msg "layer1.2.conv1.weight" "unexpected key named"
                 Expect.stringContains msg "on the resnet34 backbone" "hint")
@@ -287,7 +287,7 @@ let tests =
         }
 
         test "a state_dict that is no PMG network is refused naming the file" {
-            let backboneOnly = stateOf (Backbone.create (Backbone.find "resnet18"))
+            let backboneOnly = stateOf (Backbones.create (Backbone.find "resnet18"))
             let msg = errorOf (fun () -> StateDict.inferConfig "weights.pth" backboneOnly |> ignore)
             Expect.stringContains msg "weights.pth" "names the file"
             Expect.stringContains msg "conv_block" "says what is missing"

@@ -110,7 +110,7 @@ let private servedResnet18 =
     lazy
         (use dir = new TempDir "weights-src"
          torch.manual_seed 23L |> ignore
-         use net = Backbone.create (Backbone.find "resnet18")
+         use net = Backbones.create (Backbone.find "resnet18")
          let file = dir.File "resnet18.pth"
          StateDict.write file [ for kv in net.state_dict () -> kv.Key, kv.Value ]
          File.ReadAllBytes file)

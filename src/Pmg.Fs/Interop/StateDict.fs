@@ -353,7 +353,10 @@ let private backboneOf (keys: string list) : string option =
     |> Map.tryFindKey (fun _ spec ->
         match spec.Family with
         | Pmg.Fs.Model.Backbone.ResNet(block, layers) -> layers = blocks && (block = Pmg.Fs.Model.Backbone.Bottleneck) = bottleneck
-        | Pmg.Fs.Model.Backbone.Vgg convs -> blocks = [ 0; 0; 0; 0 ] && not convIndices.IsEmpty && convIndices = vggConvs convs)
+        | Pmg.Fs.Model.Backbone.Vgg convs -> blocks = [ 0; 0; 0; 0 ] && not convIndices.IsEmpty && convIndices = vggConvs convs
+        // Told apart by their shapes, not their keys (inferConfig).
+        | Pmg.Fs.Model.Backbone.ConvNeXt _
+        | Pmg.Fs.Model.Backbone.Swin _ -> false)
 
 /// Says what to change when the difference has a known cause: the class count or the backbone.
 let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string list =

@@ -28,12 +28,38 @@ type Block =
     /// 1x1, 3x3 and 1x1 convolutions (ResNet-50 and deeper); the block outputs four times its layer's width.
     | Bottleneck
 
+/// A ConvNeXt's size (torchvision's `CNBlockConfig` list and stochastic depth).
+type ConvNeXtConfig =
+    { /// Blocks in each of the four stages.
+      Depths: int list
+      /// Channels of each of the four stages.
+      Dims: int list
+      /// Stochastic depth's drop probability of the last block; block i of n drops with probability p * i / (n - 1).
+      StochasticDepth: float }
+
+/// A Swin Transformer's size (torchvision's `SwinTransformer` arguments).
+type SwinConfig =
+    { /// Channels after the patch embedding; each stage doubles them.
+      EmbedDim: int
+      /// Blocks in each of the four stages.
+      Depths: int list
+      /// Attention heads in each of the four stages.
+      Heads: int list
+      /// Side of the attention window, in tokens.
+      Window: int
+      /// Stochastic depth's drop probability of the last block; block i of n drops with probability p * i / (n - 1).
+      StochasticDepth: float }
+
 /// A backbone's architecture and depth.
 type Family =
     /// Block kind and how many blocks each of the four residual layers holds.
     | ResNet of block: Block * layers: int list
     /// How many 3x3 convolutions each of the five blocks holds (each block ends with a 2x2 max pool).
     | Vgg of convs: int list
+    /// torchvision's ConvNeXt: depthwise 7x7 convolutions, LayerNorm, GELU, layer scale, stochastic depth.
+    | ConvNeXt of ConvNeXtConfig
+    /// torchvision's Swin Transformer (v1): shifted-window attention with relative position bias, patch merging.
+    | Swin of SwinConfig
 
 /// A file inside a NuGet package that the project restores (paket.dependencies): weights that ship without a
 /// download.
@@ -79,15 +105,15 @@ type Weights =
     /// A file: a torchvision state_dict (.pth, .safetensors), a PMG checkpoint's backbone, or an ONNX ResNet.
     | File of path: string
 
-let private expansion =
+let internal expansion =
     function
     | Basic -> 1
     | Bottleneck -> 4
 
-let private stemChannels = 64
-let private layerWidths = [ 64; 128; 256; 512 ]
+let internal stemChannels = 64
+let internal layerWidths = [ 64; 128; 256; 512 ]
 
-let private vggWidths = [ 64; 128; 256; 512; 512 ]
+let internal vggWidths = [ 64; 128; 256; 512; 512 ]
 
 /// Reading and describing where a backbone's weights come from.
 [<RequireQualifiedAccess>]
@@ -106,8 +132,16 @@ module Weights =
         | ImageNet -> "ImageNet weights"
         | File path -> sprintf "weights from %s" (System.IO.Path.GetFileName path)
 
+/// A four-stage hierarchical backbone's stages: its stem at stride 4 (as wide as the first stage), then stages at
+/// strides 4, 8, 16, 32.
+let private hierarchical (widths: int list) : Stage list =
+    { Name = "stem"; Channels = List.head widths; Reduction = 4 }
+    :: (widths |> List.mapi (fun i w -> { Name = sprintf "stage%d" (i + 1); Channels = w; Reduction = 4 <<< i }))
+
 /// The five stages (L = 5). ResNet: the stem (conv1, bn1, relu, maxpool) then layer1..layer4. VGG: its five
-/// conv blocks, each ending with its max pool.
+/// conv blocks, each ending with its max pool. ConvNeXt and Swin: the stem (patch embedding, stride 4), then
+/// stage1..stage4 (each after the downsampling or patch merging that precedes it), at strides 4, 4, 8, 16, 32 as
+/// ResNet's, so the heads sit on strides 8, 16 and 32 and the jigsaw grids stay 8, 4, 2.
 let stages (spec: Spec) : Stage list =
     match spec.Family with
     | ResNet(block, _) ->
@@ -116,6 +150,8 @@ let stages (spec: Spec) : Stage list =
         :: (layerWidths
             |> List.mapi (fun i w -> { Name = sprintf "layer%d" (i + 1); Channels = w * e; Reduction = 4 <<< max 0 i }))
     | Vgg _ -> vggWidths |> List.mapi (fun i w -> { Name = sprintf "block%d" (i + 1); Channels = w; Reduction = 2 <<< i })
+    | ConvNeXt c -> hierarchical c.Dims
+    | Swin c -> hierarchical [ for i in 0..3 -> c.EmbedDim <<< i ]
 
 /// The stages PMG's granularity heads read: the last `heads` of the backbone's (S of L), each with its 1-based
 /// position l, finest first. The network, the schedule, Grad-CAM, the jigsaw view and the optimizer groups all
@@ -128,7 +164,8 @@ let headStages (spec: Spec) (heads: int) : (int * Stage) list =
     all |> List.indexed |> List.skip (l - heads) |> List.map (fun (i, st) -> i + 1, st)
 
 /// torchvision's files as the reference's torchvision (before 0.13) fetched them with `pretrained=True`: the
-/// reference trains from resnet50-19c8e357.pth, so a run here starts from the same bytes.
+/// reference trains from resnet50-19c8e357.pth, so a run here starts from the same bytes. ConvNeXt and Swin: the
+/// files of torchvision's IMAGENET1K_V1 weights.
 let private torchvision (file: string) (megabytes: int) : Download option =
     Some { Url = "https://download.pytorch.org/models/" + file; File = file; Megabytes = megabytes }
 
@@ -148,6 +185,26 @@ let registry: Map<string, Spec> =
             ImageNetClassifier = Some 1000
             ImageNet = None
             Torchvision = torchvision "vgg16-397923af.pth" 528 }
+          for n, depths, dims, p, file, mb in
+              [ "convnext_tiny", [ 3; 3; 9; 3 ], [ 96; 192; 384; 768 ], 0.1, "convnext_tiny-983f1562.pth", 109
+                "convnext_small", [ 3; 3; 27; 3 ], [ 96; 192; 384; 768 ], 0.4, "convnext_small-0c510722.pth", 192
+                "convnext_base", [ 3; 3; 27; 3 ], [ 128; 256; 512; 1024 ], 0.5, "convnext_base-6075fbad.pth", 338 ] do
+              n,
+              { Name = n
+                Family = ConvNeXt { Depths = depths; Dims = dims; StochasticDepth = p }
+                ImageNetClassifier = Some 1000
+                ImageNet = None
+                Torchvision = torchvision file mb }
+          for n, embed, depths, heads, p, file, mb in
+              [ "swin_t", 96, [ 2; 2; 6; 2 ], [ 3; 6; 12; 24 ], 0.2, "swin_t-704ceda3.pth", 108
+                "swin_s", 96, [ 2; 2; 18; 2 ], [ 3; 6; 12; 24 ], 0.3, "swin_s-5e29d889.pth", 190
+                "swin_b", 128, [ 2; 2; 18; 2 ], [ 4; 8; 16; 32 ], 0.5, "swin_b-68c6b09e.pth", 335 ] do
+              n,
+              { Name = n
+                Family = Swin { EmbedDim = embed; Depths = depths; Heads = heads; Window = 7; StochasticDepth = p }
+                ImageNetClassifier = Some 1000
+                ImageNet = None
+                Torchvision = torchvision file mb }
           // ML.NET's ImageNet "ResNet18" (exported from CNTK): basic blocks, but three in the last stage, so it is not
           // torchvision's resnet18. Its weights ship on NuGet; Interop/ImageNet.fs converts them.
           "resnet18-mlnet",
@@ -169,81 +226,6 @@ let find (name: string) : Spec =
     | None ->
         Pmg.Fs.Errors.setting Pmg.Fs.Setting.Backbone (sprintf "unknown backbone '%s'; choose one of: %s" name (String.concat ", " registry.Keys))
 
-// ---------------------------------------------------------------------------------------------------
-// Layers. Field names are state-dict keys.
-
-type private BasicBlock(inC: int64, width: int64, stride: int64) as this =
-    inherit Module<Tensor, Tensor>("BasicBlock")
-    let conv1 = Conv2d(inC, width, 3L, stride = stride, padding = 1L, bias = false)
-    let bn1 = Layers.batchNorm2d width Layers.defaultMomentum
-    let conv2 = Conv2d(width, width, 3L, stride = 1L, padding = 1L, bias = false)
-    let bn2 = Layers.batchNorm2d width Layers.defaultMomentum
-    let relu = ReLU(true)
-    let downsample: Module<Tensor, Tensor> =
-        if stride <> 1L || inC <> width then
-            Sequential(Conv2d(inC, width, 1L, stride = stride, bias = false), Layers.batchNorm2d width Layers.defaultMomentum)
-        else
-            null
-    do this.RegisterComponents()
-
-    override _.forward(x) =
-        use y = conv1.forward x
-        use y = bn1.forward y
-        use y = relu.forward y
-        use y = conv2.forward y
-        let y = bn2.forward y
-        use identity = if isNull downsample then x.alias () else downsample.forward x
-        let y = Ops.addInPlace y identity
-        relu.forward y
-
-    interface Graph.IExportable with
-        member this.Emit(b, prefix, inputs) =
-            let x = List.head inputs
-            let e m y = Graph.emitChild b prefix this m y
-            let main = x |> e conv1 |> e bn1 |> Graph.emit b prefix relu |> e conv2 |> e bn2
-            let shortcut = if isNull downsample then x else e downsample x
-            [ Graph.emit b prefix relu (b.Node("Add", [ main; shortcut ], [])) ]
-
-type private BottleneckBlock(inC: int64, width: int64, stride: int64) as this =
-    inherit Module<Tensor, Tensor>("Bottleneck")
-    let outC = width * 4L
-    let conv1 = Conv2d(inC, width, 1L, bias = false)
-    let bn1 = Layers.batchNorm2d width Layers.defaultMomentum
-    // torchvision's v1.5: the stride sits on the 3x3 conv.
-    let conv2 = Conv2d(width, width, 3L, stride = stride, padding = 1L, bias = false)
-    let bn2 = Layers.batchNorm2d width Layers.defaultMomentum
-    let conv3 = Conv2d(width, outC, 1L, bias = false)
-    let bn3 = Layers.batchNorm2d outC Layers.defaultMomentum
-    let relu = ReLU(true)
-    let downsample: Module<Tensor, Tensor> =
-        if stride <> 1L || inC <> outC then
-            Sequential(Conv2d(inC, outC, 1L, stride = stride, bias = false), Layers.batchNorm2d outC Layers.defaultMomentum)
-        else
-            null
-    do this.RegisterComponents()
-
-    override _.forward(x) =
-        use y = conv1.forward x
-        use y = bn1.forward y
-        use y = relu.forward y
-        use y = conv2.forward y
-        use y = bn2.forward y
-        use y = relu.forward y
-        use y = conv3.forward y
-        let y = bn3.forward y
-        use identity = if isNull downsample then x.alias () else downsample.forward x
-        let y = Ops.addInPlace y identity
-        relu.forward y
-
-    interface Graph.IExportable with
-        member this.Emit(b, prefix, inputs) =
-            let x = List.head inputs
-            let e m y = Graph.emitChild b prefix this m y
-            let r = Graph.emit b prefix relu
-            let main = x |> e conv1 |> e bn1 |> r |> e conv2 |> e bn2 |> r |> e conv3 |> e bn3
-            let shortcut = if isNull downsample then x else e downsample x
-            [ r (b.Node("Add", [ main; shortcut ], [])) ]
-
 /// A backbone as PMG uses it: its stages, and their outputs for an input.
 [<AbstractClass>]
 type Features(name: string) =
@@ -257,117 +239,8 @@ type Features(name: string) =
     /// Writes the eval-mode computation as operators (weights under `prefix`, empty or ending with "."), reading
     /// `input`; returns every stage's output, in order.
     abstract EmitStages: builder: Graph.IBuilder * prefix: string * input: string -> string list
+    /// Reseeds the backbone's training-only randomness (stochastic depth); the trainer calls it at every epoch
+    /// start with the epoch's seed, so a resumed run draws what an uninterrupted one would. No-op where there is none.
+    abstract Reseed: seed: int64 -> unit
+    default _.Reseed _ = ()
 
-/// A ResNet whose forward returns every stage's output. `fc` is torchvision's ImageNet classifier: PMG does not
-/// use it, but it is kept so that ImageNet and reference PMG state_dicts load strictly.
-type ResNet(spec: Spec, block: Block, blocksPerLayer: int list) as this =
-    inherit Features(spec.Name)
-    let stageList = stages spec
-    let conv1 = Conv2d(3L, int64 stemChannels, 7L, stride = 2L, padding = 3L, bias = false)
-    let bn1 = Layers.batchNorm2d (int64 stemChannels) Layers.defaultMomentum
-    let relu = ReLU(true)
-    let maxpool = MaxPool2d(3L, stride = 2L, padding = 1L)
-
-    let makeLayer (inC: int) (width: int) (blocks: int) (stride: int) : Module<Tensor, Tensor> =
-        let e = expansion block
-        let block i =
-            let c = if i = 0 then inC else width * e
-            let s = if i = 0 then int64 stride else 1L
-            match block with
-            | Basic -> new BasicBlock(int64 c, int64 width, s) :> Module<Tensor, Tensor>
-            | Bottleneck -> new BottleneckBlock(int64 c, int64 width, s) :> Module<Tensor, Tensor>
-        Sequential(Array.init blocks block)
-
-    let layers =
-        // Each layer reads the previous stage's output.
-        let ins = stageList |> List.take (List.length layerWidths) |> List.map _.Channels
-        List.zip3 layerWidths blocksPerLayer ins
-        |> List.mapi (fun i (w, n, inC) -> makeLayer inC w n (if i = 0 then 1 else 2))
-        |> Array.ofList
-    let layer1 = layers.[0]
-    let layer2 = layers.[1]
-    let layer3 = layers.[2]
-    let layer4 = layers.[3]
-    let fc =
-        spec.ImageNetClassifier
-        |> Option.map (fun classes -> Linear(int64 (List.last stageList).Channels, int64 classes))
-        |> Option.toObj
-    do this.RegisterComponents()
-
-    /// The stem and layer1..layer4.
-    override _.Stages = stageList
-
-    /// Outputs of the stem, then of layer1.. up to stage `upTo` (1-based; the stem is stage 1).
-    override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
-        use y = conv1.forward x
-        use y = bn1.forward y
-        use y = relu.forward y
-        let stem = maxpool.forward y
-        let rest = [ layer1; layer2; layer3; layer4 ] |> List.truncate (upTo - 1)
-        (List.scan (fun (prev: Tensor) (layer: Module<Tensor, Tensor>) -> layer.forward prev) stem rest)
-
-    /// The stem, then each residual layer's blocks.
-    override this.EmitStages(b, prefix, x) =
-        let e (m: Module<Tensor, Tensor>) y = Graph.emitChild b prefix this m y
-        let stem = x |> e conv1 |> e bn1 |> Graph.emit b prefix relu |> e maxpool
-        List.scan (fun prev layer -> e layer prev) stem [ layer1; layer2; layer3; layer4 ]
-
-    /// The ImageNet classifier path, for checking pretrained weights: logits, or the pooled features where the
-    /// backbone keeps no classifier.
-    override this.forward(x) =
-        use _ = NewDisposeScope()
-        let last = this.ForwardStages x |> List.last
-        let pooled = nn.functional.adaptive_avg_pool2d(last, [| 1L; 1L |]).flatten(1L)
-        (if isNull fc then pooled else fc.forward pooled).MoveToOuterDisposeScope()
-
-/// torchvision's VGG without batch norm: `features` holds conv, relu (and a max pool closing each block) at the
-/// same indices as torchvision's, so its ImageNet weights load by name. Its fully connected classifier is left
-/// out: PMG does not use it, and it would be most of the parameters.
-type VggNet(spec: Spec, convs: int list) as this =
-    inherit Features(spec.Name)
-    let stageList = stages spec
-    let blocks =
-        List.zip convs (List.map _.Channels stageList)
-        |> List.scan (fun (inC, _) (n, width) ->
-            width,
-            [ for i in 0 .. n - 1 do
-                  yield Conv2d((if i = 0 then int64 inC else int64 width), int64 width, 3L, padding = 1L) :> Module<Tensor, Tensor>
-                  yield ReLU(true) :> Module<Tensor, Tensor>
-              yield MaxPool2d(2L, stride = 2L) :> Module<Tensor, Tensor> ]) (3, [])
-        |> List.tail
-        |> List.map snd
-    let features = Sequential(blocks |> List.concat |> Array.ofList)
-    do this.RegisterComponents()
-
-    /// The five conv blocks.
-    override _.Stages = stageList
-
-    /// The torchvision-named layers (referenced here so that RegisterComponents sees the field).
-    member _.Layers = features
-
-    /// Outputs of blocks 1..upTo (1-based), each taken after the block's max pool.
-    override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
-        blocks
-        |> List.truncate upTo
-        |> List.scan (fun (prev: Tensor) (layers: Module<Tensor, Tensor> list) -> layers |> List.fold (fun t l -> l.forward t) prev) x
-        |> List.tail
-
-    /// torchvision's layers in order; a stage's output is its block's max pool.
-    override this.EmitStages(b, prefix, x) =
-        let inner = prefix + Graph.childName this features + "."
-        features.named_children ()
-        |> Seq.fold
-            (fun (y, outs) struct (n, m) ->
-                let z = Graph.emit b (inner + n + ".") m y
-                z, (if m :? MaxPool2d then outs @ [ z ] else outs))
-            (x, [])
-        |> snd
-
-    /// The stage outputs' last, for shape checks.
-    override this.forward(x) = this.ForwardStages x |> List.last
-
-/// Builds the backbone a spec describes, with freshly initialised weights.
-let create (spec: Spec) : Features =
-    match spec.Family with
-    | ResNet(block, layers) -> new ResNet(spec, block, layers)
-    | Vgg convs -> new VggNet(spec, convs)

@@ -82,7 +82,7 @@ type Network(config: Config) as this =
         if config.Classes < 1 then
             Pmg.Fs.Errors.setting Pmg.Fs.Setting.Classes (sprintf "the number of classes must be at least 1, got %d" config.Classes)
     let heads = headStages config
-    let features = Backbone.create spec
+    let features = Backbones.create spec
     let blockOut = config.Head.BlockChannels
     let concatClassifier = Heads.classifier config.Head (blockOut * config.Heads) config.Classes
     let blocks = heads |> List.map (fun (_, stage) -> Heads.convBlock config.Head stage.Channels)

@@ -303,6 +303,7 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: BatchRec
     let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule
     let lr = lrAt e epoch
     s.Jigsaw.manual_seed (epochSeed e.Seed epoch) |> ignore
+    s.Net.Backbone.Reseed(epochSeed e.Seed epoch)
     s.Net.train ()
     let total = (data.Train.Count + e.BatchSize - 1) / e.BatchSize
     use sums = torch.zeros ([| int64 steps + 1L |], dtype = torch.float64, device = s.Device)
