@@ -228,6 +228,33 @@ let runName (e: Experiment) : string = sprintf "%s-%s" (dataName e) e.Model.Back
 
 // ---- Checking --------------------------------------------------------------------------------------------
 
+/// Whether a backbone takes crops of `crop` px as they are. ConvNeXt's stem and downsampling convolutions would
+/// drop the rows and columns that do not fill their stride, so the crop must be a multiple of the deepest stride
+/// (32); Swin's windows must also tile every stage's map (or cover it whole, as torchvision clamps the window), or
+/// torchvision pads them. ResNet and VGG take any size.
+let private fitsBackbone (spec: Backbone.Spec) (crop: int) : bool =
+    let deepest = (Backbone.stages spec |> List.last).Reduction
+    match spec.Family with
+    | Backbone.ResNet _
+    | Backbone.Vgg _ -> true
+    | Backbone.ConvNeXt _ -> crop % deepest = 0
+    | Backbone.Swin c ->
+        crop % deepest = 0
+        && Backbone.stages spec |> List.forall (fun st -> let side = crop / st.Reduction in side % c.Window = 0 || side <= c.Window)
+
+/// The input-size rule of a backbone, as a problem naming the nearest sizes that fit; None when `crop` fits.
+let private backboneSizeProblem (spec: Backbone.Spec) (crop: int) : string option =
+    if crop < 1 || fitsBackbone spec crop then None
+    else
+        let below = seq { crop - 1 .. -1 .. 1 } |> Seq.tryFind (fitsBackbone spec)
+        let above = seq { crop + 1 .. crop * 64 + 4096 } |> Seq.tryFind (fitsBackbone spec)
+        let nearest = [ below; above ] |> List.choose id |> List.map (sprintf "%d px") |> String.concat " or "
+        let why =
+            match spec.Family with
+            | Backbone.Swin c -> sprintf "a multiple of 32 whose every stage map is a multiple of the %d-token window" c.Window
+            | _ -> "a multiple of its deepest stride, 32"
+        Some(sprintf "image size %d px does not fit %s, which needs %s: use %s" crop spec.Name why nearest)
+
 /// Every impossible setting at once, each with the setting it concerns (empty when there is none).
 let problems (e: Experiment) : (Setting * string) list =
     match Backbone.registry.TryFind(e.Model.Backbone.ToLowerInvariant()) with
@@ -245,6 +272,9 @@ let problems (e: Experiment) : (Setting * string) list =
       | Some k when k < 2 -> Setting.BatchNormGroup, sprintf "BatchNorm groups of %d images: need at least 2" k
       | _ -> ()
       if e.Input.Crop < 1 then Setting.ImageSize, sprintf "image size %d: must be positive" e.Input.Crop
+      match backboneSizeProblem spec e.Input.Crop with
+      | Some why -> Setting.ImageSize, why
+      | None -> ()
       if e.Input.Resize < 1 then Setting.Resize, sprintf "resize %d: must be positive" e.Input.Resize
       if e.Input.Padding < 0 then Setting.Padding, sprintf "padding %d: must be 0 or more" e.Input.Padding
       if e.Input.Crop >= 1 && e.Input.Crop > e.Input.Resize + 2 * e.Input.Padding then

@@ -27,6 +27,24 @@ let tests =
               Expect.equal paper.JigsawDraw Jigsaw.Cycle "cycles"
           }
 
+          test "ConvNeXt and Swin refuse crops their strides or windows do not tile, naming the nearest sizes that fit" {
+              let on backbone crop =
+                  let e = paper |> Experiment.withBackbone backbone |> Experiment.withImageSize crop
+                  Experiment.problems e |> List.filter (fst >> (=) Setting.ImageSize) |> List.map snd
+              Expect.isEmpty (on "convnext_tiny" 448) "448 = 14 x 32"
+              Expect.isEmpty (on "swin_t" 448) "every map of 448 px tiles into 7-token windows"
+              Expect.isEmpty (on "swin_t" 224) "224 px too"
+              Expect.isEmpty (on "resnet50" 450) "ResNets take any size"
+              match on "convnext_tiny" 100 with
+              | [ m ] -> Expect.stringContains m "use 96 px or 128 px" m
+              | other -> failtestf "one problem expected, got %A" other
+              match on "swin_t" 256 with
+              | [ m ] ->
+                  Expect.stringContains m "use 224 px or 448 px" m
+                  Expect.stringContains m "swin_t" m
+              | other -> failtestf "one problem expected, got %A" other
+          }
+
           test "withLr sets the backbone's rate at the paper's tenth; withBackboneLr overrides it" {
               let e = Experiment.withLr 0.01 paper
               Expect.floatClose Accuracy.veryHigh e.Optimizer.BackboneLr 0.001 "lr / 10"
