@@ -1,5 +1,6 @@
 // Shared by the dataset scripts (cub.fsx, cars.fsx, aircraft.fsx, dogs.fsx): the paper's recipe on one dataset,
-// trained through the library's application layer, with the results printed beside the paper's number.
+// trained through the library's application layer, with the results printed beside the paper's number. The
+// ablation script reads the same flags (parseTrainArgs) for its base experiment.
 //   dotnet fsi experiments/<dataset>.fsx --root DIR [any `pmg train` flag: --device cuda, --epochs N, --out DIR, ...]
 // The flags are `pmg train`'s, read by the command's own definitions (src/Pmg.Cli/Args.fs, TrainSettings.fs) and
 // turned into an experiment by the library's rules (Pmg.Fs.App.Training): no second parser, no second recipe, and
@@ -54,30 +55,44 @@ let private printResults (spec: DatasetSpec) (e: Experiment.Experiment) (summary
         printfn "(not the paper's recipe: %d epochs, %s, %s; not comparable to the paper's number)"
             e.Epochs e.Model.Backbone (Model.Backbone.Weights.describe e.Weights)
 
+/// Prints a message and ends the script with `code`.
+let fail (message: string) (code: int) : 'a =
+    eprintfn "%s" message
+    exit code
+
+/// A failure as one line naming the flag to change, and its exit code (2 for a setting, 1 for the rest).
+let described (e: exn) =
+    match e with
+    | :? PmgException as p ->
+        match p.Error with
+        | InvalidSetting(s, m) -> sprintf "%s: %s" (Pmg.Cli.Args.flagOf s) m, badInput
+        | InvalidExperiment ps -> ps |> List.map (fun (s, m) -> sprintf "%s: %s" (Pmg.Cli.Args.flagOf s) m) |> String.concat "; ", badInput
+        | error -> error.Message, 1
+    | e -> e.Message, 1
+
+/// `pmg train`'s flags, read by the command's own definitions; a bad flag ends the script with its usage line.
+let parseTrainArgs (script: string) (argv: string[]) : ParseResults<Pmg.Cli.Args.TrainArgs> =
+    let parser = ArgumentParser.Create<Pmg.Cli.Args.TrainArgs>(programName = sprintf "dotnet fsi experiments/%s.fsx" script)
+    try
+        parser.ParseCommandLine(argv, raiseOnUsage = true)
+    with :? ArguParseException as e ->
+        fail e.Message (if e.ErrorCode = ErrorCode.HelpText then 0 else badInput)
+
+/// Runs `f`, ending the script with one line and its exit code when it fails.
+let guarded (f: unit -> 'a) : 'a =
+    try
+        f ()
+    with e ->
+        let line, code = described e
+        fail line code
+
 /// The whole script: `pmg train`'s flags for this dataset, the experiment, training, results.
 let run (spec: DatasetSpec) =
-    let argv = fsi.CommandLineArgs |> Array.tail
-    let parser = ArgumentParser.Create<Pmg.Cli.Args.TrainArgs>(programName = sprintf "dotnet fsi experiments/%s.fsx" spec.Kind)
-    let fail (message: string) (code: int) : 'a =
-        eprintfn "%s" message
-        exit code
-    let args =
-        try
-            parser.ParseCommandLine(argv, raiseOnUsage = true)
-        with :? ArguParseException as e ->
-            fail e.Message (if e.ErrorCode = ErrorCode.HelpText then 0 else badInput)
+    let args = parseTrainArgs spec.Kind (fsi.CommandLineArgs |> Array.tail)
     let settings = { Pmg.Cli.TrainSettings.settingsOf args with Dataset = Some spec.Kind }
     if settings.Root.IsNone then
         fail (sprintf "%s: no dataset folder given. Download it from %s, extract it (folder %s), then pass --root <folder>." spec.Name spec.Download spec.Fixture) badInput
-    let described (e: exn) =
-        match e with
-        | :? PmgException as p ->
-            match p.Error with
-            | InvalidSetting(s, m) -> sprintf "%s: %s" (Pmg.Cli.Args.flagOf s) m, badInput
-            | InvalidExperiment ps -> ps |> List.map (fun (s, m) -> sprintf "%s: %s" (Pmg.Cli.Args.flagOf s) m) |> String.concat "; ", badInput
-            | error -> error.Message, 1
-        | e -> e.Message, 1
-    try
+    guarded (fun () ->
         let e, opened = Training.experiment settings
         printfn "PMG %s (%s) on %s (%s): %d classes, %s, batch %d, %d px crops of %d px, device %s"
             e.Model.Backbone (Model.Backbone.Weights.describe e.Weights) spec.Name (match e.Data with Experiment.OnDisk d -> d.Root | _ -> "embedded")
@@ -86,7 +101,4 @@ let run (spec: DatasetSpec) =
         let folder, summary = Training.train (e, opened) (args.TryGetResult Pmg.Cli.Args.TrainArgs.Out) (args.Contains Pmg.Cli.Args.TrainArgs.Resume) { Trainer.Hooks.None with Epoch = printEpoch e }
         printfn "run folder: %s (config.json and manifest.json record the settings and seed)" (IO.Path.GetFullPath folder)
         if not summary.History.IsEmpty then printResults spec e summary
-        printfn "elapsed %s" (watch.Elapsed.ToString @"hh\:mm\:ss")
-    with e ->
-        let line, code = described e
-        fail line code
+        printfn "elapsed %s" (watch.Elapsed.ToString @"hh\:mm\:ss"))

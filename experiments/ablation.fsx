@@ -1,8 +1,12 @@
-// The paper's ablations (Du et al., ECCV 2020, Sec. 4.3) as data: each a named change of the embedded recipe
-// (ImageNet weights, as the paper starts from), trained in turn into runs/ablation-<name>, then one Markdown table.
-//   dotnet fsi experiments/ablation.fsx           7 runs of the main job's recipe
-//   dotnet fsi experiments/ablation.fsx --quick   a fast check (1 epoch, a small dataset)
+// The paper's ablations (Du et al., ECCV 2020, Sec. 4.3) as data: each a named change of one base experiment,
+// trained in turn into runs/ablation-<name>, then one Markdown table. The base is the main job's recipe on the
+// embedded dataset (ImageNet weights, as the paper starts from), changed by any `pmg train` flag:
+//   dotnet fsi experiments/ablation.fsx                                   7 runs of the main job's recipe
+//   dotnet fsi experiments/ablation.fsx --quick                           a fast check (1 epoch, a small dataset)
+//   dotnet fsi experiments/ablation.fsx --backbone convnext_tiny          the same ablations on another backbone
+//   dotnet fsi experiments/ablation.fsx --dataset cub --root CUB_200_2011 --epochs 50 --device cuda
 #load "Pmg.fsx"
+#load "Common.fsx"
 
 open System
 open System.IO
@@ -10,17 +14,26 @@ open Pmg.Fs
 open Pmg.Fs.Experiment
 open Pmg.Fs.Training
 
-let quick = fsi.CommandLineArgs |> Array.contains "--quick"
+let argv = fsi.CommandLineArgs |> Array.tail
+let quick = argv |> Array.contains "--quick"
 
-/// --quick: one epoch on 10 training and 5 test images a class.
+/// --quick: one epoch on 10 training and 5 test images a class (of the embedded dataset).
 let quickEpochs = 1
 let quickTrainPerClass, quickTestPerClass = 10, 5
 
 let baseExperiment =
-    match quick, embedded.Data with
-    | true, Embedded d ->
-        { withEpochs quickEpochs embedded with Data = Embedded { d with TrainPerClass = quickTrainPerClass; TestPerClass = quickTestPerClass } }
-    | _ -> embedded
+    let args = Common.parseTrainArgs "ablation" (argv |> Array.filter ((<>) "--quick"))
+    // Each ablation has its own folder, named below.
+    if args.Contains Pmg.Cli.Args.TrainArgs.Out || args.Contains Pmg.Cli.Args.TrainArgs.Resume then
+        Common.fail "--out, --resume: the ablations write runs/ablation-<dataset>-<backbone>-<name>, one new folder each; leave these flags out" 2
+    let settings = Pmg.Cli.TrainSettings.settingsOf args
+    Common.guarded (fun () ->
+        match settings.Dataset |> Option.map (fun d -> d.ToLowerInvariant()), embedded.Data with
+        | (None | Some "embedded"), Embedded d ->
+            let data = if quick then Embedded { d with TrainPerClass = quickTrainPerClass; TestPerClass = quickTestPerClass } else Embedded d
+            let e = App.Training.experimentOn data d.Classes settings
+            if quick && settings.Epochs.IsNone then withEpochs quickEpochs e else e
+        | _ -> App.Training.experiment settings |> fst)
 
 let ablations: (string * Experiment) list =
     let b = baseExperiment
@@ -40,7 +53,7 @@ let slug (name: string) =
 type Result = { Name: string; Heads: string; Concat: float; Combined: float; Seconds: float }
 
 let runOne (name: string, e: Experiment) : Result =
-    let dir = Path.Combine("runs", "ablation-" + slug name)
+    let dir = Path.Combine("runs", sprintf "ablation-%s-%s" (runName e) (slug name))
     printfn "== %s -> %s" name dir
     let watch = Diagnostics.Stopwatch.StartNew()
     let summary =
