@@ -230,8 +230,8 @@ let runName (e: Experiment) : string = sprintf "%s-%s" (dataName e) e.Model.Back
 
 /// Whether a backbone takes crops of `crop` px as they are. ConvNeXt's stem and downsampling convolutions would
 /// drop the rows and columns that do not fill their stride, so the crop must be a multiple of the deepest stride
-/// (32); Swin's windows must also tile every stage's map (or cover it whole, as torchvision clamps the window), or
-/// torchvision pads them. ResNet and VGG take any size.
+/// (32); Swin's windows must also tile every stage's map, or its attention would run over zero padding (torchvision
+/// 0.14 pads a map to whole windows, smaller maps included). ResNet and VGG take any size.
 let private fitsBackbone (spec: Backbone.Spec) (crop: int) : bool =
     let deepest = (Backbone.stages spec |> List.last).Reduction
     match spec.Family with
@@ -240,7 +240,7 @@ let private fitsBackbone (spec: Backbone.Spec) (crop: int) : bool =
     | Backbone.ConvNeXt _ -> crop % deepest = 0
     | Backbone.Swin c ->
         crop % deepest = 0
-        && Backbone.stages spec |> List.forall (fun st -> let side = crop / st.Reduction in side % c.Window = 0 || side <= c.Window)
+        && Backbone.stages spec |> List.forall (fun st -> crop / st.Reduction % c.Window = 0)
 
 /// The input-size rule of a backbone, as a problem naming the nearest sizes that fit; None when `crop` fits.
 let private backboneSizeProblem (spec: Backbone.Spec) (crop: int) : string option =
