@@ -266,6 +266,7 @@ type Net(spec: Spec, config: ConvNeXtConfig) as this =
         let pooled = functional.adaptive_avg_pool2d (last, [| 1L; 1L |])
         (if isNull classifier then pooled.flatten 1L else classifier.forward pooled).MoveToOuterDisposeScope()
 
+    /// Frees the stochastic depth generator with the modules.
     override _.Dispose(disposing: bool) =
         if disposing then generator.Dispose()
         base.Dispose disposing
