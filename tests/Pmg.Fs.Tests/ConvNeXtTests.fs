@@ -124,6 +124,14 @@ let tests =
               StateDict.loadBackboneEntries pmg "convnext_tiny-983f1562.pth" file
               let ln = pmg.Backbone.state_dict().["features.1.0.layer_scale"]
               Expect.equal (ln.abs().max().item<float32> ()) 0.0f "the file's values were copied in"
+              // Another size's file is refused, and the error names the size it is (from its keys and shapes).
+              let small = expected.["convnext_small"] |> List.map (fun (k, s) -> k, shapeOnly s)
+              let msg =
+                  try
+                      StateDict.loadBackboneEntries pmg "convnext_small-0c510722.pth" small
+                      ""
+                  with :? PmgException as e -> e.Message
+              Expect.stringContains msg "the file looks like convnext_small, the model is convnext_tiny" msg
           }
 
           test "a PMG state_dict of each ConvNeXt and Swin entry gives its backbone back from keys and shapes (torchvision's layout)" {
