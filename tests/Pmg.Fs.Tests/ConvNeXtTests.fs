@@ -204,6 +204,32 @@ let tests =
               Expect.isTrue (TestKit.same e1 e2) "eval mode draws nothing"
           }
 
+          test "training and eval forwards leave no tensor behind (every per-forward tensor is disposed)" {
+              use net = fixtureNet 0.5
+              use x = torch.randn [| 4L; 3L; 40L; 56L |]
+              let live () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+              // No dispose scope around the calls: only the stage outputs and logits come out, and are disposed here.
+              let trainOnce () =
+                  let outs = net.ForwardStages x
+                  use loss = (List.last outs).sum ()
+                  loss.backward ()
+                  outs |> List.iter _.Dispose()
+              let evalOnce () =
+                  use _ = torch.no_grad ()
+                  net.ForwardStages x |> List.iter _.Dispose()
+                  (net.forward x).Dispose()
+              net.train ()
+              trainOnce ()
+              let before = live ()
+              for _ in 1..5 do
+                  trainOnce ()
+              net.eval ()
+              for _ in 1..5 do
+                  evalOnce ()
+              // Counted on this thread only: a tensor the backbone creates and does not dispose would stay live.
+              Expect.equal (live ()) before "live tensors after ten forwards"
+          }
+
           test "one PMG training iteration on convnext_tiny at 64 px: finite losses, and the epoch's seed fixes stochastic depth" {
               use _ = torch.NewDisposeScope()
               let e =
