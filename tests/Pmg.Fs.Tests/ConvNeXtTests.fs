@@ -258,6 +258,37 @@ let tests =
               Expect.isTrue (others |> List.exists (fun o -> not (TestKit.same a o))) "other seeds, other outputs"
           }
 
+          test "a killed convnext_tiny run resumes with the stochastic depth draws of an uninterrupted one" {
+              use dir = new TempDir "convnext-resume"
+              // Starting weights whose blocks matter: torchvision's initial layer scale (1e-6) would hide a dropped
+              // block from the losses.
+              let weights = dir.File "start.pth"
+              do
+                  use _ = torch.NewDisposeScope()
+                  torch.manual_seed 3L |> ignore
+                  use backbone = Backbones.create (Backbone.find "convnext_tiny")
+                  let entries = [ for kv in backbone.state_dict () -> kv.Key, (if kv.Key.EndsWith "layer_scale" then torch.ones_like kv.Value else kv.Value) ]
+                  StateDict.write weights entries
+              let data: Data.Synthetic.Config = { Classes = 3; TrainPerClass = 2; TestPerClass = 1; ImageSize = 64; Seed = 1 }
+              let e =
+                  { Experiment.withBackbone "convnext_tiny" TrainingTests.tiny with
+                      Weights = Backbone.File weights
+                      Data = Experiment.Embedded data
+                      Input = { Resize = 64; Crop = 64; Padding = 4 }
+                      BatchSize = 3
+                      Model = { TrainingTests.tiny.Model with Backbone = "convnext_tiny"; Head = { Heads.Config.Paper with FeatureSize = 16; BlockChannels = 32 } } }
+              let whole = Run.train e (dir.File "whole") false Trainer.Hooks.None
+              let killed = dir.File "killed"
+              let kill = { Trainer.Hooks.None with Epoch = fun _ r -> if r.Epoch = 0 then failwith "killed" }
+              Expect.throws (fun () -> Run.train e killed false kill |> ignore) "killed after epoch 1"
+              let resumed = Run.train e killed true Trainer.Hooks.None
+              Expect.equal (resumed.History |> List.map _.Epoch) [ 1 ] "only epoch 2 ran"
+              for x, y in List.zip (List.last whole.History).StepLosses (List.last resumed.History).StepLosses do
+                  // The same computation on the same weights, batches, jigsaws and dropped blocks: equal up to the order
+                  // of multithreaded reductions.
+                  Expect.floatClose { absolute = 1e-6; relative = 1e-6 } y x "epoch 2 loss"
+          }
+
           test "ONNX Runtime runs the exported convnext_tiny PMG network as TorchSharp does, blocks made visible" {
               use _ = torch.NewDisposeScope()
               torch.manual_seed 5L |> ignore
