@@ -329,9 +329,12 @@ let private listed (title: string) (items: string list) =
         let more = if items.Length > 10 then sprintf ", ... (%d more)" (items.Length - 10) else ""
         [ sprintf "  %s (%d): %s%s" title items.Length shown more ]
 
-/// A registered backbone's name from its keys: a ResNet's blocks per layer and whether they have conv3
-/// (bottlenecks); a VGG's convolutions per block.
-let private backboneOf (keys: string list) : string option =
+/// A registered backbone's name from its keys and shapes: a ResNet's blocks per layer and whether they have conv3
+/// (bottlenecks); a VGG's convolutions per block; a ConvNeXt's blocks per stage (features.1, 3, 5, 7) and its
+/// widths (the stem's and the downsampling convolutions' outputs); a Swin's blocks per stage, embedding width
+/// (the patch embedding's output), heads per stage and window (its relative position bias tables, (2w-1)^2 x heads).
+let private backboneOf (entries: (string * int64[]) list) : string option =
+    let keys = List.map fst entries
     let blocks =
         [ 1..4 ]
         |> List.map (fun l ->
@@ -349,14 +352,36 @@ let private backboneOf (keys: string list) : string option =
         |> List.fold (fun (start, acc) n -> start + 2 * n + 1, acc @ [ for i in 0 .. n - 1 -> start + 2 * i ]) (0, [])
         |> snd
         |> set
+    // ConvNeXt and Swin: torchvision's features.0 .. features.7, blocks in features.1, 3, 5 and 7 (a PMG state_dict
+    // holds them under one more "features.").
+    let shapeOf (suffix: string) =
+        let r = Regex(@"(^|\.)" + Regex.Escape suffix + "$")
+        entries |> List.tryPick (fun (k, s) -> if r.IsMatch k then Some s else None)
+    let perStage (leaf: string) =
+        [ 1; 3; 5; 7 ]
+        |> List.map (fun f ->
+            let r = Regex(sprintf @"(^|\.)features\.%d\.(\d+)\.%s$" f (Regex.Escape leaf))
+            keys |> List.choose (fun k -> let m = r.Match k in if m.Success then Some(int m.Groups.[2].Value) else None)
+            |> List.fold (fun a b -> max a (b + 1)) 0)
+    let dim0 (suffix: string) = shapeOf suffix |> Option.filter (fun s -> s.Length >= 1) |> Option.map (fun s -> int s.[0])
+    let convnextDepths = perStage "layer_scale"
+    let convnextDims = [ dim0 "features.0.0.weight"; dim0 "features.2.1.weight"; dim0 "features.4.1.weight"; dim0 "features.6.1.weight" ]
+    let swinDepths = perStage "attn.qkv.weight"
+    // Bias table of each stage's first block: (2w - 1)^2 rows, one column per head.
+    let swinTables = [ 1; 3; 5; 7 ] |> List.map (fun f -> shapeOf (sprintf "features.%d.0.attn.relative_position_bias_table" f))
+    let swinHeads = swinTables |> List.map (Option.filter (fun s -> s.Length = 2) >> Option.map (fun s -> int s.[1]))
+    let swinWindow (w: int) = swinTables |> List.forall (Option.exists (fun s -> s.[0] = int64 ((2 * w - 1) * (2 * w - 1))))
     Pmg.Fs.Model.Backbone.registry
     |> Map.tryFindKey (fun _ spec ->
         match spec.Family with
         | Pmg.Fs.Model.Backbone.ResNet(block, layers) -> layers = blocks && (block = Pmg.Fs.Model.Backbone.Bottleneck) = bottleneck
         | Pmg.Fs.Model.Backbone.Vgg convs -> blocks = [ 0; 0; 0; 0 ] && not convIndices.IsEmpty && convIndices = vggConvs convs
-        // Told apart by their shapes, not their keys (inferConfig).
-        | Pmg.Fs.Model.Backbone.ConvNeXt _
-        | Pmg.Fs.Model.Backbone.Swin _ -> false)
+        | Pmg.Fs.Model.Backbone.ConvNeXt c -> convnextDepths = c.Depths && convnextDims = List.map Some c.Dims
+        | Pmg.Fs.Model.Backbone.Swin c ->
+            swinDepths = c.Depths
+            && dim0 "features.0.0.weight" = Some c.EmbedDim
+            && swinHeads = List.map Some c.Heads
+            && swinWindow c.Window)
 
 /// Says what to change when the difference has a known cause: the class count or the backbone.
 let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string list =
@@ -368,7 +393,8 @@ let private hints (expected: Entries) (entries: Entries) (m: Mismatch) : string 
     let backbone =
         if m.Missing.IsEmpty && m.Unexpected.IsEmpty && m.Shapes.IsEmpty then None
         else
-            match backboneOf (List.map fst entries), backboneOf (List.map fst expected) with
+            let shaped (es: Entries) = es |> List.map (fun (k, t) -> k, t.shape)
+            match backboneOf (shaped entries), backboneOf (shaped expected) with
             | Some a, Some b when a <> b -> Some(sprintf "the file looks like %s, the model is %s: build the model on the %s backbone" a b a)
             | _ -> None
     [ classes; backbone ] |> List.choose id |> List.map (sprintf "hint: %s")
@@ -456,7 +482,7 @@ let inferConfig (path: string) (entries: Entries) : Pmg.Fs.Model.Pmg.Config =
             Pmg.Fs.Errors.modelFile path
                 (sprintf "%s has no %s: it is not a PMG state_dict (a backbone's weights are starting weights, not a model)" path key)
     let backbone =
-        match backboneOf (List.map fst entries) with
+        match backboneOf (entries |> List.map (fun (k, t) -> k, t.shape)) with
         | Some b -> b
         | None ->
             Pmg.Fs.Errors.modelFile path
