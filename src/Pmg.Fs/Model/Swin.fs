@@ -1,9 +1,340 @@
-/// torchvision's Swin as PMG's five stages (see Backbone.stages).
+/// torchvision's Swin Transformer (v1, as torchvision 0.14 computes it) as PMG's five stages (see Backbone.stages):
+/// the patch embedding (features.0), then features.1, features.2+3, features.4+5 and features.6+7. Module and
+/// parameter names are torchvision's, so its ImageNet files (swin_t-704ceda3.pth, ...) load strictly. Inside the
+/// stages tensors are NHWC as torchvision's; the stage outputs PMG reads are NCHW.
 module Pmg.Fs.Model.Swin
 
+open System.Collections.Generic
+open TorchSharp
+open TorchSharp.Modules
+open type TorchSharp.torch
+open type TorchSharp.torch.nn
+// torch.int64 and friends would shadow the conversion functions.
+open Microsoft.FSharp.Core.Operators
+open Pmg.Fs.Runtime
 open Pmg.Fs.Model.Backbone
 
-/// Builds a Swin backbone with freshly initialised weights.
-let create (spec: Spec) (config: SwinConfig) : Features =
-    ignore config
-    Pmg.Fs.Errors.setting Pmg.Fs.Setting.Backbone (sprintf "backbone %s is not built yet" spec.Name)
+/// torchvision's patch size: the stem's kernel and stride.
+let private patch = 4L
+
+/// The MLP's hidden width over its input width (torchvision's mlp_ratio).
+let private mlpRatio = 4L
+
+// ---------------------------------------------------------------------------------------------------
+// Index arithmetic, on the host.
+
+/// torchvision's relative_position_index for a w x w window: for tokens i = (hi, wi) and j = (hj, wj) of the window
+/// (row-major), the row of the bias table, (hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1); N x N values, flattened.
+let internal relativeIndex (w: int) : int64[] =
+    let n = w * w
+    [| for i in 0 .. n - 1 do
+           for j in 0 .. n - 1 do
+               int64 ((i / w - j / w + w - 1) * (2 * w - 1) + (i % w - j % w + w - 1)) |]
+
+/// torchvision's attention mask for shifted windows over a padded pH x pW map (window w, shifts sh and sw): for
+/// each window (row-major) and token pair, 0 where both tokens come from the same region of the rolled map, -100
+/// where they do not. As torchvision's slices, a side not shifted is one region.
+let internal shiftMask (pH: int) (pW: int) (w: int) (sh: int) (sw: int) : float32[] =
+    let region size s p =
+        if s = 0 then 0
+        elif p < size - w then 0
+        elif p < size - s then 1
+        else 2
+    let label r c = region pH sh r * 3 + region pW sw c
+    let across = pW / w
+    let windows = (pH / w) * across
+    let n = w * w
+    [| for win in 0 .. windows - 1 do
+           let r0, c0 = (win / across) * w, (win % across) * w
+           for i in 0 .. n - 1 do
+               let li = label (r0 + i / w) (c0 + i % w)
+               for j in 0 .. n - 1 do
+                   if li = label (r0 + j / w) (c0 + j % w) then 0.0f else -100.0f |]
+
+/// The side padded to a multiple of the window.
+let internal padded (side: int64) (w: int64) = side + (w - side % w) % w
+
+/// torch.nn.init.trunc_normal_(t, std = 0.02) as PyTorch computes it: its default bounds (-2, 2, absolute) lie 100
+/// standard deviations out, where the normal CDF rounds to 0 and 1, so the draw is uniform on (-1, 1) from the
+/// global generator, then erfinv, scaled by std * sqrt 2 and clamped to the bounds. The Scalars are held by Ops.
+let private truncNormal002 (t: Tensor) =
+    use _ = no_grad ()
+    t.uniform_(-1.0, 1.0).erfinv_() |> ignore
+    Ops.scalar (0.02 * sqrt 2.0) (fun s -> t.mul_ s) |> ignore
+    Ops.scalar -2.0 (fun a -> Ops.scalar 2.0 (fun b -> t.clamp_(a, b))) |> ignore
+
+// ---------------------------------------------------------------------------------------------------
+// Modules. Children are registered by torchvision's names ("0", "2", "attn", ...), never by field names.
+
+/// features.0: Conv 4x4 stride 4, then LayerNorm over channels in NHWC (torchvision's Permute is features.0.1).
+type private PatchEmbed(dim: int64) as this =
+    inherit Module<Tensor, Tensor>("PatchEmbed")
+    let conv = Conv2d(3L, dim, patch, stride = patch)
+    let norm = LayerNorm(dim)
+    do
+        this.register_module ("0", conv)
+        this.register_module ("2", norm)
+
+    member _.Conv = conv
+    member _.Norm = norm
+
+    override _.forward(x) =
+        use _ = NewDisposeScope()
+        use y = conv.forward x
+        use nhwc = y.permute(0L, 2L, 3L, 1L)
+        (norm.forward nhwc).MoveToOuterDisposeScope()
+
+/// torchvision's MLP: Linear (mlp.0), GELU (exact), Dropout 0, Linear (mlp.3), Dropout 0.
+type private Mlp(dim: int64) as this =
+    inherit Module<Tensor, Tensor>("MLP")
+    let fc1 = Linear(dim, dim * mlpRatio)
+    let fc2 = Linear(dim * mlpRatio, dim)
+    do
+        this.register_module ("0", fc1)
+        this.register_module ("3", fc2)
+
+    override _.forward(x) =
+        use _ = NewDisposeScope()
+        use h = fc1.forward x
+        use g = functional.gelu h
+        (fc2.forward g).MoveToOuterDisposeScope()
+
+/// Shifted-window multi-head self-attention with relative position bias (torchvision's ShiftedWindowAttention):
+/// the map is padded to window multiples, rolled by -shift (unless the padded map is no larger than the window
+/// on that side), split into windows, attended within each window (with the shift's mask), and put back.
+type private WindowAttention(dim: int64, heads: int64, window: int, shift: int) as this =
+    inherit Module<Tensor, Tensor>("ShiftedWindowAttention")
+    let w = int64 window
+    let n = w * w
+    let qkv = Linear(dim, dim * 3L)
+    let proj = Linear(dim, dim)
+    let table = Parameter(zeros ((2L * w - 1L) * (2L * w - 1L), heads))
+    let masks = Dictionary<struct (int64 * int64 * string * ScalarType), Tensor>()
+    do
+        this.register_parameter ("relative_position_bias_table", table)
+        this.register_buffer ("relative_position_index", tensor (relativeIndex window, dtype = ScalarType.Int64))
+        this.register_module ("qkv", qkv)
+        this.register_module ("proj", proj)
+
+    /// The bias table, as registered (moving the module replaces it).
+    member _.Table = this.get_parameter "relative_position_bias_table"
+    member _.Index = this.get_buffer "relative_position_index"
+    member _.Qkv = qkv
+    member _.Proj = proj
+    member _.Heads = heads
+    member _.Window = window
+    member _.Shift = shift
+
+    /// The shifts torchvision uses on a padded pH x pW map: none on a side no larger than the window.
+    member _.Shifts(pH: int64, pW: int64) = (if w >= pH then 0L else int64 shift), (if w >= pW then 0L else int64 shift)
+
+    /// The mask for a padded map, (1, windows, 1, N, N) in the attention's dtype and device, built once per size.
+    member private _.Mask(pH: int64, pW: int64, sh: int64, sw: int64, like: Tensor) : Tensor =
+        let key = struct (pH, pW, like.device.ToString(), like.dtype)
+        match masks.TryGetValue key with
+        | true, m -> m
+        | _ ->
+            use _ = NewDisposeScope()
+            let windows = (pH / w) * (pW / w)
+            use host = (tensor (shiftMask (int pH) (int pW) window (int sh) (int sw))).reshape(1L, windows, 1L, n, n)
+            let m = host.to_type(like.dtype).``to``(like.device).DetachFromDisposeScope()
+            masks.[key] <- m
+            m
+
+    override this.forward(x) =
+        use _ = NewDisposeScope()
+        let b, h, wd, c = x.shape.[0], x.shape.[1], x.shape.[2], x.shape.[3]
+        let pH, pW = padded h w, padded wd w
+        let xp = if pH <> h || pW <> wd then functional.pad (x, [| 0L; 0L; 0L; pW - wd; 0L; pH - h |]) else x.alias ()
+        let sh, sw = this.Shifts(pH, pW)
+        let shifted = sh > 0L || sw > 0L
+        let xs = if shifted then xp.roll ([| -sh; -sw |], [| 1L; 2L |]) else xp
+        let nh, nw = pH / w, pW / w
+        let windows = nh * nw
+        let tokens = xs.view(b, nh, w, nw, w, c).permute(0L, 1L, 3L, 2L, 4L, 5L).reshape(b * windows, n, c)
+        let qkv5 = (qkv.forward tokens).reshape(b * windows, n, 3L, heads, c / heads).permute(2L, 0L, 3L, 1L, 4L)
+        let q = Ops.scale (1.0 / sqrt (float (c / heads))) (qkv5.select (0L, 0L))
+        let k, v = qkv5.select (0L, 1L), qkv5.select (0L, 2L)
+        let bias = this.Table.index_select(0L, this.Index).view(n, n, heads).permute(2L, 0L, 1L).contiguous().unsqueeze (0L)
+        let attn = Ops.add (q.matmul (k.transpose (-2L, -1L))) bias
+        let attn =
+            if shifted then
+                let mask = this.Mask(pH, pW, sh, sw, attn)
+                (Ops.add (attn.view (b, windows, heads, n, n)) mask).view (-1L, heads, n, n)
+            else
+                attn
+        let probs = functional.softmax (attn, -1L)
+        let y = proj.forward ((probs.matmul v).transpose(1L, 2L).reshape (b * windows, n, c))
+        let y = y.view(b, nh, nw, w, w, c).permute(0L, 1L, 3L, 2L, 4L, 5L).reshape (b, pH, pW, c)
+        let y = if shifted then y.roll ([| sh; sw |], [| 1L; 2L |]) else y
+        let y = if pH <> h || pW <> wd then y.narrow(1L, 0L, h).narrow(2L, 0L, wd).contiguous () else y
+        y.MoveToOuterDisposeScope()
+
+    override _.Dispose(disposing) =
+        if disposing then
+            for m in masks.Values do
+                m.Dispose()
+            masks.Clear()
+        base.Dispose disposing
+
+/// Where the stochastic depth of every block draws: one generator per network, reseeded by Features.Reseed.
+type private Draws(seed: int64) =
+    let gen = new Generator(uint64 seed)
+    member _.Generator = gen
+    member _.Reseed(seed: int64) = gen.manual_seed seed |> ignore
+    interface System.IDisposable with
+        member _.Dispose() = gen.Dispose()
+
+/// One Swin block (torchvision's SwinTransformerBlock): x + sd(attn(norm1 x)), then + sd(mlp(norm2 x)), where sd is
+/// stochastic depth in "row" mode with drop probability `drop` while training.
+type private Block(dim: int64, heads: int64, window: int, shift: int, drop: float, draws: Draws) as this =
+    inherit Module<Tensor, Tensor>("SwinTransformerBlock")
+    let norm1 = LayerNorm(dim)
+    let attn = new WindowAttention(dim, heads, window, shift)
+    let norm2 = LayerNorm(dim)
+    let mlp = new Mlp(dim)
+    do
+        this.register_module ("norm1", norm1)
+        this.register_module ("attn", attn)
+        this.register_module ("norm2", norm2)
+        this.register_module ("mlp", mlp)
+
+    member _.Attn = attn
+    member _.Norm1 = norm1
+    member _.Norm2 = norm2
+    member _.Mlp = mlp
+    member _.Drop = drop
+
+    /// Stochastic depth: each sample's branch kept with probability 1 - drop and then scaled by 1 / (1 - drop).
+    /// The draws are on the CPU from the network's generator, so they are the same on every device.
+    member private this.Depth(t: Tensor) : Tensor =
+        if this.training && drop > 0.0 then
+            let keep = 1.0 - drop
+            let shape = Array.append [| t.shape.[0] |] (Array.create (int (t.dim ()) - 1) 1L)
+            let noise = empty(shape, dtype = ScalarType.Float32).bernoulli_(keep, draws.Generator)
+            let noise = if keep > 0.0 then Ops.scale (1.0 / keep) noise else noise
+            t.mul (noise.to_type(t.dtype).``to``(t.device): Tensor)
+        else
+            t
+
+    override this.forward(x) =
+        use _ = NewDisposeScope()
+        let x = Ops.add x (this.Depth(attn.forward (norm1.forward x)))
+        (Ops.add x (this.Depth(mlp.forward (norm2.forward x)))).MoveToOuterDisposeScope()
+
+/// torchvision's PatchMerging: pad odd sides, concatenate each 2x2 neighbourhood's tokens in the order (0,0),
+/// (1,0), (0,1), (1,1) (row, column), LayerNorm over the 4C channels, then a Linear to 2C without bias.
+type private PatchMerging(dim: int64) as this =
+    inherit Module<Tensor, Tensor>("PatchMerging")
+    let reduction = Linear(4L * dim, 2L * dim, hasBias = false)
+    let norm = LayerNorm(4L * dim)
+    do
+        this.register_module ("reduction", reduction)
+        this.register_module ("norm", norm)
+
+    member _.Reduction = reduction
+    member _.Norm = norm
+
+    override _.forward(x) =
+        use _ = NewDisposeScope()
+        let b, h, w, c = x.shape.[0], x.shape.[1], x.shape.[2], x.shape.[3]
+        let x = if h % 2L = 1L || w % 2L = 1L then functional.pad (x, [| 0L; 0L; 0L; w % 2L; 0L; h % 2L |]) else x
+        let h, w = h + h % 2L, w + w % 2L
+        // (B, H/2, row, W/2, column, C) -> (B, H/2, W/2, column, row, C): channel blocks in the order row + 2 column.
+        let merged = x.view(b, h / 2L, 2L, w / 2L, 2L, c).permute(0L, 1L, 3L, 4L, 2L, 5L).reshape (b, h / 2L, w / 2L, 4L * c)
+        (reduction.forward (norm.forward merged)).MoveToOuterDisposeScope()
+
+/// A Swin Transformer whose ForwardStages returns the five stages' outputs (NCHW). `norm` and `head` are
+/// torchvision's ImageNet classifier: PMG does not use them, but they are kept so that ImageNet state_dicts load
+/// strictly.
+type Net(spec: Spec, config: SwinConfig) as this =
+    inherit Features(spec.Name)
+    let stageList = stages spec
+    let dims = [ for i in 0..3 -> int64 config.EmbedDim <<< i ]
+    let total = List.sum config.Depths
+    let draws = new Draws(torch.random.initial_seed ())
+    let stem = new PatchEmbed(dims.[0])
+    let blockStages =
+        let mutable id = 0
+        [ for s in 0..3 ->
+              [ for i in 0 .. config.Depths.[s] - 1 ->
+                    // torchvision's linear rule over all blocks: block id of `total` drops with p * id / (total - 1).
+                    let p = if total > 1 then config.StochasticDepth * float id / float (total - 1) else 0.0
+                    id <- id + 1
+                    new Block(dims.[s], int64 config.Heads.[s], config.Window, (if i % 2 = 0 then 0 else config.Window / 2), p, draws) ] ]
+    let merges = [ for s in 0..2 -> new PatchMerging(dims.[s]) ]
+    let stageModules = blockStages |> List.map (fun bs -> new ModuleList<Module>(bs |> List.map (fun b -> b :> Module) |> Array.ofList))
+    let features =
+        new ModuleList<Module>(
+            [| stem :> Module
+               stageModules.[0]
+               merges.[0]
+               stageModules.[1]
+               merges.[1]
+               stageModules.[2]
+               merges.[2]
+               stageModules.[3] |]
+        )
+    let norm = LayerNorm(List.last dims)
+    let head = spec.ImageNetClassifier |> Option.map (fun classes -> Linear(List.last dims, int64 classes)) |> Option.toObj
+    do
+        this.register_module ("features", features)
+        this.register_module ("norm", norm)
+        if not (isNull head) then this.register_module ("head", head)
+        // torchvision's initialisation: the bias tables, then every Linear, truncated normal (std 0.02), biases 0.
+        use _ = no_grad ()
+        for b in List.concat blockStages do
+            truncNormal002 b.Attn.Table
+        for m in this.modules () do
+            match m with
+            | :? Linear as l ->
+                truncNormal002 l.weight
+                if not (isNull l.bias) then l.bias.zero_ () |> ignore
+            | _ -> ()
+
+    /// Blocks of stage s (0-based), then the stage (NHWC) after the merging that precedes it.
+    let runStage (s: int) (x: Tensor) : Tensor =
+        use _ = NewDisposeScope()
+        let x = if s = 0 then x else merges.[s - 1].forward x
+        (blockStages.[s] |> List.fold (fun (y: Tensor) (b: Block) -> b.forward y) x).MoveToOuterDisposeScope()
+
+    /// NHWC stage outputs up to stage `upTo` (the stem is stage 1).
+    let forwardNhwc (x: Tensor) (upTo: int) : Tensor list =
+        let first = stem.forward x
+        [ 0 .. upTo - 2 ] |> List.scan (fun y s -> runStage s y) first
+
+    /// The patch embedding, then stage1..stage4.
+    override _.Stages = stageList
+
+    /// Outputs (NCHW) of the stem, then of stage1.. up to stage `upTo` (1-based; the stem is stage 1).
+    override _.ForwardStages(x: Tensor, upTo: int) : Tensor list =
+        use _ = NewDisposeScope()
+        forwardNhwc x (max 1 (min upTo 5))
+        |> List.map (fun y -> y.permute(0L, 3L, 1L, 2L).contiguous().MoveToOuterDisposeScope())
+
+    /// Not written yet: the export refuses Swin backbones by name.
+    override _.EmitStages(_, _, _) =
+        Pmg.Fs.Errors.fail (
+            Pmg.Fs.PmgError.InvalidSetting(
+                Pmg.Fs.Setting.Backbone,
+                sprintf "ONNX export of Swin backbones (%s) is not supported yet; keep the model as a checkpoint or .pth, or export a ResNet or VGG backbone" spec.Name
+            )
+        )
+
+    /// Reseeds stochastic depth's generator.
+    override _.Reseed(seed: int64) = draws.Reseed seed
+
+    /// The ImageNet classifier path, as torchvision's forward: the final LayerNorm, average pooling, `head`
+    /// (the pooled features where the backbone keeps no classifier).
+    override this.forward(x) =
+        use _ = NewDisposeScope()
+        let last = forwardNhwc x 5 |> List.last
+        let pooled = (norm.forward last).mean([| 1L; 2L |])
+        (if isNull head then pooled else head.forward pooled).MoveToOuterDisposeScope()
+
+    override _.Dispose(disposing) =
+        if disposing then (draws :> System.IDisposable).Dispose()
+        base.Dispose disposing
+
+/// Builds a Swin backbone with freshly initialised weights (torchvision's initialisation, from the global generator).
+let create (spec: Spec) (config: SwinConfig) : Features = new Net(spec, config)
