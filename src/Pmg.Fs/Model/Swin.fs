@@ -64,40 +64,37 @@ let private truncNormal002 (t: Tensor) =
     Ops.scalar -2.0 (fun a -> Ops.scalar 2.0 (fun b -> t.clamp_(a, b))) |> ignore
 
 // ---------------------------------------------------------------------------------------------------
-// Modules. Children are registered by torchvision's names ("0", "2", "attn", ...), never by field names.
+// Modules. Children are registered by torchvision's names ("0", "2", "attn", ...). TorchSharp also registers a
+// module's Module-typed fields under their field names when it walks the tree, so a child whose name is not its
+// field's ("0", "3") is held in an array, which it does not register.
 
 /// features.0: Conv 4x4 stride 4, then LayerNorm over channels in NHWC (torchvision's Permute is features.0.1).
 type private PatchEmbed(dim: int64) as this =
     inherit Module<Tensor, Tensor>("PatchEmbed")
-    let conv = Conv2d(3L, dim, patch, stride = patch)
-    let norm = LayerNorm(dim)
+    let parts: Module<Tensor, Tensor>[] = [| Conv2d(3L, dim, patch, stride = patch); LayerNorm(dim) |]
     do
-        this.register_module ("0", conv)
-        this.register_module ("2", norm)
-
-    member _.Conv = conv
-    member _.Norm = norm
+        this.register_module ("0", parts.[0])
+        this.register_module ("2", parts.[1])
 
     override _.forward(x) =
         use _ = NewDisposeScope()
-        use y = conv.forward x
+        use y = parts.[0].forward x
         use nhwc = y.permute(0L, 2L, 3L, 1L)
-        (norm.forward nhwc).MoveToOuterDisposeScope()
+        (parts.[1].forward nhwc).MoveToOuterDisposeScope()
 
 /// torchvision's MLP: Linear (mlp.0), GELU (exact), Dropout 0, Linear (mlp.3), Dropout 0.
 type private Mlp(dim: int64) as this =
     inherit Module<Tensor, Tensor>("MLP")
-    let fc1 = Linear(dim, dim * mlpRatio)
-    let fc2 = Linear(dim * mlpRatio, dim)
+    let fc: Linear[] = [| Linear(dim, dim * mlpRatio); Linear(dim * mlpRatio, dim) |]
     do
-        this.register_module ("0", fc1)
-        this.register_module ("3", fc2)
+        this.register_module ("0", fc.[0])
+        this.register_module ("3", fc.[1])
 
     override _.forward(x) =
         use _ = NewDisposeScope()
-        use h = fc1.forward x
+        use h = fc.[0].forward x
         use g = functional.gelu h
-        (fc2.forward g).MoveToOuterDisposeScope()
+        (fc.[1].forward g).MoveToOuterDisposeScope()
 
 /// Shifted-window multi-head self-attention with relative position bias (torchvision's ShiftedWindowAttention):
 /// the map is padded to window multiples, rolled by -shift (unless the padded map is no larger than the window
@@ -253,7 +250,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
     let dims = [ for i in 0..3 -> int64 config.EmbedDim <<< i ]
     let total = List.sum config.Depths
     let draws = new Draws(torch.random.initial_seed ())
-    let stem = new PatchEmbed(dims.[0])
+    let stem = [| new PatchEmbed(dims.[0]) |]
     let blockStages =
         let mutable id = 0
         [ for s in 0..3 ->
@@ -266,7 +263,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
     let stageModules = blockStages |> List.map (fun bs -> new ModuleList<Module>(bs |> List.map (fun b -> b :> Module) |> Array.ofList))
     let features =
         new ModuleList<Module>(
-            [| stem :> Module
+            [| stem.[0] :> Module
                stageModules.[0]
                merges.[0]
                stageModules.[1]
@@ -300,7 +297,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
 
     /// NHWC stage outputs up to stage `upTo` (the stem is stage 1).
     let forwardNhwc (x: Tensor) (upTo: int) : Tensor list =
-        let first = stem.forward x
+        let first = stem.[0].forward x
         [ 0 .. upTo - 2 ] |> List.scan (fun y s -> runStage s y) first
 
     /// The patch embedding, then stage1..stage4.
