@@ -76,6 +76,9 @@ type private PatchEmbed(dim: int64) as this =
         this.register_module ("0", parts.[0])
         this.register_module ("2", parts.[1])
 
+    /// The patch convolution (features.0.0).
+    member _.Conv = parts.[0]
+
     override _.forward(x) =
         use _ = NewDisposeScope()
         use y = parts.[0].forward x
@@ -241,6 +244,129 @@ type private PatchMerging(dim: int64) as this =
         let merged = x.view(b, h / 2L, 2L, w / 2L, 2L, c).permute(0L, 1L, 3L, 4L, 2L, 5L).reshape (b, h / 2L, w / 2L, 4L * c)
         (reduction.forward (norm.forward merged)).MoveToOuterDisposeScope()
 
+// ---------------------------------------------------------------------------------------------------
+// The eval-mode computation as ONNX operators (opset 17). Sizes are read from the tensors (Shape), so one graph
+// pads, shifts and masks as the forward does for whatever size it is given; the static parts (window, heads,
+// widths, the relative position index) are constants.
+
+/// Operators over NHWC tensors, written through a graph builder.
+type private Ops(b: Graph.IBuilder) =
+    let node op inputs attributes = b.Node(op, inputs, attributes)
+
+    member _.Node(op: string, inputs: string list, attributes: (string * Graph.Attribute) list) = node op inputs attributes
+    /// A 1-d int64 constant.
+    member _.Ints(xs: int64 list) = node "Constant" [] [ "value_ints", Graph.Ints xs ]
+    /// A scalar float constant.
+    member _.Float(v: float32) = node "Constant" [] [ "value_float", Graph.Float v ]
+    /// Dimension `d` of `x` as a 1-d tensor of one element.
+    member _.Dim(x: string, d: int64) = node "Shape" [ x ] [ "start", Graph.Int d; "end", Graph.Int(d + 1L) ]
+    member _.Concat(xs: string list) = node "Concat" xs [ "axis", Graph.Int 0L ]
+    member _.Reshape(x: string, shape: string) = node "Reshape" [ x; shape ] []
+    member _.Transpose(x: string, perm: int64 list) = node "Transpose" [ x ] [ "perm", Graph.Ints perm ]
+    member _.Slice(x: string, starts: string, ends: string, axes: int64 list) = node "Slice" [ x; starts; ends; node "Constant" [] [ "value_ints", Graph.Ints axes ] ] []
+    member _.Add(a: string, c: string) = node "Add" [ a; c ] []
+    member _.Sub(a: string, c: string) = node "Sub" [ a; c ] []
+    member _.Mul(a: string, c: string) = node "Mul" [ a; c ] []
+    member _.Div(a: string, c: string) = node "Div" [ a; c ] []
+    member _.Mod(a: string, c: string) = node "Mod" [ a; c ] []
+    /// LayerNorm over the last dimension, eps 1e-5, with the weights under `key`.
+    member _.LayerNorm(x: string, key: string) =
+        node "LayerNormalization" [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias") ] [ "axis", Graph.Int -1L; "epsilon", Graph.Float 1e-5f ]
+    /// A Linear over the last dimension (weights under `key`).
+    member this.Linear(x: string, key: string, bias: bool) =
+        let y = node "MatMul" [ x; this.Transpose(b.Weight(key + ".weight"), [ 1L; 0L ]) ] []
+        if bias then this.Add(y, b.Weight(key + ".bias")) else y
+    /// GELU, exact: x * (1 + erf(x / sqrt 2)) / 2.
+    member this.Gelu(x: string) =
+        let e = node "Erf" [ this.Div(x, this.Float(float32 (sqrt 2.0))) ] []
+        this.Mul(this.Mul(x, this.Add(e, this.Float 1.0f)), this.Float 0.5f)
+    /// torch.roll of `x` by `shift` (a 1-d tensor, 0 <= shift <= size) on `axis`, whose length is `size`.
+    member this.Roll(x: string, shift: string, size: string, axis: int64) =
+        // Rolled by k: the last k entries first. `shift` counts forward (torch.roll's positive shift).
+        let cut = this.Sub(size, shift)
+        let big = this.Ints [ System.Int64.MaxValue ]
+        this.Concat2(this.Slice(x, cut, big, [ axis ]), this.Slice(x, this.Ints [ 0L ], cut, [ axis ]), axis)
+    member _.Concat2(a: string, c: string, axis: int64) = node "Concat" [ a; c ] [ "axis", Graph.Int axis ]
+    /// A cast to int64 (ONNX's type 7).
+    member _.Int64(x: string) = node "Cast" [ x ] [ "to", Graph.Int 7L ]
+    member this.Unsqueeze(x: string, axes: int64 list) = node "Unsqueeze" [ x; this.Ints axes ] []
+    /// The stored weight `key`.
+    member _.Weight(key: string) = b.Weight key
+    /// Scalar int64 constants 0 and 1.
+    member _.Scalar0 = node "Constant" [] [ "value_int", Graph.Int 0L ]
+    member _.Scalar1 = node "Constant" [] [ "value_int", Graph.Int 1L ]
+
+/// A block's attention (weights under `key`, "...attn") over x (B, H, W, C).
+let private emitAttention (o: Ops) (key: string) (x: string) (dim: int64) (heads: int64) (window: int) (shift: int) : string =
+    let w = int64 window
+    let n = w * w
+    let wT = o.Ints [ w ]
+    let batch, h, wd = o.Dim(x, 0L), o.Dim(x, 1L), o.Dim(x, 2L)
+    let padB, padR = o.Mod(o.Sub(wT, o.Mod(h, wT)), wT), o.Mod(o.Sub(wT, o.Mod(wd, wT)), wT)
+    let zero = o.Ints [ 0L ]
+    let xp = o.Node("Pad", [ x; o.Concat [ o.Ints [ 0L; 0L; 0L; 0L; 0L ]; padB; padR; zero ] ], [])
+    let pH, pW = o.Add(h, padB), o.Add(wd, padR)
+    // torchvision's shift, dropped on a side whose padded length is no larger than the window.
+    let sideShift (side: string) = o.Mul(o.Int64(o.Node("Greater", [ side; wT ], [])), o.Ints [ int64 shift ])
+    let sh, sw = sideShift pH, sideShift pW
+    let rolled (y: string) (back: bool) =
+        if shift = 0 then y
+        else
+            let by (s: string) (size: string) = if back then s else o.Sub(size, s)
+            o.Roll(o.Roll(y, by sh pH, pH, 1L), by sw pW, pW, 2L)
+    let xs = rolled xp false
+    let nh, nw = o.Div(pH, wT), o.Div(pW, wT)
+    let tokens =
+        o.Reshape(o.Transpose(o.Reshape(xs, o.Concat [ batch; nh; wT; nw; wT; o.Ints [ dim ] ]), [ 0L; 1L; 3L; 2L; 4L; 5L ]), o.Ints [ -1L; n; dim ])
+    let qkv = o.Transpose(o.Reshape(o.Linear(tokens, key + ".qkv", true), o.Ints [ -1L; n; 3L; heads; dim / heads ]), [ 2L; 0L; 3L; 1L; 4L ])
+    let part i = o.Node("Gather", [ qkv; o.Node("Constant", [], [ "value_int", Graph.Int i ]) ], [ "axis", Graph.Int 0L ])
+    let q = o.Mul(part 0L, o.Float(float32 (1.0 / sqrt (float (dim / heads)))))
+    let attn = o.Node("MatMul", [ q; o.Transpose(part 1L, [ 0L; 1L; 3L; 2L ]) ], [])
+    let bias =
+        let index = o.Ints(List.ofArray (relativeIndex window))
+        let rows = o.Node("Gather", [ o.Weight(key + ".relative_position_bias_table"); index ], [ "axis", Graph.Int 0L ])
+        o.Transpose(o.Reshape(rows, o.Ints [ n; n; heads ]), [ 2L; 0L; 1L ])
+    let attn = o.Add(attn, bias)
+    let attn =
+        if shift = 0 then attn
+        else
+            // Region labels of the rolled map, 3 x row region + column region, as torchvision's slices: a side not
+            // shifted is one region.
+            let labels (size: string) (s: string) =
+                let at = o.Node("Range", [ o.Scalar0; o.Node("Squeeze", [ size ], []); o.Scalar1 ], [])
+                let past (edge: string) = o.Int64(o.Node("GreaterOrEqual", [ at; o.Node("Squeeze", [ o.Sub(size, edge) ], []) ], []))
+                let shifted = o.Int64(o.Node("Greater", [ s; zero ], []))
+                o.Mul(o.Add(past wT, past s), shifted)
+            let grid = o.Add(o.Mul(o.Unsqueeze(labels pH sh, [ 1L ]), o.Ints [ 3L ]), o.Unsqueeze(labels pW sw, [ 0L ]))
+            let perWindow = o.Reshape(o.Transpose(o.Reshape(grid, o.Concat [ nh; wT; nw; wT ]), [ 0L; 2L; 1L; 3L ]), o.Ints [ -1L; n ])
+            let same = o.Node("Equal", [ o.Unsqueeze(perWindow, [ 1L ]); o.Unsqueeze(perWindow, [ 2L ]) ], [])
+            let mask = o.Unsqueeze(o.Node("Where", [ same; o.Float 0.0f; o.Float -100.0f ], []), [ 1L ])
+            let byImage = o.Reshape(attn, o.Concat [ batch; o.Ints [ -1L; heads; n; n ] ])
+            o.Reshape(o.Add(byImage, mask), o.Ints [ -1L; heads; n; n ])
+    let probs = o.Node("Softmax", [ attn ], [ "axis", Graph.Int -1L ])
+    let y = o.Node("MatMul", [ probs; part 2L ], [])
+    let y = o.Linear(o.Reshape(o.Transpose(y, [ 0L; 2L; 1L; 3L ]), o.Ints [ -1L; n; dim ]), key + ".proj", true)
+    let y = o.Reshape(o.Transpose(o.Reshape(y, o.Concat [ batch; nh; nw; wT; wT; o.Ints [ dim ] ]), [ 0L; 1L; 3L; 2L; 4L; 5L ]), o.Concat [ batch; pH; pW; o.Ints [ dim ] ])
+    let y = rolled y true
+    o.Slice(y, o.Ints [ 0L; 0L ], o.Concat [ h; wd ], [ 1L; 2L ])
+
+/// A block (weights under `key`, "features.s.i") over x (B, H, W, C), eval mode.
+let private emitBlock (o: Ops) (key: string) (x: string) (dim: int64) (heads: int64) (window: int) (shift: int) : string =
+    let x = o.Add(x, emitAttention o (key + ".attn") (o.LayerNorm(x, key + ".norm1")) dim heads window shift)
+    let hidden = o.Gelu(o.Linear(o.LayerNorm(x, key + ".norm2"), key + ".mlp.0", true))
+    o.Add(x, o.Linear(hidden, key + ".mlp.3", true))
+
+/// Patch merging (weights under `key`) over x (B, H, W, C).
+let private emitMerging (o: Ops) (key: string) (x: string) (dim: int64) : string =
+    let two = o.Ints [ 2L ]
+    let batch, h, w = o.Dim(x, 0L), o.Dim(x, 1L), o.Dim(x, 2L)
+    let padB, padR = o.Mod(h, two), o.Mod(w, two)
+    let xp = o.Node("Pad", [ x; o.Concat [ o.Ints [ 0L; 0L; 0L; 0L; 0L ]; padB; padR; o.Ints [ 0L ] ] ], [])
+    let h2, w2 = o.Div(o.Add(h, padB), two), o.Div(o.Add(w, padR), two)
+    let merged =
+        o.Reshape(o.Transpose(o.Reshape(xp, o.Concat [ batch; h2; two; w2; two; o.Ints [ dim ] ]), [ 0L; 1L; 3L; 4L; 2L; 5L ]), o.Concat [ batch; h2; w2; o.Ints [ 4L * dim ] ])
+    o.Linear(o.LayerNorm(merged, key + ".norm"), key + ".reduction", false)
+
 /// A Swin Transformer whose ForwardStages returns the five stages' outputs (NCHW). `norm` and `head` are
 /// torchvision's ImageNet classifier: PMG does not use them, but they are kept so that ImageNet state_dicts load
 /// strictly.
@@ -309,14 +435,20 @@ type Net(spec: Spec, config: SwinConfig) as this =
         forwardNhwc x (max 1 (min upTo 5))
         |> List.map (fun y -> y.permute(0L, 3L, 1L, 2L).contiguous().MoveToOuterDisposeScope())
 
-    /// Not written yet: the export refuses Swin backbones by name.
-    override _.EmitStages(_, _, _) =
-        Pmg.Fs.Errors.fail (
-            Pmg.Fs.PmgError.InvalidSetting(
-                Pmg.Fs.Setting.Backbone,
-                sprintf "ONNX export of Swin backbones (%s) is not supported yet; keep the model as a checkpoint or .pth, or export a ResNet or VGG backbone" spec.Name
-            )
-        )
+    /// The stages as ONNX operators (eval mode), each output NCHW.
+    override _.EmitStages(b, prefix, x) =
+        let o = Ops(b)
+        let key = prefix + "features."
+        let stem = Graph.emit b (key + "0.0.") (stem.[0].Conv) x
+        let first = o.LayerNorm(o.Transpose(stem, [ 0L; 2L; 3L; 1L ]), key + "0.2")
+        let stageOut (s: int) (y: string) =
+            let index = 2 * s + 1
+            let y = if s = 0 then y else emitMerging o (sprintf "%s%d" key (index - 1)) y dims.[s - 1]
+            blockStages.[s]
+            |> List.indexed
+            |> List.fold (fun y (i, blk: Block) -> emitBlock o (sprintf "%s%d.%d" key index i) y dims.[s] (int64 config.Heads.[s]) config.Window blk.Attn.Shift) y
+        let nhwc = [ 0..3 ] |> List.scan (fun y s -> stageOut s y) first
+        nhwc |> List.map (fun y -> o.Transpose(y, [ 0L; 3L; 1L; 2L ]))
 
     /// Reseeds stochastic depth's generator.
     override _.Reseed(seed: int64) = draws.Reseed seed
