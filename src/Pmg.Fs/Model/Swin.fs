@@ -116,13 +116,10 @@ type private WindowAttention(dim: int64, heads: int64, window: int, shift: int) 
         this.register_module ("qkv", qkv)
         this.register_module ("proj", proj)
 
-    /// The bias table, as registered (moving the module replaces it).
+    /// The bias table and its index, looked up by name: moving the module to a device replaces them.
     member _.Table = this.get_parameter "relative_position_bias_table"
     member _.Index = this.get_buffer "relative_position_index"
-    member _.Qkv = qkv
-    member _.Proj = proj
-    member _.Heads = heads
-    member _.Window = window
+    /// The shift of this block's windows (0 or half the window) on maps larger than the window.
     member _.Shift = shift
 
     /// The shifts torchvision uses on a padded pH x pW map: none on a side no larger than the window.
@@ -199,11 +196,8 @@ type private Block(dim: int64, heads: int64, window: int, shift: int, drop: floa
         this.register_module ("norm2", norm2)
         this.register_module ("mlp", mlp)
 
+    /// The block's attention (features.s.i.attn).
     member _.Attn = attn
-    member _.Norm1 = norm1
-    member _.Norm2 = norm2
-    member _.Mlp = mlp
-    member _.Drop = drop
 
     /// Stochastic depth: each sample's branch kept with probability 1 - drop and then scaled by 1 / (1 - drop).
     /// The draws are on the CPU from the network's generator, so they are the same on every device.
@@ -232,9 +226,6 @@ type private PatchMerging(dim: int64) as this =
         this.register_module ("reduction", reduction)
         this.register_module ("norm", norm)
 
-    member _.Reduction = reduction
-    member _.Norm = norm
-
     override _.forward(x) =
         use _ = NewDisposeScope()
         let b, h, w, c = x.shape.[0], x.shape.[1], x.shape.[2], x.shape.[3]
@@ -250,7 +241,7 @@ type private PatchMerging(dim: int64) as this =
 // widths, the relative position index) are constants.
 
 /// Operators over NHWC tensors, written through a graph builder.
-type private Ops(b: Graph.IBuilder) =
+type private Emitter(b: Graph.IBuilder) =
     let node op inputs attributes = b.Node(op, inputs, attributes)
 
     member _.Node(op: string, inputs: string list, attributes: (string * Graph.Attribute) list) = node op inputs attributes
@@ -297,7 +288,7 @@ type private Ops(b: Graph.IBuilder) =
     member _.Scalar1 = node "Constant" [] [ "value_int", Graph.Int 1L ]
 
 /// A block's attention (weights under `key`, "...attn") over x (B, H, W, C).
-let private emitAttention (o: Ops) (key: string) (x: string) (dim: int64) (heads: int64) (window: int) (shift: int) : string =
+let private emitAttention (o: Emitter) (key: string) (x: string) (dim: int64) (heads: int64) (window: int) (shift: int) : string =
     let w = int64 window
     let n = w * w
     let wT = o.Ints [ w ]
@@ -351,13 +342,13 @@ let private emitAttention (o: Ops) (key: string) (x: string) (dim: int64) (heads
     o.Slice(y, o.Ints [ 0L; 0L ], o.Concat [ h; wd ], [ 1L; 2L ])
 
 /// A block (weights under `key`, "features.s.i") over x (B, H, W, C), eval mode.
-let private emitBlock (o: Ops) (key: string) (x: string) (dim: int64) (heads: int64) (window: int) (shift: int) : string =
+let private emitBlock (o: Emitter) (key: string) (x: string) (dim: int64) (heads: int64) (window: int) (shift: int) : string =
     let x = o.Add(x, emitAttention o (key + ".attn") (o.LayerNorm(x, key + ".norm1")) dim heads window shift)
     let hidden = o.Gelu(o.Linear(o.LayerNorm(x, key + ".norm2"), key + ".mlp.0", true))
     o.Add(x, o.Linear(hidden, key + ".mlp.3", true))
 
 /// Patch merging (weights under `key`) over x (B, H, W, C).
-let private emitMerging (o: Ops) (key: string) (x: string) (dim: int64) : string =
+let private emitMerging (o: Emitter) (key: string) (x: string) (dim: int64) : string =
     let two = o.Ints [ 2L ]
     let batch, h, w = o.Dim(x, 0L), o.Dim(x, 1L), o.Dim(x, 2L)
     let padB, padR = o.Mod(h, two), o.Mod(w, two)
@@ -437,7 +428,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
 
     /// The stages as ONNX operators (eval mode), each output NCHW.
     override _.EmitStages(b, prefix, x) =
-        let o = Ops(b)
+        let o = Emitter(b)
         let key = prefix + "features."
         let stem = Graph.emit b (key + "0.0.") (stem.[0].Conv) x
         let first = o.LayerNorm(o.Transpose(stem, [ 0L; 2L; 3L; 1L ]), key + "0.2")
