@@ -406,7 +406,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
                 if not (isNull l.bias) then l.bias.zero_ () |> ignore
             | _ -> ()
 
-    /// Blocks of stage s (0-based), then the stage (NHWC) after the merging that precedes it.
+    /// Stage s (0-based), NHWC: the patch merging that precedes it (stages 1..3), then its blocks.
     let runStage (s: int) (x: Tensor) : Tensor =
         use _ = NewDisposeScope()
         let x = if s = 0 then x else merges.[s - 1].forward x
