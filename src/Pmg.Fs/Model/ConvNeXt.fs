@@ -18,20 +18,6 @@ let private eps = 1e-6
 /// torchvision's initial layer scale.
 let private layerScaleInit = 1e-6
 
-/// torchvision's `nn.init.trunc_normal_(w, std=std)` (mean 0, cut at -2 and 2, absolute), as PyTorch computes it:
-/// uniform on the cut's CDF range, erfinv, scaled, then clamped. TorchSharp 0.107's own trunc_normal_ leaves values
-/// that are not finite (8 in 160 million draws: about one per ConvNeXt-T), so it is not used.
-let private truncNormal (std: float) (t: Tensor) =
-    // 2 CDF(v) - 1 = erf(v / (std sqrt 2)) at the cut's ends (-1 and 1 to double precision for std 0.02).
-    let ends =
-        use v = torch.tensor ([| -2.0 / std / sqrt 2.0; 2.0 / std / sqrt 2.0 |], dtype = ScalarType.Float64)
-        use e = v.erf ()
-        e.data<float>().ToArray()
-    t.uniform_ (ends.[0], ends.[1]) |> ignore
-    t.erfinv_ () |> ignore
-    Ops.scalar (std * sqrt 2.0) (fun s -> t.mul_ s) |> ignore
-    Ops.scalar -2.0 (fun a -> Ops.scalar 2.0 (fun b -> t.clamp_ (a, b))) |> ignore
-
 /// Channels-last to channels-first and back, as permutations of (N, C, H, W).
 let private toLast = [| 0L; 2L; 3L; 1L |]
 let private toFirst = [| 0L; 3L; 1L; 2L |]
@@ -227,10 +213,10 @@ type Net(spec: Spec, config: ConvNeXtConfig) as this =
         for struct (_, m) in this.named_modules () do
             match m with
             | :? Conv2d as c ->
-                truncNormal 0.02 c.weight
+                Layers.truncNormal 0.02 c.weight
                 if not (isNull c.bias) then init.zeros_ c.bias |> ignore
             | :? Linear as l ->
-                truncNormal 0.02 l.weight
+                Layers.truncNormal 0.02 l.weight
                 if not (isNull l.bias) then init.zeros_ l.bias |> ignore
             | _ -> ()
 

@@ -67,3 +67,19 @@ type Elu() =
     // ELU with alpha 1, as its one operator.
     interface Graph.IExportable with
         member _.Emit(b, _, inputs) = [ b.Node("Elu", inputs, [ "alpha", Graph.Float 1.0f ]) ]
+
+/// torch.nn.init.trunc_normal_(t, std) with its default cut at -2 and 2 (absolute), as PyTorch computes it: uniform
+/// on the cut's CDF range from the global generator, erfinv, scaled, then clamped. TorchSharp 0.107's own
+/// trunc_normal_ leaves values that are not finite (8 in 160 million draws: about one per ConvNeXt-T), so the
+/// transformer-era backbones (ConvNeXt, Swin) initialise through this one.
+let truncNormal (std: float) (t: Tensor) =
+    use _ = torch.no_grad ()
+    // 2 CDF(v) - 1 = erf(v / (std sqrt 2)) at the cut's ends (-1 and 1 to double precision for std 0.02).
+    let ends =
+        use v = torch.tensor ([| -2.0 / std / sqrt 2.0; 2.0 / std / sqrt 2.0 |], dtype = ScalarType.Float64)
+        use e = v.erf ()
+        e.data<float>().ToArray()
+    t.uniform_ (ends.[0], ends.[1]) |> ignore
+    t.erfinv_ () |> ignore
+    Ops.scalar (std * sqrt 2.0) (fun s -> t.mul_ s) |> ignore
+    Ops.scalar -2.0 (fun a -> Ops.scalar 2.0 (fun b -> t.clamp_ (a, b))) |> ignore

@@ -54,15 +54,6 @@ let internal shiftMask (pH: int) (pW: int) (w: int) (sh: int) (sw: int) : float3
 /// The side padded to a multiple of the window.
 let internal padded (side: int64) (w: int64) = side + (w - side % w) % w
 
-/// torch.nn.init.trunc_normal_(t, std = 0.02) as PyTorch computes it: its default bounds (-2, 2, absolute) lie 100
-/// standard deviations out, where the normal CDF rounds to 0 and 1, so the draw is uniform on (-1, 1) from the
-/// global generator, then erfinv, scaled by std * sqrt 2 and clamped to the bounds. The Scalars are held by Ops.
-let private truncNormal002 (t: Tensor) =
-    use _ = no_grad ()
-    t.uniform_(-1.0, 1.0).erfinv_() |> ignore
-    Ops.scalar (0.02 * sqrt 2.0) (fun s -> t.mul_ s) |> ignore
-    Ops.scalar -2.0 (fun a -> Ops.scalar 2.0 (fun b -> t.clamp_(a, b))) |> ignore
-
 // ---------------------------------------------------------------------------------------------------
 // Modules. Children are registered by torchvision's names ("0", "2", "attn", ...). TorchSharp also registers a
 // module's Module-typed fields under their field names when it walks the tree, so a child whose name is not its
@@ -398,11 +389,11 @@ type Net(spec: Spec, config: SwinConfig) as this =
         // torchvision's initialisation: the bias tables, then every Linear, truncated normal (std 0.02), biases 0.
         use _ = no_grad ()
         for b in List.concat blockStages do
-            truncNormal002 b.Attn.Table
+            Layers.truncNormal 0.02 b.Attn.Table
         for m in this.modules () do
             match m with
             | :? Linear as l ->
-                truncNormal002 l.weight
+                Layers.truncNormal 0.02 l.weight
                 if not (isNull l.bias) then l.bias.zero_ () |> ignore
             | _ -> ()
 
