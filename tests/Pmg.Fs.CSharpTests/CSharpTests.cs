@@ -14,6 +14,7 @@ public static class CSharpTests
     [
         new("the main job trains for one epoch, evaluates, predicts and exports", MainJobAsync),
         new("cancelling stops within one batch, and the run resumes with the losses of an uninterrupted one", CancelAndResumeAsync),
+        new("ConvNeXt and Swin are one word: WithBackbone trains, predicts and exports; a size Swin cannot tile is a problem naming the sizes that fit", ModernBackbonesAsync),
     ];
 
     /// <summary>An <see cref="IProgress{T}"/> that runs the action on the training thread, in order (the BCL's
@@ -80,6 +81,40 @@ public static class CSharpTests
             var onnx = Path.Combine(dir, "model.onnx");
             model.ExportOnnx(onnx);
             Check(new FileInfo(onnx).Length > 1_000_000, "an ONNX file with the weights");
+        }
+        finally
+        {
+            if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    private static async Task ModernBackbonesAsync()
+    {
+        var swin = Recipes.Embedded.WithBackbone("swin_t").WithWeights("none");
+        var problems = swin.Problems();
+        Check(problems.Count == 1 && problems[0].Contains("224 px"), $"swin_t at 64 px: {string.Join("; ", problems)}");
+        Check(swin.WithImageSize(224).WithResize(256).Problems().Count == 0, "swin_t at 224 px fits");
+
+        var dir = NewFolder("convnext");
+        try
+        {
+            var experiment = Recipes.Embedded.WithBackbone("convnext_tiny").WithWeights("none").WithEpochs(1)
+                .WithBatchSize(4).WithEmbeddedImages(trainPerClass: 2, testPerClass: 1);
+            Check(experiment.Problems().Count == 0, "convnext_tiny at the main job's 64 px is valid");
+            var run = await Runs.TrainAsync(experiment, dir);
+            Check(run.Epochs.Count == 1 && run.Epochs[0].StepLosses.All(double.IsFinite), "one epoch, finite losses");
+
+            using var model = TrainedModel.Load(run.BestCheckpoint);
+            Check(model.Backbone == "convnext_tiny", $"the checkpoint says its backbone: {model.Backbone}");
+            using var image = EmbeddedImages.Get(3);
+            var top = model.Predict(image, topK: 2);
+            Check(top.Length == 2 && top[0].Score >= top[1].Score, "predicts");
+            var onnx = Path.Combine(dir, "convnext.onnx");
+            model.ExportOnnx(onnx);
+            using var exported = OnnxModel.Load(onnx);
+            var fromOnnx = exported.Predict(image, topK: 2);
+            Check(fromOnnx[0].Class == top[0].Class && Math.Abs(fromOnnx[0].Score - top[0].Score) < 1e-3f,
+                $"ONNX Runtime agrees: {fromOnnx[0].Score} vs {top[0].Score}");
         }
         finally
         {
