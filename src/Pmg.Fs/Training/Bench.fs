@@ -87,7 +87,8 @@ let engineOf (device: torch.Device) (spec: string) : Engine.Engine =
 
 /// Times the network (Options.Mode) on random tensors. Weights start from the seed: speed does not depend on them.
 let run (o: Options) : Result =
-    let e = Experiment.validate { o.Experiment with Weights = Model.Backbone.Scratch }
+    // The input size is checked with the rest: a size the backbone cannot take is refused as a run would refuse it.
+    let e = Experiment.validate (Experiment.withImageSize o.ImageSize { o.Experiment with Weights = Model.Backbone.Scratch })
     let dev = Device.torch e.Device
     let cuda = dev.``type`` = DeviceType.CUDA
     let sync () = if cuda then torch.cuda.synchronize ()
