@@ -308,10 +308,10 @@ let private combineAccuracies (c: Collective.Communicator) (a: Evaluate.Accuracy
     let count (f: float) = Math.Round(f * n)
     let classes = Array2D.length1 a.Confusion
     let values =
-        [| yield! a.Heads |> List.map count
-           count a.Concat; count a.Combined; count a.CombinedTop5; n
-           for i in 0 .. classes - 1 do
-               for j in 0 .. classes - 1 -> float a.Confusion.[i, j] |]
+        Array.concat
+            [ a.Heads |> List.map count |> Array.ofList
+              [| count a.Concat; count a.Combined; count a.CombinedTop5; n |]
+              Array.init (classes * classes) (fun k -> float a.Confusion.[k / classes, k % classes]) ]
     c.AllReduceHost values
     let heads = a.Heads.Length
     let images = values.[heads + 3]
