@@ -188,7 +188,7 @@ let private rules =
           test "the NCCL bootstrap: the unique id survives its byte form, datatypes map to NCCL's codes" {
               let id = Array.init Collective.ncclIdBytes (fun i -> byte (i * 7 + 3))
               Expect.sequenceEqual (Collective.ncclIdRoundTrip id) id "128 bytes there and back"
-              Expect.throwsT<PmgException> (fun () -> Collective.ncclIdRoundTrip [| 1uy; 2uy |] |> ignore) "a short id is refused"
+              Expect.throwsT<TrainingException> (fun () -> Collective.ncclIdRoundTrip [| 1uy; 2uy |] |> ignore) "a short id is refused"
               Expect.equal (Collective.ncclType TorchSharp.torch.ScalarType.Float32) 7 "ncclFloat32"
               Expect.equal (Collective.ncclType TorchSharp.torch.ScalarType.Float64) 8 "ncclFloat64"
               Expect.equal (Collective.ncclType TorchSharp.torch.ScalarType.Int64) 4 "ncclInt64"
@@ -198,7 +198,7 @@ let private rules =
               Expect.equal (Collective.parse "MPI") (Some Collective.Mpi) "mpi"
               Expect.equal (Collective.parse "nccl") (Some Collective.Nccl) "nccl"
               Expect.equal (Collective.parse "none") None "none"
-              Expect.throwsT<PmgException> (fun () -> Collective.parse "gloo" |> ignore) "an unknown backend"
+              Expect.throwsT<InvalidSettingsException> (fun () -> Collective.parse "gloo" |> ignore) "an unknown backend"
               let e = { Experiment.embedded with BatchSize = 16 }
               Expect.isEmpty (Experiment.problems { e with Ranks = Some 2 }) "16 over 2"
               Expect.isNonEmpty (Experiment.problems { e with Ranks = Some 9 }) "16 over 9 leaves a process one image"
