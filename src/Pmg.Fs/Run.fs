@@ -231,6 +231,13 @@ let private writeWeightsForTest (s: Trainer.Session) =
         Buffer.BlockCopy(values, 0, bytes, 0, bytes.Length)
         Files.writeBytesAtomically (Path.Combine(dir, sprintf "rank-%d.bin" s.Collective.Rank)) bytes
 
+/// A session for a run: float32, or float64 under the test hook `PMG_TEST_FLOAT64=1` (comparisons of two ways
+/// of training that must agree to many digits, as a run of several processes and one process).
+let private sessionFor (e: Experiment) : Trainer.Session =
+    if Environment.GetEnvironmentVariable "PMG_TEST_FLOAT64" = "1" then
+        Trainer.createSessionFrom { Engine = Training.Engine.forDevice (Device.torch e.Device); Dtype = TorchSharp.torch.float64; Permutations = Trainer.Drawn } e
+    else Trainer.createSession e
+
 /// A rank other than 0 of a distributed run: it writes nothing, takes rank 0's weights, momentum and progress, and
 /// trains its part of every batch in step with the others. Rank 0 first says whether the run started.
 let private follow (c: Collective.Communicator) (d: Trainer.Data) (e: Experiment) (outDir: string) : Summary =
@@ -239,7 +246,7 @@ let private follow (c: Collective.Communicator) (d: Trainer.Data) (e: Experiment
     | failure ->
         Errors.fail (TrainingFailed(sprintf "rank %d of %d: rank 0 could not start the run in %s (%s); see its message" c.Rank c.Size outDir failure))
     // The starting weights come from rank 0: this machine needs neither them nor the run folder.
-    let s = Trainer.createSession { e with Weights = Model.Backbone.Scratch; Init = None }
+    let s = sessionFor { e with Weights = Model.Backbone.Scratch; Init = None }
     use _ = { new IDisposable with member _.Dispose() = s.Net.Dispose() }
     let s = { s with Experiment = e }
     let committed = Trainer.synchronise s Trainer.Progress.Start
@@ -310,11 +317,11 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
             let s, weights =
                 match start with
                 | Continue(Some _) ->
-                    let s = Trainer.createSession { e with Weights = Model.Backbone.Scratch }
+                    let s = sessionFor { e with Weights = Model.Backbone.Scratch }
                     { s with Experiment = e }, None
                 | _ ->
                     let weights = Interop.Hub.resolve (Model.Backbone.find e.Model.Backbone) e.Weights
-                    Trainer.createSession e, weights
+                    sessionFor e, weights
             match start, e.Init with
             | Fresh, Some init ->
                 try

@@ -328,6 +328,8 @@ let private combineAccuracies (c: Collective.Communicator) (a: Evaluate.Accuracy
 let private evaluatePart (engine: Engine.Engine) (e: Experiment) (part: int * int) (combine: Evaluate.Accuracy -> Evaluate.Accuracy) (net: Pmg.Network) (device: torch.Device) classes (source: Loader.Source) =
     // Images the loader could not use are counted beside the accuracies, never silently dropped.
     let skipped = ResizeArray<string * string>()
+    // Batches in the network's floating-point type (float64 in reference comparisons).
+    let dtype = (net.parameters () |> Seq.head).dtype
     let acc =
         batchesOf e part source false 0
         |> Seq.choose (fun b ->
@@ -335,7 +337,7 @@ let private evaluatePart (engine: Engine.Engine) (e: Experiment) (part: int * in
             if b.Size = 0 then None
             else
                 let x, y = toDevice engine device b
-                use x = x
+                use x = if dtype = torch.float32 then x else (use x = x in x.to_type dtype)
                 Some(Engine.inputLayout engine x, y))
         |> Evaluate.run e.Precision net classes
         |> combine
