@@ -225,6 +225,15 @@ let private rules =
               Expect.isEmpty (Experiment.differences { e with Collective = Some Collective.Mpi } e) "the backend is not"
           }
 
+          test "the C# door: WithDistributed sets the backend, refuses an unknown one" {
+              let e = Api.Recipes.Embedded
+              Expect.equal e.Distributed "none" "one process by default"
+              Expect.equal (e.WithDistributed("MPI").Distributed) "mpi" "mpi"
+              Expect.equal (e.WithDistributed("nccl").Distributed) "nccl" "nccl"
+              Expect.equal (e.WithDistributed("mpi").WithDistributed("none").Distributed) "none" "and back"
+              Expect.throwsT<InvalidSettingsException> (fun () -> e.WithDistributed "gloo" |> ignore) "an unknown backend"
+          }
+
           test "each rank's part of a batch holds exactly the images, crops and flips of those positions in the whole batch" {
               let data = Synthetic.create { Synthetic.Config.Default with Classes = 3; TrainPerClass = 7; TestPerClass = 1; ImageSize = 20 }
               let spec = { Transforms.Spec.train 20 16 with Padding = 2 }
