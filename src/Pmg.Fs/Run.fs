@@ -265,9 +265,17 @@ let private follow (c: Collective.Communicator) (d: Trainer.Data) (e: Experiment
 /// be checked is checked before anything is written; a start that fails leaves no folder it made. Under a
 /// distributed backend every process calls this with the same arguments; rank 0 alone writes the run folder (its
 /// path is rank 0's), and K, the number of processes, becomes part of the experiment.
-let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
+let rec trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e = validate e
     let comm = Collective.connect e.Collective
+    try
+        trainIn comm options data e outDir resume hooks
+    with _ ->
+        // This rank stops here: at exit it must not wait for the others.
+        comm.Abandon()
+        reraise ()
+
+and private trainIn (comm: Collective.Communicator) (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e =
         validate
             { e with

@@ -70,6 +70,9 @@ type Communicator =
     abstract Broadcast: byte[] -> byte[]
     /// Rank 0's values of a contiguous tensor on every rank, in place.
     abstract BroadcastTensor: torch.Tensor -> unit
+    /// This process stops before the others (an error): at exit it does not wait for them (the launcher then
+    /// ends the job at once instead of after the others' collective timeout).
+    abstract Abandon: unit -> unit
 
 /// One process: every operation leaves its argument as it is.
 type private Single() =
@@ -81,6 +84,7 @@ type private Single() =
         member _.AllReduceHost _ = ()
         member _.Broadcast b = b
         member _.BroadcastTensor _ = ()
+        member _.Abandon() = ()
         member _.Dispose() = ()
 
 /// The one-process communicator.
@@ -316,6 +320,7 @@ type private MpiWorld(h: Ompi.Handles) =
         member this.BroadcastTensor t =
             if size > 1 then
                 this.OnHost t (fun h -> this.BroadcastAt (addressOf h) (h.numel () * h.element_size ()) "a broadcast of rank 0's weights")
+        member _.Abandon() = broken <- true
         member _.Dispose() = ()
 
 /// MPI_COMM_WORLD, initialised once per process and finalised when it exits (not after a failed wait: finalising
@@ -472,6 +477,9 @@ type private NcclWorld(mpi: Communicator option) =
             let p = addressOf t
             let n = t.numel () * t.element_size ()
             this.Run "ncclBroadcast" t.device (fun c -> NcclLib.ncclBroadcast(p, p, unativeint n, ncclType torch.ScalarType.Byte, 0, c, 0n))
+        member _.Abandon() =
+            aborted <- true
+            mpi |> Option.iter (fun m -> m.Abandon())
         member _.Dispose() =
             if comm <> 0n && not aborted then NcclLib.ncclCommDestroy comm |> ignore
             comm <- 0n
