@@ -225,6 +225,15 @@ let private rules =
               Expect.isEmpty (Experiment.differences { e with Collective = Some Collective.Mpi } e) "the backend is not"
           }
 
+          test "the command refuses an unknown backend and NCCL on the CPU, naming the flag" {
+              let unknown = pmg [ "train"; "--distributed"; "gloo"; "--epochs"; "1" ]
+              Expect.equal unknown.Code 2 (sprintf "a bad value: %s" unknown.Err)
+              Expect.stringContains unknown.Err "--distributed" "names the flag"
+              let cpu = pmg [ "train"; "--distributed"; "nccl"; "--epochs"; "1" ]
+              Expect.equal cpu.Code 2 (sprintf "NCCL on the CPU: %s" cpu.Err)
+              Expect.stringContains cpu.Err "CUDA" "says what NCCL needs"
+          }
+
           test "the C# door: WithDistributed sets the backend, refuses an unknown one" {
               let e = Api.Recipes.Embedded
               Expect.equal e.Distributed "none" "one process by default"
