@@ -196,13 +196,10 @@ module private Ompi =
     extern int MPI_Comm_size(nativeint comm, int& size)
 
     [<DllImport(Lib)>]
-    extern int MPI_Iallreduce(nativeint sendbuf, nativeint recvbuf, int count, nativeint datatype, nativeint op, nativeint comm, nativeint& request)
+    extern int MPI_Allreduce(nativeint sendbuf, nativeint recvbuf, int count, nativeint datatype, nativeint op, nativeint comm)
 
     [<DllImport(Lib)>]
-    extern int MPI_Ibcast(nativeint buffer, int count, nativeint datatype, int root, nativeint comm, nativeint& request)
-
-    [<DllImport(Lib)>]
-    extern int MPI_Test(nativeint& request, int& flag, nativeint status)
+    extern int MPI_Bcast(nativeint buffer, int count, nativeint datatype, int root, nativeint comm)
 
     /// MPI_IN_PLACE in Open MPI.
     let inPlace = 1n
@@ -255,32 +252,32 @@ type private MpiWorld(h: Ompi.Handles) =
     let local = launcherRanks () |> Option.map (fun (_, _, l) -> l) |> Option.defaultValue 0
     let mutable broken = false
 
-    /// Waits for a request with the deadline; a timeout marks the world broken (finalising it would hang).
-    member private _.Wait (what: string) (request: nativeint) =
-        let mutable req = request
+    /// Runs a blocking MPI call on a worker thread and waits for it with the deadline; a timeout marks the world
+    /// broken (finalising it would hang) and leaves the call blocked. Blocking collectives are about twice as fast
+    /// as non-blocking ones polled with MPI_Test (Open MPI's tuned algorithms; 20 ms against 43 ms for 48 MB
+    /// between two processes here). One call at a time: MPI_THREAD_SERIALIZED.
+    member private _.Call (what: string) (name: string) (call: unit -> int) =
+        if broken then Errors.fail (TrainingFailed(sprintf "rank %d of %d: an earlier collective failed; %s cannot run" rank size what))
+        let task = Tasks.Task.Run(call)
         try
-            waitFor rank size what (fun () ->
-                let mutable flag = 0
-                Ompi.check "MPI_Test" (Ompi.MPI_Test(&req, &flag, 0n))
-                flag <> 0)
+            waitFor rank size what (fun () -> task.IsCompleted)
         with _ ->
             broken <- true
             reraise ()
+        Ompi.check name task.Result
 
     /// Sums `count` elements at `address` in place.
     member this.SumAt (address: nativeint) (count: int64) (dtype: torch.ScalarType) (what: string) =
         let t, width = mpiType h dtype
         for offset, n in chunks count (1L <<< 30) do
-            let mutable req = 0n
-            Ompi.check "MPI_Iallreduce" (Ompi.MPI_Iallreduce(Ompi.inPlace, address + nativeint (offset * width), n, t, h.Sum, h.World, &req))
-            this.Wait what req
+            let at = address + nativeint (offset * width)
+            this.Call what "MPI_Allreduce" (fun () -> Ompi.MPI_Allreduce(Ompi.inPlace, at, n, t, h.Sum, h.World))
 
     /// Rank 0's `count` bytes at `address` on every rank.
     member this.BroadcastAt (address: nativeint) (count: int64) (what: string) =
         for offset, n in chunks count (1L <<< 30) do
-            let mutable req = 0n
-            Ompi.check "MPI_Ibcast" (Ompi.MPI_Ibcast(address + nativeint offset, n, h.Byte, 0, h.World, &req))
-            this.Wait what req
+            let at = address + nativeint offset
+            this.Call what "MPI_Bcast" (fun () -> Ompi.MPI_Bcast(at, n, h.Byte, 0, h.World))
 
     member _.Broken = broken
 
