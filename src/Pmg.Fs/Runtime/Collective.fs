@@ -298,21 +298,22 @@ type private MpiWorld(h: Ompi.Handles) =
         member this.AllReduceHost values =
             if size > 1 && values.Length > 0 then
                 let pin = GCHandle.Alloc(values, GCHandleType.Pinned)
-                try this.SumAt (pin.AddrOfPinnedObject()) (int64 values.Length) torch.ScalarType.Float64 "a sum of batch sizes or counts"
-                finally pin.Free()
+                // Unpinned only after the call returned: a call left blocked by a timeout may still write.
+                this.SumAt (pin.AddrOfPinnedObject()) (int64 values.Length) torch.ScalarType.Float64 "a sum of batch sizes or counts"
+                pin.Free()
         member this.Broadcast bytes =
             if size = 1 then bytes
             else
                 // The length first, so the other ranks can make room.
                 let length = [| (if rank = 0 then float bytes.Length else 0.0) |]
                 let pin = GCHandle.Alloc(length, GCHandleType.Pinned)
-                try this.BroadcastAt (pin.AddrOfPinnedObject()) 8L "a broadcast from rank 0"
-                finally pin.Free()
+                this.BroadcastAt (pin.AddrOfPinnedObject()) 8L "a broadcast from rank 0"
+                pin.Free()
                 let buffer = if rank = 0 then bytes else Array.zeroCreate (int length.[0])
                 if buffer.Length > 0 then
                     let pin = GCHandle.Alloc(buffer, GCHandleType.Pinned)
-                    try this.BroadcastAt (pin.AddrOfPinnedObject()) (int64 buffer.Length) "a broadcast from rank 0"
-                    finally pin.Free()
+                    this.BroadcastAt (pin.AddrOfPinnedObject()) (int64 buffer.Length) "a broadcast from rank 0"
+                    pin.Free()
                 buffer
         member this.BroadcastTensor t =
             if size > 1 then
