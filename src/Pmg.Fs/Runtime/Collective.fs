@@ -332,7 +332,7 @@ let private mpiWorld: Lazy<MpiWorld> =
          Ompi.check "MPI_Initialized" (Ompi.MPI_Initialized(&initialised))
          if initialised = 0 then
              let mutable provided = 0
-             // Serialized: one thread at a time (training's, then the exit handler's).
+             // Serialized: one thread at a time calls MPI (a worker thread per call, then the exit handler).
              Ompi.check "MPI_Init_thread" (Ompi.MPI_Init_thread(0n, 0n, 2, &provided))
          let w = new MpiWorld(h)
          AppDomain.CurrentDomain.ProcessExit.Add(fun _ -> if not w.Broken then Ompi.MPI_Finalize() |> ignore)
