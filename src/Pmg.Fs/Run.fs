@@ -267,6 +267,10 @@ let private follow (c: Collective.Communicator) (d: Trainer.Data) (e: Experiment
 /// path is rank 0's), and K, the number of processes, becomes part of the experiment.
 let rec trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e = validate e
+    match e.Collective, Collective.launcherRanks () with
+    | None, Some(_, n, _) when n > 1 ->
+        Notices.Say(sprintf "this process is one of %d that a launcher started, but the experiment names no distributed backend: each trains the whole run alone; choose the mpi or nccl backend to train together" n)
+    | _ -> ()
     let comm = Collective.connect e.Collective
     try
         trainIn comm options data e outDir resume hooks
