@@ -20,6 +20,7 @@
       "../src/Pmg.Fs/Runtime/Ops.fs"
       "../src/Pmg.Fs/Runtime/Switches.fs"
       "../src/Pmg.Fs/Runtime/GpuMemory.fs"
+      "../src/Pmg.Fs/Runtime/Collective.fs"
       "../src/Pmg.Fs/Format.fs"
       "../src/Pmg.Fs/Model/Graph.fs"
       "../src/Pmg.Fs/Model/Layers.fs"

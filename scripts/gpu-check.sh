@@ -31,6 +31,7 @@ plan=(
     "preflight-torch|30|the PyTorch that run.sh will load: version, CUDA version, device name"
     "preflight-symbols|15|nm -D: every C++ symbol the project calls by name, in that libtorch"
     "smoke|45|pmg bench resnet18 64 px batch 4 bf16, 1 iteration (a crash costs seconds here)"
+    "nccl-smoke|60|pmg train --distributed nccl, one rank without mpirun: NCCL's id, communicator, all-reduce and broadcast on the gradients and weights (1 epoch, resnet18, 32 px)"
     "ref-published-1|60|ref_bench.py --mode published (fp32, NCHW)"
     "ours-fp32-1|75|pmg bench --precision fp32"
     "ref-tuned-1|60|ref_bench.py --mode tuned (bf16 autocast, channels_last, cudnn.benchmark)"
@@ -272,6 +273,8 @@ else
     step smoke-fp32 pmg bench --device cuda --backbone resnet18 --image-size 64 --batch-size 4 --classes 8 --precision fp32 --iterations 1 --warmup 0
     smoke_fp32=$?
 fi
+# The NCCL backend alone (one rank, no launcher on this machine): the calls run, the run folder is written.
+step nccl-smoke pmg train --device cuda --distributed nccl --backbone resnet18 --pretrained none --epochs 1 --image-size 32 --workers 4 --no-tensorboard --out "$work/nccl-run"
 
 for round in 1 2; do
     step ref-published-$round "$PY" $ref --mode published

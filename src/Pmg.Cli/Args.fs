@@ -45,6 +45,7 @@ let flagOf (s: Pmg.Fs.Setting) : string =
     | Pmg.Fs.Setting.PartialBatches -> "--partial-batches"
     | Pmg.Fs.Setting.Forward -> "--forward"
     | Pmg.Fs.Setting.Update -> "--update"
+    | Pmg.Fs.Setting.Distributed -> "--distributed"
 /// A count with its noun, singular for one: `counted 1 "epoch"` is "1 epoch", `counted 8 "class"` "8 classes".
 let counted (n: int) (noun: string) : string =
     sprintf "%d %s%s" n noun (if n = 1 then "" elif noun.EndsWith "s" then "es" else "s")
@@ -110,6 +111,7 @@ type TrainArgs =
     | Crop_To_Box
     | Init of file: string
     | Workers of n: int
+    | Distributed of backend: string
     | Out of dir: string
     | Resume
     | No_Tensorboard
@@ -157,6 +159,7 @@ type TrainArgs =
             | Crop_To_Box -> "crop each image to its bounding box (CUB, Cars, Aircraft, Dogs)."
             | Init _ -> "start every weight from a whole trained PMG model (a .ckpt, or a reference .pth): fine-tuning on new data."
             | Workers _ -> "image decoding threads (default: cores - 1)."
+            | Distributed _ -> "none (default), mpi or nccl: data-parallel over the processes `mpirun -np K` starts, each with the same flags; each trains its 1/K of every batch (BatchNorm per process), rank 0 writes the run. nccl: CUDA, one process per GPU (device cuda:LOCAL_RANK)."
             | Out _ -> "run directory (default runs/<dataset>-<backbone>-<time>); never overwritten."
             | No_Tensorboard -> "write no TensorBoard event files (they are written by default: tensorboard --logdir runs/)."
             | Resume -> "continue the run in --out (the same settings); a run killed at any moment continues, or completes its missing files."

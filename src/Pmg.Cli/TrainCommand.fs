@@ -23,12 +23,21 @@ let banner (e: Experiment.Experiment) =
         (counted e.Model.Classes "class") (plural e.Epochs "epoch") e.BatchSize e.Input.Crop e.Input.Resize
         (e.Schedule |> List.map (fun s -> sprintf "%s x%g" (Schedule.stepName s) s.LossWeight) |> String.concat ", ")
         (Runtime.Device.text e.Device)
+    + (match e.Collective with
+       | Some b -> sprintf ", %s over %s" (Runtime.Collective.name (Some b)) (counted (Runtime.Collective.connect e.Collective).Size "process")
+       | None -> "")
 
 let run (a: ParseResults<TrainArgs>) =
     let e, opened = Training.experiment (settingsOf a)
     let resume = a.Contains TrainArgs.Resume
     if resume && not (a.Contains TrainArgs.Out) then
         raise (BadFlag "--resume needs --out RUN_DIR: the folder of the run to continue")
+    let options: Run.Options = { TensorBoard = not (a.Contains TrainArgs.No_Tensorboard) }
+    // Under mpirun every process runs this command; rank 0 alone speaks (the others train their parts quietly).
+    if (Runtime.Collective.connect e.Collective).Rank <> 0 then
+        Training.trainWith options (e, opened) (a.TryGetResult TrainArgs.Out) resume Trainer.Hooks.None |> ignore
+        0
+    else
     printfn "%s" (banner e)
     match Interop.Hub.status (Model.Backbone.find e.Model.Backbone) e.Weights with
     | Interop.Hub.WillDownload _ as s -> printfn "%s" s.Text
@@ -61,7 +70,6 @@ let run (a: ParseResults<TrainArgs>) =
                 Progress.show line true
                 if not r.Skipped.IsEmpty then
                     eprintfn "  warning: %s skipped this epoch, e.g. %s: %s" (plural r.Skipped.Length "unusable image") (fst r.Skipped.Head) (snd r.Skipped.Head) }
-    let options: Run.Options = { TensorBoard = not (a.Contains TrainArgs.No_Tensorboard) }
     let folder, summary = Training.trainWith options (e, opened) (Some folderShown) resume hooks
     match summary.History with
     | [] ->

@@ -33,5 +33,6 @@ let settingsOf (a: ParseResults<TrainArgs>) : Training.Settings =
       Weights = a.TryGetResult TrainArgs.Pretrained
       Init = a.TryGetResult TrainArgs.Init
       CropToBox = a.Contains TrainArgs.Crop_To_Box
-      Workers = a.TryGetResult TrainArgs.Workers }
+      Workers = a.TryGetResult TrainArgs.Workers
+      Distributed = a.TryGetResult TrainArgs.Distributed }
 

@@ -58,6 +58,8 @@ type Experiment internal (e: E.Experiment) =
     member _.BatchNormGroup: Nullable<int> = match e.BatchNormGroup with Some k -> Nullable k | None -> Nullable()
     /// The device: cpu, cuda or cuda:N.
     member _.Device = Runtime.Device.text e.Device
+    /// The engine between the processes of a distributed run: none, mpi or nccl.
+    member _.Distributed = Runtime.Collective.name e.Collective
     /// Where the backbone's weights come from: imagenet, none, or a file.
     member _.Weights =
         match e.Weights with
@@ -127,6 +129,9 @@ type Experiment internal (e: E.Experiment) =
         this.With(fun e -> { e with Init = Option.ofObj path |> Option.map Runtime.Files.resolve })
     /// Image decoding threads.
     member this.WithWorkers(workers: int) = this.With(fun e -> { e with Workers = workers })
+    /// Data-parallel training over the processes `mpirun -np K` starts, each running the same program: "mpi"
+    /// (Open MPI), "nccl" (CUDA, one process per GPU) or "none". Each process trains its 1/K of every batch.
+    member this.WithDistributed(backend: string) = this.With(fun e -> { e with Collective = Runtime.Collective.parse backend })
     /// Crop every image to its annotated object box (CUB, Cars, Aircraft, Dogs).
     member this.WithCropToBox(crop: bool) = this.With(fun e -> { e with CropToBox = crop })
     /// FGVC-Aircraft's label level: "variant", "family" or "manufacturer".

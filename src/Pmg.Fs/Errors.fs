@@ -45,6 +45,7 @@ type Setting =
     | PartialBatches
     | Forward
     | Update
+    | Distributed
 
     /// The words a message uses for the setting ("image size", "learning rate").
     member s.Words =
@@ -84,6 +85,7 @@ type Setting =
         | PartialBatches -> "partial batches"
         | Forward -> "forward mode"
         | Update -> "update mode"
+        | Distributed -> "distributed backend"
 
 /// Everything that can go wrong, as a value. Each case carries a message that names the input and says the fix.
 type PmgError =

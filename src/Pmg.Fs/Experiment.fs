@@ -107,7 +107,14 @@ type Experiment =
       /// from instead: fine-tuning a trained model on new data. None: the backbone's weights and fresh heads.
       Init: string option
       /// Threads that decode and transform images; a resumed run may change it.
-      Workers: int }
+      Workers: int
+      /// The engine that spreads training over processes (one per GPU or core group, started by mpirun); None:
+      /// one process. Mpi and Nccl compute the same, so a resumed run may change it.
+      Collective: Collective.Backend option
+      /// K, the number of processes that trained the run, set from the communicator when the run starts; None: one.
+      /// Each iteration's batch is split K ways (Collective.part) and BatchNorm normalises each process's part, so
+      /// a run resumes only with the same K.
+      Ranks: int option }
 
 /// The paper's backbone learning rate is a tenth of the new layers' (0.0002 and 0.002).
 let backboneLrFactor = 0.1
@@ -139,7 +146,9 @@ let paper (classes: int) (data: Data) : Experiment =
       // ResNet50 from torchvision's ImageNet file, from PyTorch's hub cache or downloaded there (Interop.Hub).
       Weights = Backbone.ImageNet
       Init = None
-      Workers = max 1 (Environment.ProcessorCount - 1) }
+      Workers = max 1 (Environment.ProcessorCount - 1)
+      Collective = None
+      Ranks = None }
 
 /// The main job: PMG as published (three heads on the last three stages, 8/4/2 jigsaws then concat x2, one SGD
 /// step per step, cosine per epoch) fine-tuned from the ImageNet weights that ship with the project, on the
@@ -301,6 +310,19 @@ let problems (e: Experiment) : (Setting * string) list =
       if not (finite e.Optimizer.WeightDecay) || e.Optimizer.WeightDecay < 0.0 then
           Setting.LearningRate, sprintf "weight decay %g: must be a number, 0 or more" e.Optimizer.WeightDecay
       if e.Workers < 1 then Setting.Workers, sprintf "workers %d: must be at least 1" e.Workers
+      match e.Ranks with
+      | Some k when k > 1 && e.BatchSize >= 2 ->
+          // torch.chunk's split: ceil(B/K) images a process, the last processes fewer (BatchNorm needs two).
+          let fewest = [ for r in 0 .. k - 1 -> snd (Collective.part e.BatchSize k r) ] |> List.min
+          if fewest < 2 then
+              Setting.BatchSize,
+              sprintf "batch size %d over %d processes gives a process %d images (each takes ceil(%d/%d), the last ones what is left); every process needs 2 or more: use a batch size that is a multiple of %d and at least %d, or fewer processes"
+                  e.BatchSize k fewest e.BatchSize k k (2 * k)
+      | Some k when k < 1 -> Setting.Distributed, sprintf "%d processes: must be at least 1" k
+      | _ -> ()
+      match e.Collective, e.Device with
+      | Some Collective.Nccl, Cpu -> Setting.Distributed, "the NCCL backend needs a CUDA device: choose the mpi backend for the CPU"
+      | _ -> ()
       match e.Data with
       | Embedded d when d.Classes < 2 || d.Classes > Synthetic.maxClasses ->
           Setting.Classes, sprintf "%d embedded classes: must be 2..%d" d.Classes Synthetic.maxClasses
@@ -315,7 +337,7 @@ let validate (e: Experiment) : Experiment =
     | ps -> Errors.fail (InvalidExperiment ps)
 
 /// Fields that change how fast a run goes, not what it learns: a resumed run may change them.
-let private speedOnly = set [ "Workers"; "Device" ]
+let private speedOnly = set [ "Workers"; "Device"; "Collective" ]
 
 /// The data with its root folder resolved (absolute, links followed, no trailing separator), so that two spellings
 /// of one folder are one value.

@@ -216,10 +216,79 @@ let private endImages (s: Trainer.Session) (d: Trainer.Data) (dir: string) : (st
               Visual.Render.camMontage "Grad-CAM of every head" d.Classes picture explanation file) ]
         |> List.choose id
 
+/// Test hook: with `PMG_TEST_WEIGHTS_TO` set to a folder, every rank writes its weights and buffers there at the end
+/// (rank-<r>.bin: every state_dict tensor as float64, in order), so a test can compare the ranks.
+let private writeWeightsForTest (s: Trainer.Session) =
+    match Environment.GetEnvironmentVariable "PMG_TEST_WEIGHTS_TO" with
+    | null
+    | "" -> ()
+    | dir ->
+        let values =
+            [| for kv in s.Net.state_dict () do
+                   use _ = TorchSharp.torch.NewDisposeScope()
+                   yield! kv.Value.detach().cpu().to_type(TorchSharp.torch.float64).contiguous().data<float>().ToArray() |]
+        let bytes = Array.zeroCreate<byte> (values.Length * 8)
+        Buffer.BlockCopy(values, 0, bytes, 0, bytes.Length)
+        Files.writeBytesAtomically (Path.Combine(dir, sprintf "rank-%d.bin" s.Collective.Rank)) bytes
+
+/// A session for a run: float32, or float64 under the test hook `PMG_TEST_FLOAT64=1` (comparisons of two ways
+/// of training that must agree to many digits, as a run of several processes and one process).
+let private sessionFor (e: Experiment) : Trainer.Session =
+    if Environment.GetEnvironmentVariable "PMG_TEST_FLOAT64" = "1" then
+        Trainer.createSessionFrom { Engine = Training.Engine.forDevice (Device.torch e.Device); Dtype = TorchSharp.torch.float64; Permutations = Trainer.Drawn } e
+    else Trainer.createSession e
+
+/// A rank other than 0 of a distributed run: it writes nothing, takes rank 0's weights, momentum and progress, and
+/// trains its part of every batch in step with the others. Rank 0 first says whether the run started.
+let private follow (c: Collective.Communicator) (d: Trainer.Data) (e: Experiment) (outDir: string) : Summary =
+    match Text.Encoding.UTF8.GetString(c.Broadcast [||]) with
+    | "" -> ()
+    | failure ->
+        Errors.fail (TrainingFailed(sprintf "rank %d of %d: rank 0 could not start the run in %s (%s); see its message" c.Rank c.Size outDir failure))
+    // The starting weights come from rank 0: this machine needs neither them nor the run folder.
+    let s = sessionFor { e with Weights = Model.Backbone.Scratch; Init = None }
+    use _ = { new IDisposable with member _.Dispose() = s.Net.Dispose() }
+    let s = { s with Experiment = e }
+    let committed = Trainer.synchronise s Trainer.Progress.Start
+    let final, history =
+        Trainer.runWith s d committed Trainer.Hooks.None (fun p r -> { p with Metrics = p.Metrics @ [ metricsRow r ] })
+    writeWeightsForTest s
+    { History = history
+      EpochsDone = final.EpochsDone
+      BestEpoch = final.BestEpoch
+      BestCombined = final.BestCombined
+      Completed = []
+      LastCheckpoint = Path.Combine(outDir, lastName)
+      BestCheckpoint = Path.Combine(outDir, bestName) }
+
 /// Trains `e` on data opened by `openData`, in `outDir`, continuing the run there when `resume`. Everything that can
-/// be checked is checked before anything is written; a start that fails leaves no folder it made.
-let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
+/// be checked is checked before anything is written; a start that fails leaves no folder it made. Under a
+/// distributed backend every process calls this with the same arguments; rank 0 alone writes the run folder (its
+/// path is rank 0's), and K, the number of processes, becomes part of the experiment.
+let rec trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
     let e = validate e
+    match e.Collective, Collective.launcherRanks () with
+    | None, Some(_, n, _) when n > 1 ->
+        Notices.Say(sprintf "this process is one of %d that a launcher started, but the experiment names no distributed backend: each trains the whole run alone; choose the mpi or nccl backend to train together" n)
+    | _ -> ()
+    let comm = Collective.connect e.Collective
+    try
+        trainIn comm options data e outDir resume hooks
+    with _ ->
+        // This rank stops here: at exit it must not wait for the others.
+        comm.Abandon()
+        reraise ()
+
+and private trainIn (comm: Collective.Communicator) (options: Options) (data: Trainer.Data * Problem list) (e: Experiment) (outDir: string) (resume: bool) (hooks: Trainer.Hooks) : Summary =
+    let e =
+        validate
+            { e with
+                Ranks = (if comm.Size > 1 then Some comm.Size else None)
+                // One process per GPU: the launcher's local rank picks it unless the device names one.
+                Device =
+                    match e.Collective, e.Device, Collective.localRank () with
+                    | Some Collective.Nccl, Cuda None, Some local -> Cuda(Some local)
+                    | _ -> e.Device }
     let d, problems = data
     if d.Classes.Length <> e.Model.Classes then
         Errors.setting Setting.Classes (sprintf "the dataset has %d classes but the model is built for %d" d.Classes.Length e.Model.Classes)
@@ -230,8 +299,18 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
                 d.Train.Count e.BatchSize (max 2 d.Train.Count))
     if String.IsNullOrWhiteSpace outDir then Errors.setting Setting.Output "the run folder is empty text: give a folder"
     let outDir = Path.GetFullPath outDir
+    // Rank 0's folder (a default one is named after the clock, which the ranks read at different moments).
+    let outDir = if comm.Size > 1 then Text.Encoding.UTF8.GetString(comm.Broadcast(Text.Encoding.UTF8.GetBytes outDir)) else outDir
+    if comm.Rank <> 0 then follow comm d e outDir else
+    // Rank 0 tells the others whether the run started ("" when it did), so that a refused start stops them too.
+    let announce (failure: string) = if comm.Size > 1 then comm.Broadcast(Text.Encoding.UTF8.GetBytes failure) |> ignore
     let existed = Directory.Exists outDir
-    use folder = RunFolder.acquire outDir "training"
+    use folder =
+        try
+            RunFolder.acquire outDir "training"
+        with ex ->
+            announce ex.Message
+            reraise ()
     let path name = Path.Combine(outDir, name)
     let cleanUpFailedStart () =
         // Only a folder this call made, holding nothing but its lock: a failed start leaves no trace.
@@ -250,11 +329,11 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
             let s, weights =
                 match start with
                 | Continue(Some _) ->
-                    let s = Trainer.createSession { e with Weights = Model.Backbone.Scratch }
+                    let s = sessionFor { e with Weights = Model.Backbone.Scratch }
                     { s with Experiment = e }, None
                 | _ ->
                     let weights = Interop.Hub.resolve (Model.Backbone.find e.Model.Backbone) e.Weights
-                    Trainer.createSession e, weights
+                    sessionFor e, weights
             match start, e.Init with
             | Fresh, Some init ->
                 try
@@ -264,9 +343,11 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
                     reraise ()
             | _ -> ()
             start, (native, s, weights)
-        with _ ->
+        with ex ->
             cleanUpFailedStart ()
+            announce ex.Message
             reraise ()
+    announce ""
     let native, s, weights = s
     use _ = { new IDisposable with member _.Dispose() = s.Net.Dispose() }
     let committed =
@@ -277,6 +358,7 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
             c.Progress
         | Continue None
         | Fresh -> Trainer.Progress.Start
+    let committed = Trainer.synchronise s committed
     let started = DateTimeOffset.Now
     let header = metricsHeader e
     let writeMetrics (p: Trainer.Progress) =
@@ -348,6 +430,7 @@ let trainWith (options: Options) (data: Trainer.Data * Problem list) (e: Experim
         p
     let final, history =
         Trainer.runWith s d committed hooks epochHook
+    writeWeightsForTest s
     manifest (Some DateTimeOffset.Now)
     // Plots, confusion matrix and report.md for the best checkpoint: after training, or when a resume found the
     // report missing.

@@ -51,7 +51,9 @@ type Settings =
       /// A full PMG model (ours or the reference's state_dict) to start from instead.
       Init: string option
       CropToBox: bool
-      Workers: int option }
+      Workers: int option
+      /// mpi, nccl or none: the engine between the processes mpirun starts (each runs the same settings).
+      Distributed: string option }
 
     /// No settings: the recipe as it is.
     static member None =
@@ -59,7 +61,8 @@ type Settings =
           ImageSize = None; Resize = None; LearningRate = None; BackboneLearningRate = None; Heads = None; Grids = None
           PerSampleJigsaw = false; PatchOrder = None; BatchNormGroup = None; PartialBatches = None; Forward = None
           Update = None; Precision = None; Seed = None; Device = None; Weights = None; Init = None; CropToBox = false
-          Workers = None }
+          Workers = None
+          Distributed = None }
 
 /// A named choice (case-insensitive), or an InvalidSetting listing the choices.
 let choose (setting: Setting) (choices: (string * 'T) list) (value: string) : 'T =
@@ -143,7 +146,8 @@ let experimentOn (data: Experiment.Data) (classes: int) (s: Settings) : Experime
             CropToBox = s.CropToBox
             Weights = s.Weights |> Option.map Backbone.Weights.parse |> Option.defaultValue e.Weights
             Init = s.Init |> Option.map Runtime.Files.resolve
-            Workers = s.Workers |> Option.map (within Setting.Workers 1 1024) |> Option.defaultValue e.Workers }
+            Workers = s.Workers |> Option.map (within Setting.Workers 1 1024) |> Option.defaultValue e.Workers
+            Collective = match s.Distributed with Some v -> Runtime.Collective.parse v | None -> e.Collective }
     Experiment.validate e
 
 /// The experiment the settings describe and its data, opened once (the class count comes from it).

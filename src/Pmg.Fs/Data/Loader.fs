@@ -100,19 +100,22 @@ let private toBatch (source: Source) (spec: Spec) (slot: Slot) (carried: (string
       Width = spec.Crop
       Skipped = carried @ skipped }
 
-/// One epoch of batches (the last may be partial). Order is a permutation seeded by (seed, epoch)
-/// when `shuffle`; each sample's augmentation draws from a Random seeded by (seed, epoch, index),
-/// so batches are identical whatever `workers` is. `workers` threads decode and transform while up
-/// to `prefetch` batches wait ahead of the consumer. A sample whose Load or transform throws is
-/// left out and reported in Skipped; a batch left empty is not yielded, its skips move to the next
-/// one (an epoch whose final batches all fail ends with a Size 0 batch carrying them). Disposing
-/// the enumerator stops the workers.
-let batches (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed: int) (epoch: int)
-            (workers: int) (prefetch: int) : seq<Batch> =
+/// One epoch of this process's parts of the batches: `part` = (rank, ranks) cuts every batch of the one order
+/// (the same on every rank) as Collective.part says, so rank r gets exactly the images, crops and flips the single
+/// process would give those positions. Every batch is yielded, an empty part too, so the ranks stay in step.
+/// `part` = (0, 1) is `batches`.
+let batchesPart (part: int * int) (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed: int) (epoch: int)
+                (workers: int) (prefetch: int) : seq<Batch> =
     if batchSize < 1 then invalidArg (nameof batchSize) "must be at least 1"
+    let rank, ranks = part
     seq {
         let visit = order source.Count shuffle seed epoch
-        let slots = visit |> Array.chunkBySize batchSize
+        let slots =
+            visit
+            |> Array.chunkBySize batchSize
+            |> Array.map (fun whole ->
+                let start, count = Pmg.Fs.Runtime.Collective.part whole.Length ranks rank
+                Array.sub whole start count)
         let len = Spec.sampleLength spec
         let ahead = max 1 prefetch
         use cancel = new CancellationTokenSource()
@@ -130,6 +133,8 @@ let batches (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed
             if b < slots.Length then
                 let slot = Slot(slots[b], len)
                 created[b] <- slot
+                // An empty part has no sample to finish it.
+                if slots[b].Length = 0 then slot.Done.TrySetResult() |> ignore
                 for p in 0 .. slots[b].Length - 1 do work.Add((slot, p))
         try
             for b in 0 .. ahead - 1 do submit b
@@ -141,7 +146,7 @@ let batches (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed
                 submit (b + ahead)
                 let batch = toBatch source spec slot carried
                 let last = b = slots.Length - 1
-                if batch.Size > 0 || (last && not batch.Skipped.IsEmpty) then
+                if ranks > 1 || batch.Size > 0 || (last && not batch.Skipped.IsEmpty) then
                     carried <- []
                     yield batch
                 else
@@ -151,6 +156,17 @@ let batches (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed
             work.CompleteAdding()
             try Task.WaitAll threads with _ -> ()
     }
+
+/// One epoch of batches (the last may be partial). Order is a permutation seeded by (seed, epoch)
+/// when `shuffle`; each sample's augmentation draws from a Random seeded by (seed, epoch, index),
+/// so batches are identical whatever `workers` is. `workers` threads decode and transform while up
+/// to `prefetch` batches wait ahead of the consumer. A sample whose Load or transform throws is
+/// left out and reported in Skipped; a batch left empty is not yielded, its skips move to the next
+/// one (an epoch whose final batches all fail ends with a Size 0 batch carrying them). Disposing
+/// the enumerator stops the workers.
+let batches (source: Source) (spec: Spec) (batchSize: int) (shuffle: bool) (seed: int) (epoch: int)
+            (workers: int) (prefetch: int) : seq<Batch> =
+    batchesPart (0, 1) source spec batchSize shuffle seed epoch workers prefetch
 
 /// A source over dataset samples: TrimBottom always applied, boxes only when `cropToBox`.
 let fromSamples (samples: Sample[]) (cropToBox: bool) : Source =

@@ -38,11 +38,20 @@ module TestHooks =
     [<DllImport("libc", EntryPoint = "kill", SetLastError = true)>]
     extern int private sendSignal(int pid, int signal)
 
-    /// Kills this process (as kill -9 would) when `PMG_TEST_KILL_AT` names `point`.
+    /// Kills this process (as kill -9 would) when `PMG_TEST_KILL_AT` names `point`; with `PMG_TEST_KILL_RANK`
+    /// only the process of that rank (mpirun's OMPI_COMM_WORLD_RANK), and with `PMG_TEST_KILL_HOW=stop` it is
+    /// frozen (SIGSTOP) instead: a rank that hangs rather than dies.
     let killAt (point: string) =
         if Environment.GetEnvironmentVariable "PMG_TEST_KILL_AT" = point then
-            Diagnostics.Process.GetCurrentProcess().Kill()
-            Threading.Thread.Sleep Threading.Timeout.Infinite
+            match Environment.GetEnvironmentVariable "PMG_TEST_KILL_RANK" with
+            | null -> true
+            | r -> Environment.GetEnvironmentVariable "OMPI_COMM_WORLD_RANK" = r
+            |> function
+                | false -> ()
+                | true ->
+                    if Environment.GetEnvironmentVariable "PMG_TEST_KILL_HOW" = "stop" then sendSignal (Environment.ProcessId, 19) |> ignore
+                    else Diagnostics.Process.GetCurrentProcess().Kill()
+                    Threading.Thread.Sleep Threading.Timeout.Infinite
 
     /// Sends SIGTERM to this process while `name` is being written, when `PMG_TEST_TERM_WRITING` names it.
     let termWriting (name: string) =

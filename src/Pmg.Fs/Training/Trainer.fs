@@ -126,7 +126,12 @@ type Session =
       /// The floating-point type of the weights and batches.
       Dtype: torch.ScalarType
       /// Where the patch orders come from.
-      Permutations: Permutations }
+      Permutations: Permutations
+      /// The processes training together (Collective.single for one); made from the experiment's backend.
+      Collective: Collective.Communicator }
+
+/// Whether a session trains as one of several processes (also with one, under a backend: the same code runs).
+let private parted (s: Session) = s.Experiment.Collective.IsSome
 
 /// The jigsaw generator's seed for an epoch: the data order and crops use (seed, epoch) too, so an epoch's
 /// randomness does not depend on how the run got there; a resumed run draws what an uninterrupted one would, and
@@ -165,7 +170,8 @@ let createSessionFrom (options: SessionOptions) (e: Experiment) : Session =
       Device = device
       Engine = engine
       Dtype = options.Dtype
-      Permutations = options.Permutations }
+      Permutations = options.Permutations
+      Collective = Collective.connect e.Collective }
 
 /// A session laid out and stepped as `engine` says, float32, patch orders drawn.
 let createSessionWith (engine: Engine.Engine) (e: Experiment) : Session =
@@ -178,14 +184,32 @@ let createSession (e: Experiment) : Session =
 /// The learning rate of a group in an epoch: cosine annealing from its base rate.
 let lrAt (e: Experiment) (epoch: int) (g: Sgd.Group) = Schedule.cosine e.Epochs g.BaseLr epoch
 
+/// Where a process's images sit in the whole batch: (first position, images in the whole batch). The patch orders
+/// are drawn for the whole batch, so every rank's generator stays where the single process's would be, and each
+/// rank takes the rows of its own images.
+type private Slice = int * int
+
+/// The rows of `perm` that belong to this process's images (every row when one is shared by the batch).
+let private rowsOf (slice: Slice option) (count: int) (perm: torch.Tensor) =
+    match slice with
+    | Some(start, _) when perm.shape.[0] > 1L -> perm.narrow (0L, int64 start, int64 count)
+    | _ -> perm.alias ()
+
 /// The logits (fp32) of one step's output on its jigsaw of x; the forward runs in bf16 under autocast when the
 /// experiment says so, the loss after it in fp32.
-let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : torch.Tensor =
+let private stepLogits (s: Session) (slice: Slice option) (step: Schedule.Step) (x: torch.Tensor) : torch.Tensor =
+    let count = int x.shape.[0]
+    let whole = match slice with Some(_, total) -> total | None -> count
     let input =
         match s.Permutations with
+        | Drawn when step.Grid > 1 && slice.IsSome ->
+            use all = Jigsaw.permutations s.Jigsaw s.Experiment.Permutation s.Experiment.JigsawDraw whole step.Grid
+            use perm = rowsOf slice count all
+            Jigsaw.apply perm step.Grid x
         | Drawn -> Jigsaw.shuffle s.Jigsaw s.Experiment.Permutation s.Experiment.JigsawDraw step.Grid x
         | Given order when step.Grid > 1 ->
-            use perm = order step.Grid (int x.shape.[0])
+            use all = order step.Grid whole
+            use perm = rowsOf slice count all
             Jigsaw.apply perm step.Grid x
         | Given _ -> x.alias ()
         |> Engine.inputLayout s.Engine
@@ -200,28 +224,62 @@ let private stepLogits (s: Session) (step: Schedule.Step) (x: torch.Tensor) : to
 let private lossOf (step: Schedule.Step) (logits: torch.Tensor) (y: torch.Tensor) =
     torch.nn.functional.cross_entropy (logits, y) |> Ops.scale step.LossWeight
 
+/// The gradient of the whole batch's mean loss on every rank: each rank's gradient (of its part's mean) times its
+/// share of the batch (Collective.gradientWeight), summed over the ranks; one all-reduce per flat slab (per
+/// gradient with per-parameter storage). Nothing for one process.
+let private averageGradients (s: Session) (weight: float option) =
+    match weight with
+    | None -> ()
+    | Some w ->
+        use _ = torch.no_grad ()
+        let reduce (g: torch.Tensor) =
+            if w <> 1.0 then Ops.scalar w (fun k -> g.mul_ k) |> ignore
+            s.Collective.AllReduceSum g
+        if s.Optimizer.Slabs.IsEmpty then
+            // The same steps on every rank leave the same parameters without a gradient.
+            for g in s.Optimizer.Groups do
+                for _, p in g.Parameters do
+                    let grad = p.grad
+                    if not (isNull grad) then
+                        if grad.is_contiguous () then reduce grad
+                        else
+                            use dense = grad.contiguous ()
+                            reduce dense
+                            grad.copy_ dense |> ignore
+        else
+            for slab in s.Optimizer.Slabs do
+                reduce slab.Grads
+
+let private trainStepOn (s: Session) (slice: Slice option) (weight: float option) (lr: Sgd.Group -> float) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Tensor) =
+    Sgd.zeroGrad s.Optimizer
+    let logits = stepLogits s slice step x
+    let loss = lossOf step logits y
+    loss.backward ()
+    averageGradients s weight
+    Sgd.step lr s.Optimizer
+    loss.detach (), Evaluate.correctTopK 1 logits y
+
 /// One progressive step: jigsaw, forward, weighted cross-entropy, backward, SGD step at the rates `lr` gives.
 /// Returns the loss and the number of correct top-1 predictions, both still on the device.
 let trainStep (s: Session) (lr: Sgd.Group -> float) (step: Schedule.Step) (x: torch.Tensor) (y: torch.Tensor) =
-    Sgd.zeroGrad s.Optimizer
-    let logits = stepLogits s step x
-    let loss = lossOf step logits y
-    loss.backward ()
-    Sgd.step lr s.Optimizer
-    loss.detach (), Evaluate.correctTopK 1 logits y
+    trainStepOn s None None lr step x y
+
+let private iterationOn (s: Session) (slice: Slice option) (weight: float option) (lr: Sgd.Group -> float) (steps: Schedule.Step list) (x: torch.Tensor) (y: torch.Tensor) =
+    match s.Experiment.Update with
+    | Progressive -> steps |> List.map (fun step -> trainStepOn s slice weight lr step x y)
+    | Joint ->
+        Sgd.zeroGrad s.Optimizer
+        let outputs = steps |> List.map (fun step -> let logits = stepLogits s slice step x in lossOf step logits y, logits)
+        let total = outputs |> List.map fst |> List.reduce Ops.add
+        total.backward ()
+        averageGradients s weight
+        Sgd.step lr s.Optimizer
+        outputs |> List.map (fun (loss, logits) -> loss.detach (), Evaluate.correctTopK 1 logits y)
 
 /// One iteration on one batch: the given steps in order, each with its own update (Progressive), or all their
 /// weighted losses summed into one backward and one update (Joint). Returns each step's loss and correct count.
 let iteration (s: Session) (lr: Sgd.Group -> float) (steps: Schedule.Step list) (x: torch.Tensor) (y: torch.Tensor) =
-    match s.Experiment.Update with
-    | Progressive -> steps |> List.map (fun step -> trainStep s lr step x y)
-    | Joint ->
-        Sgd.zeroGrad s.Optimizer
-        let outputs = steps |> List.map (fun step -> let logits = stepLogits s step x in lossOf step logits y, logits)
-        let total = outputs |> List.map fst |> List.reduce Ops.add
-        total.backward ()
-        Sgd.step lr s.Optimizer
-        outputs |> List.map (fun (loss, logits) -> loss.detach (), Evaluate.correctTopK 1 logits y)
+    iterationOn s None None lr steps x y
 
 /// A loader batch on the device; the host copies are freed here.
 let private toDevice (engine: Engine.Engine) (device: torch.Device) (b: Loader.Batch) =
@@ -237,25 +295,52 @@ let private toSession (s: Session) (b: Loader.Batch) =
         use x = x
         x.to_type s.Dtype, y
 
-let private batchesOf (e: Experiment) (source: Loader.Source) (train: bool) (epoch: int) =
+/// This process's part (rank, ranks) of an epoch's batches; (0, 1) for the whole batches.
+let private batchesOf (e: Experiment) (part: int * int) (source: Loader.Source) (train: bool) (epoch: int) =
     let spec =
         if train then { Transforms.Spec.train e.Input.Resize e.Input.Crop with Padding = e.Input.Padding }
         else Transforms.Spec.test e.Input.Resize e.Input.Crop
-    Loader.batches source spec e.BatchSize train e.Seed epoch e.Workers 2
+    Loader.batchesPart part source spec e.BatchSize train e.Seed epoch e.Workers 2
 
-let private evaluateWith (engine: Engine.Engine) (e: Experiment) (net: Pmg.Network) (device: torch.Device) classes (source: Loader.Source) =
+/// The ranks' accuracies as one: counts summed over the ranks (every rank gets the same figures).
+let private combineAccuracies (c: Collective.Communicator) (a: Evaluate.Accuracy) : Evaluate.Accuracy =
+    let n = float a.Images
+    let count (f: float) = Math.Round(f * n)
+    let classes = Array2D.length1 a.Confusion
+    let values =
+        Array.concat
+            [ a.Heads |> List.map count |> Array.ofList
+              [| count a.Concat; count a.Combined; count a.CombinedTop5; n |]
+              Array.init (classes * classes) (fun k -> float a.Confusion.[k / classes, k % classes]) ]
+    c.AllReduceHost values
+    let heads = a.Heads.Length
+    let images = values.[heads + 3]
+    let frac (v: float) = if images = 0.0 then 0.0 else v / images
+    { a with
+        Heads = [ for i in 0 .. heads - 1 -> frac values.[i] ]
+        Concat = frac values.[heads]
+        Combined = frac values.[heads + 1]
+        CombinedTop5 = frac values.[heads + 2]
+        Images = int images
+        Confusion = Array2D.init classes classes (fun i j -> int values.[heads + 4 + i * classes + j]) }
+
+/// Evaluates this process's part of the test batches; `combine` turns its accuracy into the run's.
+let private evaluatePart (engine: Engine.Engine) (e: Experiment) (part: int * int) (combine: Evaluate.Accuracy -> Evaluate.Accuracy) (net: Pmg.Network) (device: torch.Device) classes (source: Loader.Source) =
     // Images the loader could not use are counted beside the accuracies, never silently dropped.
     let skipped = ResizeArray<string * string>()
+    // Batches in the network's floating-point type (float64 in reference comparisons).
+    let dtype = (net.parameters () |> Seq.head).dtype
     let acc =
-        batchesOf e source false 0
+        batchesOf e part source false 0
         |> Seq.choose (fun b ->
             skipped.AddRange b.Skipped
             if b.Size = 0 then None
             else
                 let x, y = toDevice engine device b
-                use x = x
+                use x = if dtype = torch.float32 then x else (use x = x in x.to_type dtype)
                 Some(Engine.inputLayout engine x, y))
         |> Evaluate.run e.Precision net classes
+        |> combine
     let skipped = List.ofSeq skipped
     if acc.Images = 0 then
         // An accuracy over no image is no result: the split itself is unusable.
@@ -279,6 +364,9 @@ let private evaluateWith (engine: Engine.Engine) (e: Experiment) (net: Pmg.Netwo
     | [] -> ()
     { acc with Skipped = skipped }
 
+let private evaluateWith (engine: Engine.Engine) (e: Experiment) (net: Pmg.Network) (device: torch.Device) classes (source: Loader.Source) =
+    evaluatePart engine e (0, 1) id net device classes source
+
 /// Evaluates a network on a source with the experiment's test transform, batch size and precision.
 let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (classes: int) (source: Loader.Source) =
     // A loaded network keeps NCHW weights: NHWC inputs would make every convolution convert them.
@@ -287,6 +375,67 @@ let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (class
 /// Evaluates a session's network.
 let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
     evaluateWith s.Engine s.Experiment s.Net s.Device classes source
+
+/// Rank 0's values of a tensor on every rank (through a contiguous copy when it is not contiguous).
+let private broadcastInPlace (c: Collective.Communicator) (t: torch.Tensor) =
+    if t.is_contiguous () then c.BroadcastTensor t
+    else
+        use dense = t.contiguous ()
+        c.BroadcastTensor dense
+        t.copy_ dense |> ignore
+
+/// Rank 0's buffers (BatchNorm's running statistics) on every rank: each rank's own follow its own part of the
+/// batches, but the run's are rank 0's (as DataParallel keeps replica 0's).
+let private broadcastBuffers (s: Session) =
+    use _ = torch.no_grad ()
+    for b in s.Net.buffers () do
+        broadcastInPlace s.Collective b
+
+/// Evaluates a session's network as one of its ranks: rank 0's running statistics, each rank its part of every
+/// test batch, the counts summed; every rank gets the whole test split's accuracies.
+let private evaluateParted (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
+    if not (parted s) then evaluate s classes source
+    else
+        broadcastBuffers s
+        let c = s.Collective
+        evaluatePart s.Engine s.Experiment (c.Rank, c.Size) (combineAccuracies c) s.Net s.Device classes source
+
+/// Rank 0's weights, buffers, momentum and progress on every rank, before training starts (a fresh run's and a
+/// resumed run's alike): only rank 0 reads the run folder, and no rank depends on drawing the same numbers.
+/// Returns rank 0's progress; one process gets its own back.
+let synchronise (s: Session) (progress: Progress) : Progress =
+    if not (parted s) then progress
+    else
+        let c = s.Collective
+        use _ = torch.no_grad ()
+        if s.Optimizer.Slabs.IsEmpty then
+            for p in s.Net.parameters () do
+                broadcastInPlace c p
+        else
+            for slab in s.Optimizer.Slabs do
+                broadcastInPlace c slab.Values
+        broadcastBuffers s
+        // Which momentum buffers exist, and the progress, as text from rank 0.
+        let header: Progress * string list =
+            Json.line (progress, Sgd.state s.Optimizer |> List.map fst |> List.sort)
+            |> Text.Encoding.UTF8.GetBytes
+            |> c.Broadcast
+            |> Text.Encoding.UTF8.GetString
+            |> Json.deserialize
+        let progress, names = header
+        if c.Rank <> 0 then
+            // Room for rank 0's buffers (the values follow): zeros shaped as the parameters.
+            let shapes = s.Optimizer.Groups |> List.collect (fun g -> g.Parameters) |> Map.ofList
+            let zeros = names |> List.map (fun n -> n, torch.zeros_like shapes.[n])
+            Sgd.restore s.Optimizer zeros
+            zeros |> List.iter (fun (_, t) -> t.Dispose())
+        if s.Optimizer.Slabs.IsEmpty then
+            for n in names do
+                broadcastInPlace c s.Optimizer.Buffers.[n]
+        else
+            for slab in s.Optimizer.Slabs do
+                slab.Momentum |> Option.iter (broadcastInPlace c)
+        progress
 
 /// What an epoch of training gives, before evaluation.
 type private Trained =
@@ -310,27 +459,47 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: BatchRec
     // Each value goes to its step's column; the last column counts correct predictions. Made once: a per-batch
     // host-to-device copy would wait for the GPU.
     use positions = torch.tensor (Array.append [| for i, _ in active -> int64 i |] [| int64 steps |], device = s.Device)
+    let c = s.Collective
     let clock = Stopwatch.StartNew()
     let images, skipped =
-        batchesOf e data.Train true epoch
+        batchesOf e (if parted s then (c.Rank, c.Size) else (0, 1)) data.Train true epoch
         |> Seq.indexed
         |> Seq.fold
             (fun (images, skipped) (i, b) ->
+                Files.TestHooks.killAt (sprintf "epoch-%d-batch-%d" (epoch + 1) (i + 1))
+                // Every rank's part of the batch, so that all decide alike whether it trains and where each
+                // rank's images sit in it.
+                let sizes =
+                    if parted s then
+                        let sizes = Array.zeroCreate c.Size
+                        sizes.[c.Rank] <- float b.Size
+                        c.AllReduceHost sizes
+                        Array.map int sizes
+                    else [| b.Size |]
+                let whole = Array.sum sizes
                 // BatchNorm cannot train on one sample: a last batch of one is never trained, and with DropLast (the
-                // reference's `if inputs.shape[0] < batch_size: continue`) no partial batch is.
+                // reference's `if inputs.shape[0] < batch_size: continue`) no partial batch is. Several processes:
+                // every part needs two.
                 let trained, batchLosses =
-                    if b.Size >= 2 && (not e.DropLast || b.Size = e.BatchSize) then
+                    if Array.forall (fun n -> n >= 2) sizes && (not e.DropLast || whole = e.BatchSize) then
                         use _ = torch.NewDisposeScope()
                         let x, y = toSession s b
-                        let results = iteration s lr (List.map snd active) x y
+                        let slice, weight =
+                            if parted s then Some(Array.sum sizes.[.. c.Rank - 1], whole), Some(Collective.gradientWeight b.Size whole)
+                            else None, None
+                        let results = iterationOn s slice weight lr (List.map snd active) x y
                         let losses = results |> List.map (fun (l, _) -> l.to_type torch.float64 |> Ops.scale (float b.Size))
                         let correct = results |> List.last |> snd
                         let values = torch.stack (losses @ [ correct.to_type torch.float64 ])
+                        // The whole batch's sums on every rank.
+                        if parted s then c.AllReduceSum values
                         Ops.scalar 1.0 (fun one -> sums.index_add_ (0L, positions, values, one)) |> ignore
                         // One read per batch, after its last step: the per-batch record (progress, TensorBoard).
-                        let host = Ops.hostFloats (torch.stack(results |> List.map fst).to_type torch.float32)
+                        let host =
+                            if parted s then Ops.hostFloats values |> Array.truncate active.Length |> Array.map (fun v -> v / float32 whole)
+                            else Ops.hostFloats (torch.stack(results |> List.map fst).to_type torch.float32)
                         let byStep = Map.ofList (List.zip (List.map fst active) (List.ofArray host))
-                        b.Size, [ for i in 0 .. steps - 1 -> match byStep.TryFind i with Some v -> float v | None -> nan ]
+                        whole, [ for i in 0 .. steps - 1 -> match byStep.TryFind i with Some v -> float v | None -> nan ]
                     else
                         0, List.replicate steps nan
                 let images = images + trained
@@ -379,7 +548,7 @@ let epoch (s: Session) (data: Data) (hooks: Hooks) (progress: Progress) (epoch: 
         )
     | None -> ()
     hooks.Evaluating epoch
-    let test = evaluate s data.Classes.Length data.Test
+    let test = evaluateParted s data.Classes.Length data.Test
     let record =
         { Epoch = epoch
           StepLosses = t.StepLosses
