@@ -452,7 +452,8 @@ let private trainEpoch (s: Session) (data: Data) (epoch: int) (onBatch: BatchRec
     let active = Schedule.stepsAt e.WarmupEpochs epoch e.Schedule
     let lr = lrAt e epoch
     s.Jigsaw.manual_seed (epochSeed e.Seed epoch) |> ignore
-    s.Net.Backbone.Reseed(epochSeed e.Seed epoch)
+    // Each rank drops its own blocks (rank 0 as one process would); the same draws on every rank would tie them.
+    s.Net.Backbone.Reseed(epochSeed e.Seed epoch + (int64 s.Collective.Rank <<< 40))
     s.Net.train ()
     let total = (data.Train.Count + e.BatchSize - 1) / e.BatchSize
     use sums = torch.zeros ([| int64 steps + 1L |], dtype = torch.float64, device = s.Device)
