@@ -83,5 +83,10 @@ let run (a: ParseResults<TrainArgs>) =
         printfn "final epoch %d, test set (%d images):" (last.Epoch + 1) last.Test.Images
         printfn "%s" (Evaluate.table (Model.Pmg.headNames e.Model) last.Test)
         printfn "best combined %s at epoch %d -> %s" (pct summary.BestCombined) (summary.BestEpoch + 1) (Path.GetRelativePath(Environment.CurrentDirectory, summary.BestCheckpoint))
+        if e.Collective.IsSome then
+            // Rank 0's view: its sums over the ranks, waiting for slower ranks included, against its training time.
+            let waited = (Runtime.Collective.allReduceTime ()).TotalSeconds
+            let training = history |> List.sumBy _.Seconds
+            printfn "all-reduce: %.1f s of %.1f s training (%.1f%%)" waited training (100.0 * waited / max training 1e-9)
         printfn "elapsed %s" (clock.Elapsed.ToString @"mm\:ss")
     0

@@ -121,6 +121,19 @@ let launcherRanks () : (int * int * int) option =
     | Some r, Some s -> Some(r, s, read "OMPI_COMM_WORLD_LOCAL_RANK" |> Option.defaultValue 0)
     | _ -> None
 
+/// Time this process spent in all-reduces (waiting for the others included), in Stopwatch ticks.
+let mutable private allReduceTicks = 0L
+
+/// Time this process has spent in all-reduces since it started, waiting for slower ranks included: with the
+/// training time it gives the all-reduce's share of an iteration.
+let allReduceTime () : TimeSpan =
+    TimeSpan.FromSeconds(float (Interlocked.Read &allReduceTicks) / float Stopwatch.Frequency)
+
+/// Runs `f`, adding its time to the all-reduce clock.
+let private timedAllReduce (f: unit -> unit) =
+    let start = Stopwatch.GetTimestamp()
+    try f () finally Interlocked.Add(&allReduceTicks, Stopwatch.GetTimestamp() - start) |> ignore
+
 /// Polls `finished` until it says true or the deadline passes; then fails naming this rank and the operation.
 let private waitFor (rank: int) (size: int) (what: string) (finished: unit -> bool) =
     let limit = timeoutSeconds ()
@@ -269,9 +282,10 @@ type private MpiWorld(h: Ompi.Handles) =
     /// Sums `count` elements at `address` in place.
     member this.SumAt (address: nativeint) (count: int64) (dtype: torch.ScalarType) (what: string) =
         let t, width = mpiType h dtype
-        for offset, n in chunks count (1L <<< 30) do
-            let at = address + nativeint (offset * width)
-            this.Call what "MPI_Allreduce" (fun () -> Ompi.MPI_Allreduce(Ompi.inPlace, at, n, t, h.Sum, h.World))
+        timedAllReduce (fun () ->
+            for offset, n in chunks count (1L <<< 30) do
+                let at = address + nativeint (offset * width)
+                this.Call what "MPI_Allreduce" (fun () -> Ompi.MPI_Allreduce(Ompi.inPlace, at, n, t, h.Sum, h.World)))
 
     /// Rank 0's `count` bytes at `address` on every rank.
     member this.BroadcastAt (address: nativeint) (count: int64) (what: string) =
@@ -467,7 +481,8 @@ type private NcclWorld(mpi: Communicator option) =
         member this.AllReduceSum t =
             this.Cuda t
             let p = addressOf t
-            this.Run "ncclAllReduce" t.device (fun c -> NcclLib.ncclAllReduce(p, p, unativeint (t.numel ()), ncclType t.dtype, 0, c, 0n))
+            timedAllReduce (fun () ->
+                this.Run "ncclAllReduce" t.device (fun c -> NcclLib.ncclAllReduce(p, p, unativeint (t.numel ()), ncclType t.dtype, 0, c, 0n)))
         member _.AllReduceHost values = mpi |> Option.iter (fun m -> m.AllReduceHost values)
         member _.Broadcast bytes = match mpi with Some m -> m.Broadcast bytes | None -> bytes
         member this.BroadcastTensor t =
