@@ -67,6 +67,25 @@ let tests =
               Expect.equal m1.[r0, c0] 0.0f "class 1 does not look at the window"
               Expect.isGreaterThan m1.[0, 0] 0.0f "class 1 looks outside it"
           }
+          test "Grad-CAM reaches through ConvNeXt's and Swin's stages: a map per output, at input size, not flat" {
+              for backbone, side in [ "convnext_tiny", 64; "swin_t", 224 ] do
+                  use _ = torch.NewDisposeScope()
+                  torch.manual_seed 0L |> ignore
+                  use net = Pmg.create { Pmg.Config.Paper 3 with Backbone = backbone; Head = { Heads.Config.Paper with FeatureSize = 64; BlockChannels = 64 } }
+                  let x = torch.rand ([| 1L; 3L; int64 side; int64 side |])
+                  let e = GradCam.forNetwork net x None
+                  let combined = (net.forward x).Combined.softmax(1L).[0L, int64 e.Class].item<float32> () |> float
+                  Expect.floatClose Accuracy.medium e.Combined combined (sprintf "%s: combined score is the network's softmax" backbone)
+                  Expect.equal (e.Maps |> List.map _.Head) [ "stage3"; "stage4"; "stage5"; "concat" ] (sprintf "%s: one map per output" backbone)
+                  for m in e.Maps do
+                      Expect.equal (Array2D.length1 m.Map, Array2D.length2 m.Map) (side, side) (sprintf "%s %s: map at input size" backbone m.Head)
+                      let values = m.Map |> Seq.cast<float32> |> List.ofSeq
+                      Expect.isTrue (values |> List.forall (fun v -> v >= 0.0f && v <= 1.0f)) (sprintf "%s %s: map in [0, 1]" backbone m.Head)
+                  // Gradients reach the stage features of every head: at least the heads' maps are not all zero.
+                  let nonFlat = e.Maps |> List.filter (fun m -> m.Map |> Seq.cast<float32> |> Seq.exists (fun v -> v > 0.0f))
+                  Expect.isNonEmpty nonFlat (sprintf "%s: some map is not flat" backbone)
+          }
+
           test "Grad-CAM of a PMG network stays where the input carries information" {
               use _ = torch.NewDisposeScope()
               torch.manual_seed 0L |> ignore
