@@ -69,8 +69,10 @@ let runOne (name: string, e: Experiment) : Result =
 
 let results = ablations |> List.map runOne
 
-printfn "\n%d epochs each from ImageNet weights, embedded dataset%s, last epoch's test accuracy:\n"
-    baseExperiment.Epochs (if quick then " (--quick: reduced)" else "")
+printfn "\n%s each, %s %s, %s dataset%s, last epoch's test accuracy:\n"
+    (if baseExperiment.Epochs = 1 then "1 epoch" else sprintf "%d epochs" baseExperiment.Epochs)
+    baseExperiment.Model.Backbone (Model.Backbone.Weights.describe baseExperiment.Weights) (dataName baseExperiment)
+    (if quick then " (--quick: reduced)" else "")
 printfn "| ablation | stage heads' top-1 | concat | combined | seconds |"
 printfn "|----------|--------------------|--------|----------|---------|"
 for r in results do
