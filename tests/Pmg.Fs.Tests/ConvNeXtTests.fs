@@ -40,10 +40,6 @@ let private fixtureIo () : Map<string, torch.Tensor> = StateDict.read (dataFile 
 /// a - b without TorchSharp's temporary Scalar (see Runtime.Ops).
 let private minus (a: torch.Tensor) (b: torch.Tensor) = Runtime.Ops.add a (Runtime.Ops.scale -1.0 b)
 
-let private maxAbs (a: torch.Tensor) (b: torch.Tensor) =
-    use d = (minus a b).abs().max ()
-    d.item<float32> () |> float
-
 /// "model key shape" lines of torchvision's state_dicts (convnext_tiny/small/base, swin_t/s/b).
 let private torchvisionKeys: Lazy<Map<string, (string * int64[]) list>> =
     lazy
@@ -62,11 +58,6 @@ let private torchvisionKeys: Lazy<Map<string, (string * int64[]) list>> =
 let private shapeOnly (shape: int64[]) : torch.Tensor =
     use one = torch.zeros [| 1L |]
     if shape.Length = 0 then one.reshape [||] else one.expand shape
-
-let private relativeError (a: float32[]) (b: float32[]) =
-    let diff = Array.fold2 (fun s (x: float32) (y: float32) -> s + float (x - y) ** 2.0) 0.0 a b
-    let norm = b |> Array.sumBy (fun y -> float y ** 2.0)
-    sqrt (diff / max norm 1e-30)
 
 [<Tests>]
 let tests =
@@ -341,19 +332,9 @@ let tests =
                   Expect.isTrue (ops.Contains op) (op + " nodes")
               let groups = [ for n in model.Graph.Node do if n.OpType = "Conv" then Onnx.attribute n "group" |> Option.map _.I |> Option.defaultValue 1L ]
               Expect.equal (groups |> List.filter ((<>) 1L) |> List.length) 18 "a depthwise convolution per block (3 + 3 + 9 + 3)"
-              use session = new InferenceSession(file)
               torch.manual_seed 9L |> ignore
-              let x = torch.randn [| 2L; 3L; 64L; 64L |]
-              let ours =
-                  use _ = torch.no_grad ()
-                  let o = net.forward x
-                  List.zip (Pmg.headNames net.Config) o.Heads @ [ "concat", o.Concat; "combined", o.Combined ]
-              let pixels = x.data<float32>().ToArray()
-              let input = NamedOnnxValue.CreateFromTensor("image", DenseTensor<float32>(Memory pixels, ReadOnlySpan [| 2; 3; 64; 64 |]))
-              use results = session.Run [ input ]
-              let theirs = results |> Seq.map (fun r -> r.Name, (r.AsEnumerable<float32>() |> Array.ofSeq)) |> Map.ofSeq
-              for name, t in ours do
-                  let e = relativeError theirs.[name] (t.data<float32>().ToArray())
+              use x = torch.randn [| 2L; 3L; 64L; 64L |]
+              for name, e in onnxErrors net file x do
                   // Two float32 implementations of the same arithmetic: rounding is ~1e-6 of the norm.
                   Expect.isLessThan e 1e-4 (sprintf "%s: relative error %g" name e)
           } ]

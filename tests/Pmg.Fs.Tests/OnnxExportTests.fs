@@ -24,26 +24,6 @@ let private network (backbone: string) (classes: int) =
     net.eval ()
     net
 
-let private relativeError (a: float32[]) (b: float32[]) =
-    let diff = Array.fold2 (fun s (x: float32) (y: float32) -> s + float (x - y) ** 2.0) 0.0 a b
-    let norm = b |> Array.sumBy (fun y -> float y ** 2.0)
-    sqrt (diff / max norm 1e-30)
-
-/// ONNX Runtime's outputs for `x` beside TorchSharp's: the largest relative error over the five outputs.
-let private compareOutputs (net: Pmg.Network) (file: string) (x: torch.Tensor) : (string * float) list =
-    use session = new InferenceSession(file)
-    let shape = x.shape |> Array.map int
-    let ours =
-        use _ = torch.no_grad ()
-        let o = net.forward x
-        List.zip (Pmg.headNames net.Config) o.Heads @ [ "concat", o.Concat; "combined", o.Combined ]
-    let pixels = x.data<float32>().ToArray()
-    let input = NamedOnnxValue.CreateFromTensor("image", DenseTensor<float32>(Memory pixels, ReadOnlySpan shape))
-    use results = session.Run [ input ]
-    let theirs = results |> Seq.map (fun r -> r.Name, (r.AsEnumerable<float32>() |> Array.ofSeq)) |> Map.ofSeq
-    Expect.equal (theirs.Keys |> Set.ofSeq) (ours |> List.map fst |> Set.ofList) "output names"
-    [ for name, t in ours -> name, relativeError theirs.[name] (t.data<float32>().ToArray()) ]
-
 let private halfPrep size : Interop.OnnxExport.Preprocessing =
     { Resize = size; Crop = size; Mean = Array.create 3 0.5f; Std = Array.create 3 0.5f }
 
@@ -73,7 +53,7 @@ let tests =
                       for batch in [ 2; 3 ] do
                           use _ = torch.NewDisposeScope()
                           let x = torch.randn([| int64 batch; 3L; int64 size; int64 size |])
-                          for name, e in compareOutputs net file x do
+                          for name, e in onnxErrors net file x do
                               // Two float32 implementations of the same arithmetic, summed in other orders: 1e-4 of the
                               // norm is far above their rounding (1e-6 here) and far below any wrong layer.
                               Expect.isLessThan e 1e-4 (sprintf "%s at %d px, batch %d: relative error %g" name size batch e)
@@ -90,7 +70,7 @@ let tests =
                   Interop.OnnxExport.verify file
                   use _ = torch.NewDisposeScope()
                   torch.manual_seed 9L |> ignore
-                  for name, e in compareOutputs net file (torch.randn([| 2L; 3L; 32L; 32L |])) do
+                  for name, e in onnxErrors net file (torch.randn([| 2L; 3L; 32L; 32L |])) do
                       Expect.isLessThan e 1e-4 (sprintf "%s %s: relative error %g" backbone name e)
               }
 

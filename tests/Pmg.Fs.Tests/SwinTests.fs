@@ -23,10 +23,6 @@ let private tinyConfig: Backbone.SwinConfig =
 let private tinySpec (config: Backbone.SwinConfig) : Backbone.Spec =
     { Name = "swin-tiny-test"; Family = Backbone.Swin config; ImageNetClassifier = Some 10; ImageNet = None; Torchvision = None }
 
-/// The largest absolute difference of two tensors of one shape, on the host.
-let private maxAbs (a: torch.Tensor) (b: torch.Tensor) : float =
-    Array.fold2 (fun m (x: float32) (y: float32) -> max m (abs (float x - float y))) 0.0 (Runtime.Ops.hostFloats a) (Runtime.Ops.hostFloats b)
-
 let private stageNames = [ "stem"; "stage1"; "stage2"; "stage3"; "stage4" ]
 
 /// torchvision's spelling of a dtype and a shape, as keys.txt holds them.
@@ -149,19 +145,7 @@ let tests =
                   let file = dir.File(sprintf "swin_t-%d.onnx" size)
                   OnnxExport.write file (OnnxExport.toOnnx net size (Array.init 4 string) prep)
                   let x = torch.randn (2L, 3L, int64 size, int64 size)
-                  let ours =
-                      use _ = torch.no_grad ()
-                      let o = net.forward x
-                      List.zip (Pmg.headNames net.Config) o.Heads @ [ "concat", o.Concat; "combined", o.Combined ]
-                  use session = new InferenceSession(file)
-                  let input = NamedOnnxValue.CreateFromTensor("image", DenseTensor<float32>(Memory(Runtime.Ops.hostFloats x), ReadOnlySpan [| 2; 3; size; size |]))
-                  use results = session.Run [ input ]
-                  let theirs = results |> Seq.map (fun r -> r.Name, (r.AsEnumerable<float32>() |> Array.ofSeq)) |> Map.ofSeq
-                  for name, t in ours do
-                      let want = Runtime.Ops.hostFloats t
-                      let diff = Array.fold2 (fun acc (a: float32) (b: float32) -> acc + (float a - float b) ** 2.0) 0.0 theirs.[name] want
-                      let norm = want |> Array.sumBy (fun v -> float v ** 2.0)
-                      let e = sqrt (diff / max norm 1e-30)
+                  for name, e in onnxErrors net file x do
                       // Two float32 implementations of one computation: rounding is near 1e-6; a wrong window is far above 1e-4.
                       Expect.isLessThan e 1e-4 (sprintf "%s at %d px: relative error %g" name size e)
           } ]

@@ -165,6 +165,38 @@ let trainedRunDir () = trainedRun.Force()
 let trainedCheckpoint () = Path.Combine(trainedRun.Force(), "best.ckpt")
 
 // ---------------------------------------------------------------------------------------------------
+// Comparing two computations of the same values
+
+/// The largest absolute difference of two tensors of one shape, on the host.
+let maxAbs (a: torch.Tensor) (b: torch.Tensor) : float =
+    Array.fold2 (fun m (x: float32) (y: float32) -> max m (abs (float x - float y))) 0.0 (Runtime.Ops.hostFloats a) (Runtime.Ops.hostFloats b)
+
+/// ||a - b|| / ||b||, the norm's floor keeping an all-zero b finite.
+let relativeError (a: float32[]) (b: float32[]) =
+    let diff = Array.fold2 (fun s (x: float32) (y: float32) -> s + float (x - y) ** 2.0) 0.0 a b
+    let norm = b |> Array.sumBy (fun y -> float y ** 2.0)
+    sqrt (diff / max norm 1e-30)
+
+/// ONNX Runtime's outputs of the exported `file` for `x` beside TorchSharp's (`net` in eval mode): every output's
+/// relative error, by name; the two must name the same outputs.
+let onnxErrors (net: Model.Pmg.Network) (file: string) (x: torch.Tensor) : (string * float) list =
+    use session = new Microsoft.ML.OnnxRuntime.InferenceSession(file)
+    let ours =
+        use _ = torch.no_grad ()
+        let o = net.forward x
+        List.zip (Model.Pmg.headNames net.Config) o.Heads @ [ "concat", o.Concat; "combined", o.Combined ]
+    let shape = x.shape |> Array.map int
+    let input =
+        Microsoft.ML.OnnxRuntime.NamedOnnxValue.CreateFromTensor(
+            "image",
+            Microsoft.ML.OnnxRuntime.Tensors.DenseTensor<float32>(Memory(Runtime.Ops.hostFloats x), ReadOnlySpan shape)
+        )
+    use results = session.Run [ input ]
+    let theirs = results |> Seq.map (fun r -> r.Name, (r.AsEnumerable<float32>() |> Array.ofSeq)) |> Map.ofSeq
+    Expecto.Expect.equal (theirs.Keys |> Set.ofSeq) (ours |> List.map fst |> Set.ofList) "output names"
+    [ for name, t in ours -> name, relativeError theirs.[name] (Runtime.Ops.hostFloats t) ]
+
+// ---------------------------------------------------------------------------------------------------
 // RELIABILITY.md's table of cases
 
 /// The rows of RELIABILITY.md's table. A case file (e.g. ReliabilityTests.fs) records a row per case with a number
