@@ -42,16 +42,15 @@ module TestHooks =
     /// only the process of that rank (mpirun's OMPI_COMM_WORLD_RANK), and with `PMG_TEST_KILL_HOW=stop` it is
     /// frozen (SIGSTOP) instead: a rank that hangs rather than dies.
     let killAt (point: string) =
-        if Environment.GetEnvironmentVariable "PMG_TEST_KILL_AT" = point then
+        // PMG_TEST_KILL_RANK limits the kill to one rank of an mpirun launch.
+        let thisRank () =
             match Environment.GetEnvironmentVariable "PMG_TEST_KILL_RANK" with
             | null -> true
             | r -> Environment.GetEnvironmentVariable "OMPI_COMM_WORLD_RANK" = r
-            |> function
-                | false -> ()
-                | true ->
-                    if Environment.GetEnvironmentVariable "PMG_TEST_KILL_HOW" = "stop" then sendSignal (Environment.ProcessId, 19) |> ignore
-                    else Diagnostics.Process.GetCurrentProcess().Kill()
-                    Threading.Thread.Sleep Threading.Timeout.Infinite
+        if Environment.GetEnvironmentVariable "PMG_TEST_KILL_AT" = point && thisRank () then
+            if Environment.GetEnvironmentVariable "PMG_TEST_KILL_HOW" = "stop" then sendSignal (Environment.ProcessId, 19) |> ignore
+            else Diagnostics.Process.GetCurrentProcess().Kill()
+            Threading.Thread.Sleep Threading.Timeout.Infinite
 
     /// Sends SIGTERM to this process while `name` is being written, when `PMG_TEST_TERM_WRITING` names it.
     let termWriting (name: string) =

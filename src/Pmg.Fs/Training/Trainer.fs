@@ -224,6 +224,15 @@ let private stepLogits (s: Session) (slice: Slice option) (step: Schedule.Step) 
 let private lossOf (step: Schedule.Step) (logits: torch.Tensor) (y: torch.Tensor) =
     torch.nn.functional.cross_entropy (logits, y) |> Ops.scale step.LossWeight
 
+/// Runs a collective operation `f` in place on `t`, through a contiguous copy when `t` is not contiguous (the
+/// communicators read and write one contiguous buffer).
+let private onContiguous (f: torch.Tensor -> unit) (t: torch.Tensor) =
+    if t.is_contiguous () then f t
+    else
+        use dense = t.contiguous ()
+        f dense
+        t.copy_ dense |> ignore
+
 /// The gradient of the whole batch's mean loss on every rank: each rank's gradient (of its part's mean) times its
 /// share of the batch (Collective.gradientWeight), summed over the ranks; one all-reduce per flat slab (per
 /// gradient with per-parameter storage). Nothing for one process.
@@ -240,12 +249,7 @@ let private averageGradients (s: Session) (weight: float option) =
             for g in s.Optimizer.Groups do
                 for _, p in g.Parameters do
                     let grad = p.grad
-                    if not (isNull grad) then
-                        if grad.is_contiguous () then reduce grad
-                        else
-                            use dense = grad.contiguous ()
-                            reduce dense
-                            grad.copy_ dense |> ignore
+                    if not (isNull grad) then onContiguous reduce grad
         else
             for slab in s.Optimizer.Slabs do
                 reduce slab.Grads
@@ -376,13 +380,8 @@ let evaluateNet (e: Experiment) (net: Pmg.Network) (device: torch.Device) (class
 let evaluate (s: Session) (classes: int) (source: Loader.Source) : Evaluate.Accuracy =
     evaluateWith s.Engine s.Experiment s.Net s.Device classes source
 
-/// Rank 0's values of a tensor on every rank (through a contiguous copy when it is not contiguous).
-let private broadcastInPlace (c: Collective.Communicator) (t: torch.Tensor) =
-    if t.is_contiguous () then c.BroadcastTensor t
-    else
-        use dense = t.contiguous ()
-        c.BroadcastTensor dense
-        t.copy_ dense |> ignore
+/// Rank 0's values of a tensor on every rank.
+let private broadcastInPlace (c: Collective.Communicator) (t: torch.Tensor) = onContiguous c.BroadcastTensor t
 
 /// Rank 0's buffers (BatchNorm's running statistics) on every rank: each rank's own follow its own part of the
 /// batches, but the run's are rank 0's (as DataParallel keeps replica 0's).
