@@ -101,8 +101,8 @@ type private LayerNorm2d(channels: int64) as this =
 
 /// torchvision's CNBlock: depthwise 7x7 convolution, LayerNorm, Linear 4x, GELU, Linear back, times the layer
 /// scale, stochastic depth (training only), plus the input. `dropProbability` is this block's stochastic depth;
-/// `generator` the backbone's, which the trainer reseeds.
-type private CNBlock(dim: int64, dropProbability: float, generator: Generator) as this =
+/// `depth` the backbone's draws, which the trainer reseeds.
+type private CNBlock(dim: int64, dropProbability: float, depth: Layers.StochasticDepth) as this =
     inherit Module<Tensor, Tensor>("CNBlock")
     let dwconv = Conv2d(dim, dim, 7L, padding = 3L, groups = dim)
     let norm = LayerNorm(dim, eps = eps)
@@ -121,23 +121,11 @@ type private CNBlock(dim: int64, dropProbability: float, generator: Generator) a
         use ones = torch.ones [| dim; 1L; 1L |]
         this.register_parameter ("layer_scale", Parameter(Ops.scale layerScaleInit ones))
 
-    /// torchvision's stochastic depth, "row" mode: each sample's branch is kept with probability 1 - p and then
-    /// scaled by 1 / (1 - p). The draws come from the backbone's generator on the CPU (one number per sample), so
-    /// they are the same on every device.
-    member private _.Drop(y: Tensor) : Tensor =
-        let keep = 1.0 - dropProbability
-        use noise = torch.empty ([| y.shape.[0]; 1L; 1L; 1L |], dtype = ScalarType.Float32)
-        noise.bernoulli_ (keep, generator) |> ignore
-        if keep > 0.0 then Ops.scalar keep (fun s -> noise.div_ s) |> ignore
-        use typed = noise.to_type y.dtype
-        use placed = typed.``to`` y.device
-        y.mul placed
-
     override this.forward(x) =
         use _ = NewDisposeScope()
         let y = block.forward x
         let y = y.mul (this.get_parameter "layer_scale")
-        let y = if this.training && dropProbability > 0.0 then this.Drop y else y
+        let y = if this.training && dropProbability > 0.0 then depth.Rows(dropProbability, y) else y
         (Ops.add y x).MoveToOuterDisposeScope()
 
     // Eval mode: no stochastic depth. The layer scale (C, 1, 1) broadcasts over (N, C, H, W) as in PyTorch.
@@ -157,10 +145,6 @@ type private CNBlock(dim: int64, dropProbability: float, generator: Generator) a
             let scaled = b.Node("Mul", [ y; b.Weight(prefix + "layer_scale") ], [])
             [ b.Node("Add", [ scaled; x ], []) ]
 
-/// Mixes a seed so that stochastic depth's draws are not those of another generator seeded alike (the trainer
-/// seeds the jigsaw's generator with the same epoch seed).
-let private mix (seed: int64) = (seed ^^^ 0x436F6E764E6558L) &&& System.Int64.MaxValue
-
 /// A ConvNeXt whose forward returns the ImageNet classifier's logits; `classifier` (LayerNorm2d, Flatten,
 /// Linear) is torchvision's, kept so that ImageNet state_dicts load strictly. Stochastic depth acts in training
 /// mode only, drawn from a generator of its own that `Reseed` reseeds.
@@ -170,11 +154,10 @@ type Net(spec: Spec, config: ConvNeXtConfig) as this =
     let dims = config.Dims |> List.map int64 |> Array.ofList
     // Seeded from the global generator's seed without drawing from it, so the weights' draws stay torchvision's
     // sequence; the trainer reseeds it every epoch.
-    let generator = new Generator(uint64 (mix (torch.initial_seed ())))
+    let depth = new Layers.StochasticDepth(torch.initial_seed ())
     let total = List.sum config.Depths
 
-    /// torchvision's rule: block k of all `total` blocks drops with probability p * k / (total - 1).
-    let dropOf (k: int) = if total <= 1 then 0.0 else config.StochasticDepth * float k / float (total - 1)
+    let dropOf (k: int) = Layers.StochasticDepth.Probability(config.StochasticDepth, total, k)
 
     let stem =
         Sequential([| Conv2d(3L, dims.[0], 4L, stride = 4L) :> Module<Tensor, Tensor>; new LayerNorm2d(dims.[0]) |])
@@ -182,7 +165,7 @@ type Net(spec: Spec, config: ConvNeXtConfig) as this =
         config.Depths
         |> List.mapi (fun s n ->
             let first = config.Depths |> List.take s |> List.sum
-            Sequential(Array.init n (fun i -> new CNBlock(dims.[s], dropOf (first + i), generator) :> Module<Tensor, Tensor>)))
+            Sequential(Array.init n (fun i -> new CNBlock(dims.[s], dropOf (first + i), depth) :> Module<Tensor, Tensor>)))
     let downsamples =
         [ for s in 1..3 ->
               Sequential([| new LayerNorm2d(dims.[s - 1]) :> Module<Tensor, Tensor>; Conv2d(dims.[s - 1], dims.[s], 2L, stride = 2L) |]) ]
@@ -242,7 +225,7 @@ type Net(spec: Spec, config: ConvNeXtConfig) as this =
         stageParts |> List.scan run x |> List.tail
 
     /// Reseeds stochastic depth's generator (the trainer calls it at every epoch start).
-    override _.Reseed(seed: int64) = generator.manual_seed (mix seed) |> ignore
+    override _.Reseed(seed: int64) = depth.Reseed seed
 
     /// The ImageNet classifier path (average pool, LayerNorm2d, Linear), for checking pretrained weights: logits,
     /// or the pooled features where the backbone keeps no classifier.
@@ -254,7 +237,7 @@ type Net(spec: Spec, config: ConvNeXtConfig) as this =
 
     /// Frees the stochastic depth generator with the modules.
     override _.Dispose(disposing: bool) =
-        if disposing then generator.Dispose()
+        if disposing then (depth :> System.IDisposable).Dispose()
         base.Dispose disposing
 
 /// Builds a ConvNeXt backbone with freshly initialised weights (torchvision's initialisation, drawn from the global

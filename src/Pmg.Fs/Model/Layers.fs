@@ -83,3 +83,32 @@ let truncNormal (std: float) (t: Tensor) =
     t.erfinv_ () |> ignore
     Ops.scalar (std * sqrt 2.0) (fun s -> t.mul_ s) |> ignore
     Ops.scalar -2.0 (fun a -> Ops.scalar 2.0 (fun b -> t.clamp_ (a, b))) |> ignore
+
+/// torchvision's stochastic depth, the randomness and the rule of both transformer-era backbones (ConvNeXt, Swin):
+/// one CPU generator per backbone, reseeded at every epoch start (Features.Reseed), so a resumed run draws what an
+/// uninterrupted one would. Its seeds are mixed so that its draws are not those of another generator seeded alike
+/// (the trainer seeds the jigsaw's generator with the same epoch seed).
+type StochasticDepth(seed: int64) =
+    static let mix (seed: int64) = (seed ^^^ 0x436F6E764E6558L) &&& Int64.MaxValue
+    let generator = new Generator(uint64 (mix seed))
+
+    /// torchvision's linear rule: block k (0-based) of all `total` blocks drops with probability p * k / (total - 1).
+    static member Probability(p: float, total: int, k: int) = if total <= 1 then 0.0 else p * float k / float (total - 1)
+
+    /// Reseeds the draws.
+    member _.Reseed(seed: int64) = generator.manual_seed (mix seed) |> ignore
+
+    /// "row" mode: each sample's branch `y` kept with probability 1 - p, then divided by 1 - p. The draws are on the
+    /// CPU (one number a sample), so they are the same on every device.
+    member _.Rows(p: float, y: Tensor) : Tensor =
+        let keep = 1.0 - p
+        let shape = Array.append [| y.shape.[0] |] (Array.create (int (y.dim ()) - 1) 1L)
+        use noise = torch.empty (shape, dtype = ScalarType.Float32)
+        noise.bernoulli_ (keep, generator) |> ignore
+        if keep > 0.0 then Ops.scalar keep (fun s -> noise.div_ s) |> ignore
+        use typed = noise.to_type y.dtype
+        use placed = typed.``to`` y.device
+        y.mul placed
+
+    interface IDisposable with
+        member _.Dispose() = generator.Dispose()

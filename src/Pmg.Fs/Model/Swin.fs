@@ -165,17 +165,9 @@ type private WindowAttention(dim: int64, heads: int64, window: int, shift: int) 
             masks.Clear()
         base.Dispose disposing
 
-/// Where the stochastic depth of every block draws: one generator per network, reseeded by Features.Reseed.
-type private Draws(seed: int64) =
-    let gen = new Generator(uint64 seed)
-    member _.Generator = gen
-    member _.Reseed(seed: int64) = gen.manual_seed seed |> ignore
-    interface System.IDisposable with
-        member _.Dispose() = gen.Dispose()
-
 /// One Swin block (torchvision's SwinTransformerBlock): x + sd(attn(norm1 x)), then + sd(mlp(norm2 x)), where sd is
 /// stochastic depth in "row" mode with drop probability `drop` while training.
-type private Block(dim: int64, heads: int64, window: int, shift: int, drop: float, draws: Draws) as this =
+type private Block(dim: int64, heads: int64, window: int, shift: int, drop: float, depth: Layers.StochasticDepth) as this =
     inherit Module<Tensor, Tensor>("SwinTransformerBlock")
     let norm1 = LayerNorm(dim)
     let attn = new WindowAttention(dim, heads, window, shift)
@@ -190,17 +182,8 @@ type private Block(dim: int64, heads: int64, window: int, shift: int, drop: floa
     /// The block's attention (features.s.i.attn).
     member _.Attn = attn
 
-    /// Stochastic depth: each sample's branch kept with probability 1 - drop and then scaled by 1 / (1 - drop).
-    /// The draws are on the CPU from the network's generator, so they are the same on every device.
-    member private this.Depth(t: Tensor) : Tensor =
-        if this.training && drop > 0.0 then
-            let keep = 1.0 - drop
-            let shape = Array.append [| t.shape.[0] |] (Array.create (int (t.dim ()) - 1) 1L)
-            let noise = empty(shape, dtype = ScalarType.Float32).bernoulli_(keep, draws.Generator)
-            let noise = if keep > 0.0 then Ops.scale (1.0 / keep) noise else noise
-            t.mul (noise.to_type(t.dtype).``to``(t.device): Tensor)
-        else
-            t
+    /// Stochastic depth (Layers.StochasticDepth), in training mode only.
+    member private this.Depth(t: Tensor) : Tensor = if this.training && drop > 0.0 then depth.Rows(drop, t) else t
 
     override this.forward(x) =
         use _ = NewDisposeScope()
@@ -357,16 +340,15 @@ type Net(spec: Spec, config: SwinConfig) as this =
     let stageList = stages spec
     let dims = [ for i in 0..3 -> int64 config.EmbedDim <<< i ]
     let total = List.sum config.Depths
-    let draws = new Draws(torch.random.initial_seed ())
+    let depth = new Layers.StochasticDepth(torch.random.initial_seed ())
     let stem = [| new PatchEmbed(dims.[0]) |]
     let blockStages =
         let mutable id = 0
         [ for s in 0..3 ->
               [ for i in 0 .. config.Depths.[s] - 1 ->
-                    // torchvision's linear rule over all blocks: block id of `total` drops with p * id / (total - 1).
-                    let p = if total > 1 then config.StochasticDepth * float id / float (total - 1) else 0.0
+                    let p = Layers.StochasticDepth.Probability(config.StochasticDepth, total, id)
                     id <- id + 1
-                    new Block(dims.[s], int64 config.Heads.[s], config.Window, (if i % 2 = 0 then 0 else config.Window / 2), p, draws) ] ]
+                    new Block(dims.[s], int64 config.Heads.[s], config.Window, (if i % 2 = 0 then 0 else config.Window / 2), p, depth) ] ]
     let merges = [ for s in 0..2 -> new PatchMerging(dims.[s]) ]
     let stageModules = blockStages |> List.map (fun bs -> new ModuleList<Module>(bs |> List.map (fun b -> b :> Module) |> Array.ofList))
     let features =
@@ -433,7 +415,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
         nhwc |> List.map (fun y -> o.Transpose(y, [ 0L; 3L; 1L; 2L ]))
 
     /// Reseeds stochastic depth's generator.
-    override _.Reseed(seed: int64) = draws.Reseed seed
+    override _.Reseed(seed: int64) = depth.Reseed seed
 
     /// The ImageNet classifier path, as torchvision's forward: the final LayerNorm, average pooling, `head`
     /// (the pooled features where the backbone keeps no classifier).
@@ -444,7 +426,7 @@ type Net(spec: Spec, config: SwinConfig) as this =
         (if isNull head then pooled else head.forward pooled).MoveToOuterDisposeScope()
 
     override _.Dispose(disposing) =
-        if disposing then (draws :> System.IDisposable).Dispose()
+        if disposing then (depth :> System.IDisposable).Dispose()
         base.Dispose disposing
 
 /// Builds a Swin backbone with freshly initialised weights (torchvision's initialisation, from the global generator).
