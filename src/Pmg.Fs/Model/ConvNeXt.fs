@@ -28,14 +28,6 @@ let private toFirst = [| 0L; 3L; 1L; 2L |]
 let private transpose (b: Graph.IBuilder) (perm: int64[]) (x: string) =
     b.Node("Transpose", [ x ], [ "perm", Graph.Ints(List.ofArray perm) ])
 
-/// LayerNorm over the last axis, with the stored weight and bias under `prefix`.
-let private emitLayerNorm (b: Graph.IBuilder) (prefix: string) (epsilon: float) (x: string) =
-    b.Node(
-        "LayerNormalization",
-        [ x; b.Weight(prefix + "weight"); b.Weight(prefix + "bias") ],
-        [ "axis", Graph.Int -1L; "epsilon", Graph.Float(float32 epsilon) ]
-    )
-
 /// A convolution with its groups (Graph.emit writes only ungrouped ones).
 let private emitConv (b: Graph.IBuilder) (prefix: string) (c: Conv2d) (x: string) =
     let two (xs: int64[]) = if xs.Length = 1 then [ xs.[0]; xs.[0] ] else List.ofArray xs
@@ -49,19 +41,6 @@ let private emitConv (b: Graph.IBuilder) (prefix: string) (c: Conv2d) (x: string
           "pads", Graph.Ints(p @ p)
           "group", Graph.Int c.groups ]
     )
-
-/// A Linear applied to the last axis of a tensor of any rank (Gemm takes matrices only): x W^T + b.
-let private emitLinearLast (b: Graph.IBuilder) (prefix: string) (x: string) =
-    let wT = transpose b [| 1L; 0L |] (b.Weight(prefix + "weight"))
-    b.Node("Add", [ b.Node("MatMul", [ x; wT ], []); b.Weight(prefix + "bias") ], [])
-
-let private constant (b: Graph.IBuilder) (v: float) = b.Node("Constant", [], [ "value_float", Graph.Float(float32 v) ])
-
-/// GELU's exact form: x * 0.5 * (1 + erf(x / sqrt 2)).
-let private emitGelu (b: Graph.IBuilder) (x: string) =
-    let e = b.Node("Erf", [ b.Node("Div", [ x; constant b (sqrt 2.0) ], []) ], [])
-    let half = b.Node("Mul", [ x; constant b 0.5 ], [])
-    b.Node("Mul", [ half; b.Node("Add", [ e; constant b 1.0 ], []) ], [])
 
 // ---------------------------------------------------------------------------------------------------
 // Modules. Field and registration names are torchvision's state-dict keys.
@@ -80,7 +59,7 @@ type private Gelu() =
     override _.forward(x) = functional.gelu x
 
     interface Graph.IExportable with
-        member _.Emit(b, _, inputs) = [ emitGelu b (List.head inputs) ]
+        member _.Emit(b, _, inputs) = [ Graph.gelu b (List.head inputs) ]
 
 /// torchvision's LayerNorm2d: LayerNorm over the channels of an (N, C, H, W) tensor.
 type private LayerNorm2d(channels: int64) as this =
@@ -97,7 +76,7 @@ type private LayerNorm2d(channels: int64) as this =
 
     interface Graph.IExportable with
         member _.Emit(b, prefix, inputs) =
-            [ List.head inputs |> transpose b toLast |> emitLayerNorm b prefix eps |> transpose b toFirst ]
+            [ List.head inputs |> transpose b toLast |> Graph.layerNormLast b prefix eps |> transpose b toFirst ]
 
 /// torchvision's CNBlock: depthwise 7x7 convolution, LayerNorm, Linear 4x, GELU, Linear back, times the layer
 /// scale, stochastic depth (training only), plus the input. `dropProbability` is this block's stochastic depth;
@@ -137,10 +116,10 @@ type private CNBlock(dim: int64, dropProbability: float, depth: Layers.Stochasti
                 x
                 |> emitConv b (p + "0.") dwconv
                 |> transpose b toLast
-                |> emitLayerNorm b (p + "2.") norm.eps
-                |> emitLinearLast b (p + "3.")
-                |> emitGelu b
-                |> emitLinearLast b (p + "5.")
+                |> Graph.layerNormLast b (p + "2.") norm.eps
+                |> Graph.linearLast b (p + "3.") true
+                |> Graph.gelu b
+                |> Graph.linearLast b (p + "5.") true
                 |> transpose b toFirst
             let scaled = b.Node("Mul", [ y; b.Weight(prefix + "layer_scale") ], [])
             [ b.Node("Add", [ scaled; x ], []) ]

@@ -91,3 +91,24 @@ let rec emit (b: IBuilder) (prefix: string) (m: torch.nn.Module) (x: string) : s
 /// Writes `child`, a registered child of `parent`, under its own name below `prefix`.
 let emitChild (b: IBuilder) (prefix: string) (parent: torch.nn.Module) (child: torch.nn.Module) (x: string) : string =
     emit b (prefix + childName parent child + ".") child x
+
+// ---- Operators the transformer-era backbones (ConvNeXt, Swin) share -----------------------------------------
+
+/// A scalar float constant.
+let floatConstant (b: IBuilder) (v: float) = b.Node("Constant", [], [ "value_float", Float(float32 v) ])
+
+/// LayerNorm over the last axis, with the stored weight and bias under `prefix` (empty, or ending with ".").
+let layerNormLast (b: IBuilder) (prefix: string) (epsilon: float) (x: string) =
+    b.Node("LayerNormalization", [ x; b.Weight(prefix + "weight"); b.Weight(prefix + "bias") ], [ "axis", Int -1L; "epsilon", Float(float32 epsilon) ])
+
+/// A Linear over the last axis of a tensor of any rank (Gemm takes matrices only): x W^T, plus the bias when `bias`.
+let linearLast (b: IBuilder) (prefix: string) (bias: bool) (x: string) =
+    let wT = b.Node("Transpose", [ b.Weight(prefix + "weight") ], [ "perm", Ints [ 1L; 0L ] ])
+    let y = b.Node("MatMul", [ x; wT ], [])
+    if bias then b.Node("Add", [ y; b.Weight(prefix + "bias") ], []) else y
+
+/// GELU's exact form: x * 0.5 * (1 + erf(x / sqrt 2)) (opset 17 has no Gelu operator).
+let gelu (b: IBuilder) (x: string) =
+    let e = b.Node("Erf", [ b.Node("Div", [ x; floatConstant b (sqrt 2.0) ], []) ], [])
+    let half = b.Node("Mul", [ x; floatConstant b 0.5 ], [])
+    b.Node("Mul", [ half; b.Node("Add", [ e; floatConstant b 1.0 ], []) ], [])

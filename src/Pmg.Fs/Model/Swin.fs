@@ -235,16 +235,11 @@ type private Emitter(b: Graph.IBuilder) =
     member _.Div(a: string, c: string) = node "Div" [ a; c ] []
     member _.Mod(a: string, c: string) = node "Mod" [ a; c ] []
     /// LayerNorm over the last dimension, eps 1e-5, with the weights under `key`.
-    member _.LayerNorm(x: string, key: string) =
-        node "LayerNormalization" [ x; b.Weight(key + ".weight"); b.Weight(key + ".bias") ] [ "axis", Graph.Int -1L; "epsilon", Graph.Float 1e-5f ]
+    member _.LayerNorm(x: string, key: string) = Graph.layerNormLast b (key + ".") 1e-5 x
     /// A Linear over the last dimension (weights under `key`).
-    member this.Linear(x: string, key: string, bias: bool) =
-        let y = node "MatMul" [ x; this.Transpose(b.Weight(key + ".weight"), [ 1L; 0L ]) ] []
-        if bias then this.Add(y, b.Weight(key + ".bias")) else y
-    /// GELU, exact: x * (1 + erf(x / sqrt 2)) / 2.
-    member this.Gelu(x: string) =
-        let e = node "Erf" [ this.Div(x, this.Float(float32 (sqrt 2.0))) ] []
-        this.Mul(this.Mul(x, this.Add(e, this.Float 1.0f)), this.Float 0.5f)
+    member _.Linear(x: string, key: string, bias: bool) = Graph.linearLast b (key + ".") bias x
+    /// GELU, exact.
+    member _.Gelu(x: string) = Graph.gelu b x
     /// torch.roll of `x` by `shift` (a 1-d tensor, 0 <= shift <= size) on `axis`, whose length is `size`.
     member this.Roll(x: string, shift: string, size: string, axis: int64) =
         // Rolled by k: the last k entries first. `shift` counts forward (torch.roll's positive shift).
